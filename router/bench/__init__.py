@@ -1,0 +1,1 @@
+"""Load generation and benchmark commands (``xllm-bench``); needs no torch or vllm."""

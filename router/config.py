@@ -1,0 +1,133 @@
+"""The router's configuration: one validated object built from the command line.
+
+Every setting is a field with its default, its bounds and one line of
+documentation (reused as the ``--help`` text), so validation lives here and
+nowhere else. ``RouterConfig.from_args`` turns pydantic's errors into
+one-line messages that name the flag.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from router.discovery.records import InstanceRecord, RecordError, parse_instances
+from router.discovery.registrar import DEFAULT_PREFIX
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message is one line naming the flag."""
+
+
+class RouterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    host: str = Field("127.0.0.1", description="Address to listen on (loopback unless told "
+                      "otherwise).")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    instances: tuple[InstanceRecord, ...] = Field(
+        (), description="Static instances: URL[;id=NAME][;model=M][;role=R][;kv=ENDPOINT]"
+        "[;replay=ENDPOINT][;block_size=N][;capacity=N], comma-separated or repeated.")
+    etcd: str | None = Field(None, description="etcd HOST:PORT for cluster discovery; "
+                             "instances registered under --etcd-prefix come and go live.")
+    etcd_prefix: str = Field(DEFAULT_PREFIX, description="etcd key prefix instances register "
+                             "under.")
+    policy: str = Field("round_robin", description="Routing policy.")
+    api_keys: tuple[str, ...] = Field((), description="Client API keys accepted on /v1/* "
+                                      "(Authorization: Bearer KEY); none means open.")
+    admin_token: str | None = Field(None, description="Bearer token for /admin/*; admin routes "
+                                    "are disabled without it.")
+    upstream_api_key: str | None = Field(None, description="API key the router sends to the "
+                                         "engines (their --api-key).")
+    tokenizer: Path | None = Field(None, description="Tokenizer directory (tokenizer.json, "
+                                   "tokenizer_config.json) for KV-aware routing.")
+    block_size: int | None = Field(None, gt=0, description="Engines' KV block size "
+                                   "(--block-size); needed for KV-aware routing.")
+    hash_seed: str | None = Field(None, description="Engines' PYTHONHASHSEED, if they set one "
+                                  "(seeds vLLM's block hashes).")
+    hash_algo: str = Field("sha256", description="Engines' --prefix-caching-hash-algo.")
+    scrape_interval_s: float = Field(0.5, gt=0, le=60, description="Seconds between load "
+                                     "scrapes of each instance.")
+    scrape_timeout_s: float = Field(2.0, gt=0, le=60, description="Timeout of one scrape "
+                                    "request.")
+    unhealthy_after: int = Field(3, ge=1, le=100, description="Consecutive failures that mark "
+                                 "an instance unhealthy.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Upstream connect timeout.")
+    first_byte_timeout_s: float = Field(60.0, gt=0, description="Streaming: longest wait for "
+                                        "the upstream's first chunk.")
+    idle_timeout_s: float = Field(60.0, gt=0, description="Streaming: longest silence between "
+                                  "two upstream chunks.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Non-streaming: longest wait "
+                                     "for the whole upstream response.")
+    offline_min_priority: int = Field(1, description="Smallest OpenAI `priority` that makes a "
+                                      "request offline (as the engine's xllm config).")
+    max_body_mb: float = Field(32.0, gt=0, description="Largest request body accepted, MiB.")
+    log_level: str = Field("info", description="debug|info|warning|error (debug logs one line "
+                           "per routed request).")
+
+    @field_validator("etcd_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value.startswith("/") or not value.endswith("/"):
+            raise ValueError("must start and end with '/' (e.g. /xllm/instances/)")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.lower()
+        if value not in ("debug", "info", "warning", "error"):
+            raise ValueError("must be debug, info, warning or error")
+        return value
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, value: str) -> str:
+        from router.policies import POLICY_FACTORIES
+
+        if value not in POLICY_FACTORIES:
+            raise ValueError(f"unknown policy '{value}'; choose one of "
+                             f"{', '.join(POLICY_FACTORIES)}")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not k.strip() for k in value):
+            raise ValueError("API keys must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _sources_and_kv(self) -> RouterConfig:
+        if not self.instances and not self.etcd and not self.admin_token:
+            raise ValueError("no instances: give --instances URL[,URL...] or --etcd HOST:PORT "
+                             "(or --admin-token to add them later)")
+        from router.server.prefix import PREFIX_POLICIES
+
+        if self.policy in PREFIX_POLICIES and self.block_size is None:
+            raise ValueError(f"--policy {self.policy} needs --block-size (the engines' KV "
+                             "block size)")
+        if self.tokenizer is not None and not self.tokenizer.is_dir():
+            raise ValueError(f"--tokenizer {self.tokenizer} is not a directory")
+        return self
+
+    @classmethod
+    def from_args(cls, values: dict[str, Any]) -> RouterConfig:
+        """Build from argparse values; raise ConfigError with one line naming the flag."""
+        values = {k: v for k, v in values.items() if v is not None}
+        try:
+            values["instances"] = tuple(parse_instances(values.pop("instances", [])))
+        except RecordError as exc:
+            raise ConfigError(f"--instances: {exc}") from None
+        if "api_keys" in values:
+            values["api_keys"] = tuple(values["api_keys"])
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(p) for p in error["loc"])
+            flag = f"--{where.replace('_', '-')}: " if where else ""
+            message = error["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"{flag}{message}") from None

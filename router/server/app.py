@@ -1,0 +1,618 @@
+"""The router's HTTP front door: OpenAI in, one chosen engine instance out.
+
+Routes (all answers to errors use OpenAI's error shape):
+
+==========================  ========================================================
+``POST /v1/completions``    routed; streamed chunk by chunk when ``stream`` is true
+``POST /v1/chat/completions`` routed, likewise
+``GET /v1/models``          union of the models the instances serve
+``GET /health``             200 while the router runs, with instance counts
+``GET /ready``              200 when at least one instance is healthy, else 503
+``GET /metrics``            the router's Prometheus metrics
+``GET /admin/instances``    the load view (admin token)
+``POST /admin/instances``   ``{"add": "URL[;opts]"}`` or ``{"remove": "ID"}`` (admin token)
+==========================  ========================================================
+
+Request path: parse and validate -> (tokenize and look up prefix hits, only for
+policies that read them) -> ``policy.route(request_info, cluster_view)`` ->
+forward. If the instance fails before any byte reached the client, the request
+is routed once more with that instance excluded. Every wait has a timeout
+(connect, first byte, idle between chunks, whole non-streaming response).
+A client that disconnects cancels the handler, which closes the upstream
+connection, which makes vLLM abort the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from router.config import RouterConfig
+from router.discovery.etcd import EtcdClient
+from router.discovery.records import RecordError, parse_instance_spec
+from router.discovery.watcher import EtcdWatcher
+from router.policies import POLICY_FACTORIES, make_policy
+from router.policies.types import (
+    NoInstanceAvailable,
+    ObservingPolicy,
+    RebalancingPolicy,
+    RequestOutcome,
+    RoutingDecision,
+    RoutingPolicy,
+)
+from router.server.errors import RouterError, error_body
+from router.server.load_view import InstanceLoad, LoadView
+from router.server.metrics import RouterMetrics
+from router.server.prefix import PrefixLookup, policy_uses_prefix_hits
+from router.server.requests import HEADER_POLICY, Kind, ParsedRequest, parse_request
+
+log = logging.getLogger("xllm.router")
+
+HEADER_INSTANCE = "x-xllm-instance"  # response header: which instance served the request
+HEADER_POLICY_USED = "x-xllm-policy"
+REBALANCE_INTERVAL_S = 1.0
+_PATHS: dict[Kind, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+_CLIENT_CLOSED = 499  # nginx's convention for "client closed the request", metrics only
+_NOT_FORWARDED = frozenset({HEADER_POLICY, "x-forwarded-for"})
+
+
+class UpstreamFailure(Exception):
+    """The chosen instance failed before any byte went to the client (so a retry is safe)."""
+
+    def __init__(self, reason: str, status: int, message: str, *, connect: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+        self.message = message
+        self.connect = connect
+
+
+class Router:
+    """One router: configuration, load view, policies, metrics and the aiohttp app."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.metrics = RouterMetrics()
+        upstream_headers = ({"Authorization": f"Bearer {config.upstream_api_key}"}
+                            if config.upstream_api_key else {})
+        self.load = LoadView(scrape_interval_s=config.scrape_interval_s,
+                             scrape_timeout_s=config.scrape_timeout_s,
+                             unhealthy_after=config.unhealthy_after,
+                             upstream_headers=upstream_headers)
+        self.upstream_headers = upstream_headers
+        self.policies: dict[str, RoutingPolicy] = {config.policy: make_policy(config.policy)}
+        self.prefix: PrefixLookup | None = None
+        if config.block_size is not None:
+            try:
+                self.prefix = PrefixLookup(block_size=config.block_size,
+                                           tokenizer_dir=config.tokenizer,
+                                           hash_seed=config.hash_seed, hash_algo=config.hash_algo)
+            except ImportError as exc:
+                log.warning("KV-aware routing unavailable (%s); prefix hits stay empty", exc)
+        self.session: aiohttp.ClientSession | None = None
+        self.etcd: EtcdClient | None = None
+        self.watcher: EtcdWatcher | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self._warned_pd = False
+        self.load.on_added.append(self._instance_added)
+        self.load.on_removed.append(self._instance_removed)
+        self.load.on_scraped.append(self._instance_scraped)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware],
+                              client_max_size=int(self.config.max_body_mb * 1024 * 1024))
+        app.router.add_post("/v1/completions", self.handle_completions)
+        app.router.add_post("/v1/chat/completions", self.handle_chat)
+        app.router.add_get("/v1/models", self.handle_models)
+        app.router.add_get("/health", self.handle_health)
+        app.router.add_get("/ready", self.handle_ready)
+        app.router.add_get("/metrics", self.handle_metrics)
+        app.router.add_get("/admin/instances", self.handle_admin_list)
+        app.router.add_post("/admin/instances", self.handle_admin_change)
+        app.on_startup.append(self._startup)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    async def _startup(self, app: web.Application) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        for record in self.config.instances:
+            self.load.upsert(record)
+        if self.config.etcd:
+            self.etcd = EtcdClient(self.config.etcd, self.session)
+            self.watcher = EtcdWatcher(self.etcd, self.config.etcd_prefix, self.load.upsert,
+                                       self.load.remove)
+            self.watcher.start()
+            try:
+                await asyncio.wait_for(self.watcher.synced.wait(), timeout=5)
+            except TimeoutError:
+                log.warning("etcd at %s not reachable yet; will keep trying", self.config.etcd)
+        await self.load.start(self.session)
+        loop = asyncio.get_running_loop()
+        self._background.append(loop.create_task(self._rebalance_loop(), name="rebalance"))
+        healthy = sum(1 for i in self.load.instances.values() if i.healthy)
+        log.info("router ready: policy=%s, %d instance(s), %d healthy", self.config.policy,
+                 len(self.load.instances), healthy)
+
+    async def _cleanup(self, app: web.Application) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self.watcher is not None:
+            await self.watcher.stop()
+        await self.load.stop()
+        if self.prefix is not None:
+            await self.prefix.close()
+        if self.session is not None:
+            await self.session.close()
+
+    # -- load-view callbacks --------------------------------------------------------------------
+
+    def _instance_added(self, load: InstanceLoad) -> None:
+        record = load.record
+        self.metrics.instance_healthy.labels(record.instance_id).set(0)
+        if self.prefix is not None and record.kv_events_endpoint:
+            if record.block_size and record.block_size != self.prefix.block_size:
+                log.warning("instance %s uses block size %d but the router hashes with %d: "
+                            "its prefix hits will be zero", record.instance_id,
+                            record.block_size, self.prefix.block_size)
+            try:
+                self.prefix.subscribe(record.instance_id, record.kv_events_endpoint,
+                                      record.kv_events_replay_endpoint)
+            except ImportError as exc:
+                log.warning("cannot subscribe to KV events of %s: %s", record.instance_id, exc)
+
+    def _instance_removed(self, load: InstanceLoad) -> None:
+        if self.prefix is not None:
+            self.prefix.unsubscribe(load.instance_id)
+        self.metrics.forget_instance(load.instance_id)
+
+    def _instance_scraped(self, load: InstanceLoad) -> None:
+        if self.load.instances.get(load.instance_id) is not load:
+            return
+        m, iid = self.metrics, load.instance_id
+        m.instance_healthy.labels(iid).set(1 if load.healthy else 0)
+        m.instance_inflight.labels(iid).set(load.inflight)
+        m.instance_load.labels(iid, "running").set(load.running)
+        m.instance_load.labels(iid, "waiting").set(load.waiting)
+        m.instance_kv_usage.labels(iid).set(load.kv_usage)
+
+    async def _rebalance_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REBALANCE_INTERVAL_S)
+            policy = self.policies[self.config.policy]
+            if isinstance(policy, RebalancingPolicy) and self.load.instances:
+                models = self.load.models()
+                for model in models:
+                    self._apply_role_changes(policy.rebalance(self.load.view(model)))
+
+    def _apply_role_changes(self, changes: Any) -> None:
+        for change in changes:
+            load = self.load.instances.get(change.instance_id)
+            if load is not None and load.role != change.role:
+                log.info("instance %s: role %s -> %s (%s)", change.instance_id, load.role,
+                         change.role, change.reason)
+                load.role_override = change.role
+
+    # -- middleware: auth and error shape -------------------------------------------------------
+
+    @staticmethod
+    def _bearer(request: web.Request) -> str | None:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+    def _check_api_key(self, request: web.Request) -> None:
+        if not self.config.api_keys:
+            return
+        token = self._bearer(request)
+        if token is None:
+            raise RouterError(401, "missing API key: send 'Authorization: Bearer KEY'",
+                              code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if not any(hmac.compare_digest(token.encode(), k.encode()) for k in self.config.api_keys):
+            raise RouterError(401, "invalid API key", code="invalid_api_key",
+                              headers={"WWW-Authenticate": "Bearer"})
+
+    def _check_admin(self, request: web.Request) -> None:
+        if not self.config.admin_token:
+            raise RouterError(403, "admin routes are disabled: start the router with "
+                              "--admin-token", code="admin_disabled")
+        token = self._bearer(request)
+        if token is None or not hmac.compare_digest(token.encode(),
+                                                    self.config.admin_token.encode()):
+            raise RouterError(401, "missing or invalid admin token", code="invalid_admin_token",
+                              headers={"WWW-Authenticate": "Bearer"})
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            if request.path.startswith("/v1/"):
+                self._check_api_key(request)
+            elif request.path.startswith("/admin/"):
+                self._check_admin(request)
+            return await handler(request)
+        except RouterError as exc:
+            return exc.response()
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return web.json_response(error_body(exc.status, f"{exc.reason}: {request.method} "
+                                                f"{request.path}"), status=exc.status)
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return web.json_response(error_body(500, "internal router error (see router log)"),
+                                     status=500)
+
+    # -- routed requests ------------------------------------------------------------------------
+
+    async def handle_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "completions")
+
+    async def handle_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "chat")
+
+    async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+        started = time.perf_counter()
+        ctx: dict[str, Any] = {"policy": self.config.policy, "instance": "none", "status": 500,
+                               "hits": 0, "ttft_ms": None, "parsed": None}
+        try:
+            response = await self._generate_routed(request, kind, started, ctx)
+            ctx["status"] = ctx.get("stream_status") or response.status
+            return response
+        except RouterError as exc:
+            ctx["status"] = exc.status
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            ctx["status"] = _CLIENT_CLOSED
+            raise
+        finally:
+            self.metrics.requests.labels(ctx["policy"], ctx["instance"], str(ctx["status"])).inc()
+            if log.isEnabledFor(logging.DEBUG):
+                parsed: ParsedRequest | None = ctx["parsed"]
+                log.debug("request %s model=%s class=%s stream=%s policy=%s -> %s status=%s "
+                          "hits=%s ttft_ms=%s e2e_ms=%.1f",
+                          parsed.request_id if parsed else "-", parsed.model if parsed else "-",
+                          parsed.request_class if parsed else "-",
+                          parsed.stream if parsed else "-", ctx["policy"], ctx["instance"],
+                          ctx["status"], ctx["hits"],
+                          f"{ctx['ttft_ms']:.1f}" if ctx["ttft_ms"] is not None else "-",
+                          (time.perf_counter() - started) * 1000)
+
+    def _policy(self, name: str) -> RoutingPolicy:
+        policy = self.policies.get(name)
+        if policy is None:
+            policy = self.policies[name] = make_policy(name)
+        return policy
+
+    async def _generate_routed(self, request: web.Request, kind: Kind, started: float,
+                               ctx: dict[str, Any]) -> web.StreamResponse:
+        raw = await request.read()
+        parsed = parse_request(kind, raw, request.headers,
+                               offline_min_priority=self.config.offline_min_priority,
+                               known_policies=POLICY_FACTORIES)
+        ctx["parsed"] = parsed
+        policy_name = parsed.policy_override or self.config.policy
+        ctx["policy"] = policy_name
+        if not self.load.serving(parsed.model):
+            available = ", ".join(self.load.models()) or "none"
+            raise RouterError(404, f"model '{parsed.model}' does not exist here; available: "
+                              f"{available}", param="model", code="model_not_found")
+        policy = self._policy(policy_name)
+
+        decision_began = time.perf_counter()
+        prompt_tokens, hashes, hits = None, (), {}
+        if self.prefix is not None and policy_uses_prefix_hits(policy):
+            prompt_tokens, hashes, hits = self.prefix.lookup(parsed)
+            self.metrics.prompt_blocks.inc(len(hashes))
+        info = parsed.request_info(prompt_tokens, hashes)
+        lookup_s = time.perf_counter() - decision_began
+
+        tried: set[str] = set()
+        failure: UpstreamFailure | None = None
+        for attempt in range(2):
+            began = time.perf_counter()
+            try:
+                decision = policy.route(info, self.load.view(parsed.model, frozenset(tried), hits))
+            except NoInstanceAvailable as exc:
+                if failure is not None:
+                    break
+                raise RouterError(503, f"no healthy instance serves model '{parsed.model}' "
+                                  f"({exc})", code="no_instance_available") from None
+            self.metrics.decision.labels(policy_name).observe(
+                time.perf_counter() - began + (lookup_s if attempt == 0 else 0.0))
+            self._apply_decision(decision)
+            instance_id = decision.instance_id
+            ctx["instance"] = instance_id
+            ctx["hits"] = hits.get(instance_id, 0)
+            self.metrics.decisions.labels(policy_name, instance_id, decision.reason).inc()
+            if ctx["hits"]:
+                self.metrics.prefix_hit_blocks.labels(instance_id).inc(ctx["hits"])
+            self.load.begin(instance_id, info.prompt_tokens)
+            try:
+                return await self._forward(request, parsed, instance_id, policy_name, started,
+                                           ctx, policy, info.prompt_tokens)
+            except UpstreamFailure as exc:
+                failure = exc
+                tried.add(instance_id)
+                self.metrics.upstream_errors.labels(instance_id, exc.reason).inc()
+                if exc.connect:
+                    self.load.report_failure(instance_id, exc.message)
+                log.warning("request %s: %s", parsed.request_id, exc.message)
+                if attempt == 0:
+                    self.metrics.retries.labels(instance_id).inc()
+            finally:
+                self.load.finish(instance_id, info.prompt_tokens)
+        assert failure is not None
+        raise RouterError(failure.status, f"upstream failed: {failure.message}"
+                          + ("; retried once" if len(tried) > 1 else "; no other instance to "
+                             "retry on"), code="upstream_error")
+
+    def _apply_decision(self, decision: RoutingDecision) -> None:
+        if decision.role_changes:
+            self._apply_role_changes(decision.role_changes)
+        if decision.prefill_instance_id and not self._warned_pd:
+            log.warning("policy chose a separate prefill instance; the live router does not "
+                        "run the P->D handoff yet, so the decode instance runs the whole request")
+            self._warned_pd = True
+
+    def _forward_headers(self, request: web.Request, parsed: ParsedRequest) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "X-Request-Id": parsed.request_id}
+        for name, value in request.headers.items():
+            lower = name.lower()
+            if lower.startswith("x-") and lower not in _NOT_FORWARDED and lower != "x-request-id":
+                headers[name] = value
+        headers.update(self.upstream_headers)
+        return headers
+
+    async def _forward(self, request: web.Request, parsed: ParsedRequest, instance_id: str,
+                       policy_name: str, started: float, ctx: dict[str, Any],
+                       policy: RoutingPolicy, prompt_tokens: int) -> web.StreamResponse:
+        assert self.session is not None
+        load = self.load.instances[instance_id]
+        cfg = self.config
+        url = load.record.url + _PATHS[parsed.kind]
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s)
+        wait_s = cfg.first_byte_timeout_s if parsed.stream else cfg.request_timeout_s
+        deadline = time.monotonic() + wait_s
+        upstream: aiohttp.ClientResponse | None = None
+        done = False
+        try:
+            try:
+                async with asyncio.timeout_at(asyncio.get_running_loop().time() + wait_s):
+                    upstream = await self.session.post(url, data=parsed.upstream_body(),
+                                                       headers=self._forward_headers(request,
+                                                                                     parsed),
+                                                       timeout=timeout)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                raise UpstreamFailure("connect", 502, f"cannot connect to instance "
+                                      f"{instance_id} ({load.record.url}): {exc}",
+                                      connect=True) from None
+            except TimeoutError:
+                raise UpstreamFailure("timeout", 504, f"instance {instance_id} sent no response "
+                                      f"within {wait_s:g}s") from None
+            except aiohttp.ClientError as exc:
+                raise UpstreamFailure("error", 502, f"instance {instance_id}: {exc!r}") from None
+
+            if upstream.status >= 500:
+                detail = await self._read_error(upstream)
+                raise UpstreamFailure(f"http_{upstream.status}", 502, f"instance {instance_id} "
+                                      f"answered {upstream.status}: {detail}")
+
+            extra = {HEADER_INSTANCE: instance_id, HEADER_POLICY_USED: policy_name}
+            content_type = upstream.headers.get("Content-Type", "application/json")
+            if not (parsed.stream and upstream.status == 200
+                    and content_type.startswith("text/event-stream")):
+                try:
+                    async with asyncio.timeout_at(self._loop_deadline(deadline)):
+                        body = await upstream.read()
+                except TimeoutError:
+                    raise UpstreamFailure("timeout", 504, f"instance {instance_id} did not "
+                                          f"finish within {wait_s:g}s") from None
+                except aiohttp.ClientError as exc:
+                    raise UpstreamFailure("error", 502, f"instance {instance_id} broke off: "
+                                          f"{exc!r}") from None
+                done = True
+                self.metrics.e2e.observe(time.perf_counter() - started)
+                self._observe(policy, parsed, instance_id, prompt_tokens, ctx, started, None, 0,
+                              upstream.status < 400)
+                response = web.Response(body=body, status=upstream.status, headers=extra)
+                response.headers["Content-Type"] = content_type
+                return response
+
+            # Streaming: hold the client's headers until the first chunk, so that an
+            # instance failing before it can still be retried elsewhere.
+            try:
+                async with asyncio.timeout_at(self._loop_deadline(deadline)):
+                    first = await upstream.content.readany()
+            except TimeoutError:
+                raise UpstreamFailure("timeout", 504, f"instance {instance_id} sent no token "
+                                      f"within {wait_s:g}s") from None
+            except aiohttp.ClientError as exc:
+                raise UpstreamFailure("error", 502, f"instance {instance_id} broke off before "
+                                      f"the first token: {exc!r}") from None
+            if not first:
+                raise UpstreamFailure("empty", 502, f"instance {instance_id} closed the stream "
+                                      "without data")
+            t_first = time.perf_counter()
+            ttft_ms = (t_first - started) * 1000
+            ctx["ttft_ms"] = ttft_ms
+            self.metrics.ttft.observe(ttft_ms / 1000)
+            self.load.observe_ttft(instance_id, ttft_ms)
+
+            response = web.StreamResponse(status=200, headers={
+                "Content-Type": content_type, "Cache-Control": "no-cache", **extra})
+            await response.prepare(request)
+            await response.write(first)
+            events = first.count(b"data: ")
+            t_last = t_first
+            while True:
+                try:
+                    async with asyncio.timeout(cfg.idle_timeout_s):
+                        chunk = await upstream.content.readany()
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    reason = (f"instance {instance_id} was silent for {cfg.idle_timeout_s:g}s"
+                              if isinstance(exc, TimeoutError) else
+                              f"instance {instance_id} broke off mid-stream: {exc!r}")
+                    log.warning("request %s: %s", parsed.request_id, reason)
+                    self.metrics.upstream_errors.labels(instance_id, "midstream").inc()
+                    ctx["stream_status"] = 502
+                    await response.write(b"data: " + _json_bytes(error_body(502, reason))
+                                         + b"\n\n")
+                    break
+                if not chunk:
+                    done = True
+                    break
+                events += chunk.count(b"data: ")
+                t_last = time.perf_counter()
+                await response.write(chunk)
+            tokens = max(0, events - 1)  # minus the closing [DONE]
+            if tokens >= 3:
+                tpot_ms = (t_last - t_first) * 1000 / (tokens - 1)
+                self.metrics.tpot.observe(tpot_ms / 1000)
+                self.load.observe_tpot(instance_id, tpot_ms)
+            self.metrics.e2e.observe(time.perf_counter() - started)
+            self._observe(policy, parsed, instance_id, prompt_tokens, ctx, started,
+                          (t_last - t_first) * 1000 / (tokens - 1) if tokens >= 2 else None,
+                          tokens, done)
+            await response.write_eof()
+            return response
+        finally:
+            if upstream is not None:
+                if done:
+                    upstream.release()
+                else:
+                    upstream.close()  # drop the connection: vLLM aborts the request
+
+    @staticmethod
+    def _loop_deadline(monotonic_deadline: float) -> float:
+        return asyncio.get_running_loop().time() + max(0.0, monotonic_deadline - time.monotonic())
+
+    @staticmethod
+    async def _read_error(upstream: aiohttp.ClientResponse) -> str:
+        try:
+            async with asyncio.timeout(2):
+                text = (await upstream.content.read(2048)).decode(errors="replace")
+        except (TimeoutError, aiohttp.ClientError):
+            return "(no body)"
+        try:
+            message = _json_loads(text)["error"]["message"]
+            return str(message)[:300]
+        except Exception:  # noqa: BLE001 (any non-OpenAI body is shown raw)
+            return text.strip()[:300] or "(empty body)"
+
+    def _observe(self, policy: RoutingPolicy, parsed: ParsedRequest, instance_id: str,
+                 prompt_tokens: int, ctx: dict[str, Any], started: float,
+                 tpot_ms: float | None, output_tokens: int, ok: bool) -> None:
+        if not isinstance(policy, ObservingPolicy):
+            return
+        ttft_ms = ctx["ttft_ms"] if ctx["ttft_ms"] is not None else (
+            (time.perf_counter() - started) * 1000)
+        block_size = self.prefix.block_size if self.prefix is not None else 0
+        try:
+            policy.observe(RequestOutcome(
+                request_id=parsed.request_id, instance_id=instance_id, prefill_instance_id=None,
+                prompt_tokens=prompt_tokens,
+                cached_prompt_tokens=min(prompt_tokens, ctx["hits"] * block_size),
+                output_tokens=output_tokens, ttft_ms=ttft_ms, tpot_ms=tpot_ms, queue_ms=0.0,
+                prefill_ms=ttft_ms, finished_at=time.monotonic(), ok=ok))
+        except Exception:  # noqa: BLE001 (a policy bug must not fail a served request)
+            log.exception("policy %s failed in observe()", policy.name)
+
+    # -- other routes ---------------------------------------------------------------------------
+
+    async def handle_models(self, request: web.Request) -> web.Response:
+        data = [{"id": name, "object": "model", "owned_by": "xllm-router",
+                 "instances": sum(1 for i in self.load.serving(name) if i.healthy)}
+                for name in self.load.models()]
+        return web.json_response({"object": "list", "data": data})
+
+    def _counts(self) -> dict[str, int]:
+        healthy = sum(1 for i in self.load.instances.values() if i.healthy)
+        return {"instances": len(self.load.instances), "healthy_instances": healthy}
+
+    async def handle_health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", **self._counts()})
+
+    async def handle_ready(self, request: web.Request) -> web.Response:
+        counts = self._counts()
+        if counts["healthy_instances"] == 0:
+            return web.json_response(error_body(503, "no healthy instance",
+                                                code="no_instance_available"), status=503)
+        return web.json_response({"status": "ready", **counts})
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def handle_admin_list(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "policy": self.config.policy,
+            "etcd": self.config.etcd,
+            "kv_index": ({"block_size": self.prefix.block_size,
+                          "instances": {i: self.prefix.index.block_count(i)
+                                        for i in self.prefix.index.instances()}}
+                         if self.prefix is not None else None),
+            "instances": [load.describe() for load in sorted(self.load.instances.values(),
+                                                             key=lambda x: x.instance_id)]})
+
+    async def handle_admin_change(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise RouterError(400, "body must be JSON: {\"add\": \"URL[;opts]\"} or "
+                              "{\"remove\": \"ID\"}") from None
+        if not isinstance(body, dict) or len(body.keys() & {"add", "remove"}) != 1:
+            raise RouterError(400, "body must be {\"add\": \"URL[;opts]\"} or {\"remove\": \"ID\"}")
+        if "add" in body:
+            try:
+                record = parse_instance_spec(str(body["add"]))
+            except RecordError as exc:
+                raise RouterError(400, str(exc), param="add") from None
+            current = self.load.instances.get(record.instance_id)
+            if current is not None and current.record.source != "static":
+                raise RouterError(409, f"instance {record.instance_id} comes from etcd; change "
+                                  "it there")
+            self.load.upsert(record)
+            return web.json_response({"added": record.instance_id}, status=201)
+        instance_id = str(body["remove"])
+        current = self.load.instances.get(instance_id)
+        if current is None:
+            raise RouterError(404, f"no instance '{instance_id}'", param="remove")
+        if current.record.source != "static":
+            raise RouterError(409, f"instance {instance_id} comes from etcd; it leaves when it "
+                              "deregisters or its lease expires")
+        self.load.remove(instance_id)
+        return web.json_response({"removed": instance_id})
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return msgspec.json.encode(obj)
+
+
+def _json_loads(text: str) -> Any:
+    return msgspec.json.decode(text)
+
+
+async def serve(config: RouterConfig, *, ready: asyncio.Event | None = None) -> None:
+    """Run the router until cancelled (the CLI calls this)."""
+    router = Router(config)
+    runner = web.AppRunner(router.build_app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+    await site.start()
+    log.info("xllm-router listening on http://%s:%d", config.host, config.port)
+    if ready is not None:
+        ready.set()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

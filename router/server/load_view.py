@@ -1,0 +1,299 @@
+"""The router's picture of every instance: discovery record, scraped load, own accounting.
+
+Three sources meet here:
+
+* discovery (``upsert``/``remove``): which instances exist, their URL, role, KV endpoints;
+* scraping, every ``scrape_interval_s``: ``/health``, then running/waiting/KV usage from
+  the plugin's ``/xllm/status`` when the engine runs the XLLMScheduler, otherwise
+  from vLLM's ``/metrics``; served model names from ``/v1/models`` now and then;
+* the router's own accounting: requests and prompt tokens in flight (exact,
+  updated at dispatch and finish) and recent TTFT/TPOT it measured itself.
+
+Health rule: an instance is routable once one scrape succeeded and until
+``unhealthy_after`` consecutive failures (scrapes, or connection failures the
+proxy reports); one successful scrape makes it routable again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from router.discovery.records import InstanceRecord
+from router.policies.types import ClusterView, InstanceState, Role
+
+log = logging.getLogger("xllm.router.load")
+
+_METRIC_RUNNING = "vllm:num_requests_running"
+_METRIC_WAITING = "vllm:num_requests_waiting"
+_METRIC_KV = "vllm:kv_cache_usage_perc"
+
+
+def parse_vllm_metrics(text: str) -> dict[str, float]:
+    """Sum the few vLLM gauges the load view needs over all their label sets."""
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in (_METRIC_RUNNING, _METRIC_WAITING, _METRIC_KV):
+            try:
+                totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                continue
+    return totals
+
+
+@dataclass
+class InstanceLoad:
+    """Mutable per-instance state; ``state()`` freezes it into what a policy sees."""
+
+    record: InstanceRecord
+    healthy: bool = False
+    consecutive_failures: int = 0
+    last_error: str | None = None
+    last_scrape_at: float | None = None
+    scrapes: int = 0
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    by_class: dict[str, Any] = field(default_factory=dict)
+    load_source: str | None = None  # "xllm_status" | "metrics"
+    has_xllm_status: bool | None = None
+    models: tuple[str, ...] = ()
+    inflight: int = 0
+    inflight_prompt_tokens: int = 0
+    ttft_ms: deque[float] = field(default_factory=lambda: deque(maxlen=32))
+    tpot_ms: deque[float] = field(default_factory=lambda: deque(maxlen=32))
+    role_override: Role | None = None  # set by a policy's RoleChange
+
+    @property
+    def role(self) -> Role:
+        return self.role_override or self.record.role
+
+    @property
+    def instance_id(self) -> str:
+        return self.record.instance_id
+
+    def serves(self, model: str) -> bool:
+        return model in self.models or (not self.models and model == self.record.model)
+
+    def state(self) -> InstanceState:
+        return InstanceState(
+            instance_id=self.instance_id, role=self.role, healthy=self.healthy,
+            running=self.running, waiting=self.waiting, kv_usage=self.kv_usage,
+            inflight=self.inflight, inflight_prompt_tokens=self.inflight_prompt_tokens,
+            ttft_ms=statistics.median(self.ttft_ms) if self.ttft_ms else None,
+            tpot_ms=statistics.median(self.tpot_ms) if self.tpot_ms else None)
+
+    def describe(self) -> dict[str, Any]:
+        """The admin view of this instance (GET /admin/instances)."""
+        s = self.state()
+        return {
+            "instance_id": self.instance_id, "url": self.record.url, "role": self.role,
+            "source": self.record.source, "incarnation": self.record.incarnation,
+            "models": list(self.models) or ([self.record.model] if self.record.model else []),
+            "healthy": self.healthy, "consecutive_failures": self.consecutive_failures,
+            "last_error": self.last_error, "load_source": self.load_source,
+            "last_scrape_age_s": (time.monotonic() - self.last_scrape_at
+                                  if self.last_scrape_at else None),
+            "running": self.running, "waiting": self.waiting, "by_class": self.by_class,
+            "kv_usage": self.kv_usage, "inflight": self.inflight,
+            "inflight_prompt_tokens": self.inflight_prompt_tokens,
+            "ttft_ms": s.ttft_ms, "tpot_ms": s.tpot_ms,
+            "kv_events_endpoint": self.record.kv_events_endpoint,
+            "kv_events_replay_endpoint": self.record.kv_events_replay_endpoint,
+        }
+
+
+class LoadView:
+    """All instances by id; scrapes them in the background."""
+
+    def __init__(self, *, scrape_interval_s: float = 0.5, scrape_timeout_s: float = 2.0,
+                 unhealthy_after: int = 3, models_every: int = 10,
+                 upstream_headers: dict[str, str] | None = None) -> None:
+        self.instances: dict[str, InstanceLoad] = {}
+        self.scrape_interval_s = scrape_interval_s
+        self.scrape_timeout = aiohttp.ClientTimeout(total=scrape_timeout_s)
+        self.unhealthy_after = unhealthy_after
+        self.models_every = models_every
+        self.upstream_headers = upstream_headers or {}
+        self.on_added: list[Callable[[InstanceLoad], None]] = []
+        self.on_removed: list[Callable[[InstanceLoad], None]] = []
+        self.on_scraped: list[Callable[[InstanceLoad], None]] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+
+    # -- discovery -------------------------------------------------------------------------
+
+    def upsert(self, record: InstanceRecord) -> InstanceLoad:
+        """Add or update an instance; a new incarnation or URL starts from a clean state."""
+        current = self.instances.get(record.instance_id)
+        if current is not None and (current.record.url, current.record.incarnation) == (
+                record.url, record.incarnation):
+            current.record = record
+            return current
+        if current is not None:
+            self.remove(record.instance_id)
+        load = InstanceLoad(record)
+        self.instances[record.instance_id] = load
+        log.info("instance %s added (%s, %s)", record.instance_id, record.url, record.source)
+        for callback in self.on_added:
+            callback(load)
+        if self._session is not None:  # scrape at once so it becomes routable quickly
+            task = asyncio.get_running_loop().create_task(self.scrape(load))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+        return load
+
+    def remove(self, instance_id: str) -> InstanceLoad | None:
+        load = self.instances.pop(instance_id, None)
+        if load is not None:
+            log.info("instance %s removed", instance_id)
+            for callback in self.on_removed:
+                callback(load)
+        return load
+
+    # -- what policies and handlers read ---------------------------------------------------
+
+    def models(self) -> list[str]:
+        names: set[str] = set()
+        for load in self.instances.values():
+            names.update(load.models or ((load.record.model,) if load.record.model else ()))
+        return sorted(names)
+
+    def serving(self, model: str) -> list[InstanceLoad]:
+        return [load for load in self.instances.values() if load.serves(model)]
+
+    def view(self, model: str, exclude: frozenset[str] = frozenset(),
+             prefix_hits: dict[str, int] | None = None) -> ClusterView:
+        states = tuple(load.state() for load in self.serving(model)
+                       if load.instance_id not in exclude)
+        return ClusterView(instances=states, now=time.monotonic(), prefix_hits=prefix_hits or {})
+
+    # -- the router's own accounting -------------------------------------------------------
+
+    def begin(self, instance_id: str, prompt_tokens: int) -> None:
+        load = self.instances.get(instance_id)
+        if load is not None:
+            load.inflight += 1
+            load.inflight_prompt_tokens += prompt_tokens
+
+    def finish(self, instance_id: str, prompt_tokens: int) -> None:
+        load = self.instances.get(instance_id)
+        if load is not None:
+            load.inflight = max(0, load.inflight - 1)
+            load.inflight_prompt_tokens = max(0, load.inflight_prompt_tokens - prompt_tokens)
+
+    def observe_ttft(self, instance_id: str, ttft_ms: float) -> None:
+        load = self.instances.get(instance_id)
+        if load is not None:
+            load.ttft_ms.append(ttft_ms)
+
+    def observe_tpot(self, instance_id: str, tpot_ms: float) -> None:
+        load = self.instances.get(instance_id)
+        if load is not None:
+            load.tpot_ms.append(tpot_ms)
+
+    def report_failure(self, instance_id: str, reason: str) -> None:
+        """A failure seen outside scraping (e.g. the proxy could not connect)."""
+        load = self.instances.get(instance_id)
+        if load is not None:
+            self._failed(load, reason)
+
+    def _failed(self, load: InstanceLoad, reason: str) -> None:
+        load.consecutive_failures += 1
+        load.last_error = reason
+        if load.healthy and load.consecutive_failures >= self.unhealthy_after:
+            load.healthy = False
+            log.warning("instance %s unhealthy after %d failures: %s", load.instance_id,
+                        load.consecutive_failures, reason)
+
+    # -- scraping ---------------------------------------------------------------------------
+
+    async def _get(self, load: InstanceLoad, path: str) -> tuple[int, str]:
+        assert self._session is not None
+        async with self._session.get(load.record.url + path, timeout=self.scrape_timeout,
+                                     headers=self.upstream_headers) as response:
+            return response.status, await response.text()
+
+    async def scrape(self, load: InstanceLoad) -> None:
+        """One scrape of one instance; updates health and load in place."""
+        try:
+            status, _ = await self._get(load, "/health")
+            if status != 200:
+                raise RuntimeError(f"/health answered {status}")
+            engine = None
+            if load.has_xllm_status is not False:
+                status, body = await self._get(load, "/xllm/status")
+                if status == 200:
+                    load.has_xllm_status = True
+                    engine = json.loads(body).get("engine")
+                elif status == 404:
+                    load.has_xllm_status = False
+            if engine:
+                running, waiting = engine.get("running", {}), engine.get("waiting", {})
+                load.running = int(sum(running.values()))
+                load.waiting = int(sum(waiting.values()))
+                load.kv_usage = float(engine.get("kv_cache_usage") or 0.0)
+                load.by_class = {"running": running, "waiting": waiting}
+                load.load_source = "xllm_status"
+            else:
+                status, body = await self._get(load, "/metrics")
+                if status != 200:
+                    raise RuntimeError(f"/metrics answered {status}")
+                totals = parse_vllm_metrics(body)
+                load.running = int(totals.get(_METRIC_RUNNING, 0))
+                load.waiting = int(totals.get(_METRIC_WAITING, 0))
+                load.kv_usage = float(totals.get(_METRIC_KV, 0.0))
+                load.load_source = "metrics"
+            if not load.models or load.scrapes % self.models_every == 0:
+                status, body = await self._get(load, "/v1/models")
+                if status == 200:
+                    load.models = tuple(m["id"] for m in json.loads(body).get("data", []))
+        except Exception as exc:  # noqa: BLE001 (any failure counts against health)
+            if self.instances.get(load.instance_id) is load:
+                self._failed(load, f"scrape: {exc!r}"[:300])
+        else:
+            load.scrapes += 1
+            load.last_scrape_at = time.monotonic()
+            load.consecutive_failures = 0
+            load.last_error = None
+            if not load.healthy:
+                log.info("instance %s healthy (%s)", load.instance_id, load.load_source)
+            load.healthy = True
+        for callback in self.on_scraped:
+            callback(load)
+
+    async def scrape_all(self) -> None:
+        await asyncio.gather(*(self.scrape(load) for load in list(self.instances.values())))
+
+    async def _run(self) -> None:
+        while True:
+            began = time.monotonic()
+            await self.scrape_all()
+            await asyncio.sleep(max(0.0, self.scrape_interval_s - (time.monotonic() - began)))
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        """Scrape everything once (so routing can start), then keep scraping."""
+        self._session = session
+        await self.scrape_all()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="load-scraper")
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._task, *self._pending) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = None
+        self._session = None

@@ -1,0 +1,82 @@
+"""The router's own Prometheus metrics (served at ``/metrics``).
+
+Each router app gets its own registry, so several routers can live in one
+process (tests, benchmarks) without clashing label sets.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+                    0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 60.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+                 0.5, 1.0, 2.0)
+_DECISION_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
+                     1e-2, 5e-2)
+
+
+class RouterMetrics:
+    """Counters, histograms and gauges; names start with ``xllm_router_``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "xllm_router_requests", "Requests answered, by policy, instance and HTTP status "
+            "(instance 'none' when no instance was chosen).",
+            ["policy", "instance", "status"], registry=r)
+        self.retries = Counter(
+            "xllm_router_retries", "Requests retried on another instance after an upstream "
+            "failure before any byte reached the client.", ["instance"], registry=r)
+        self.upstream_errors = Counter(
+            "xllm_router_upstream_errors", "Upstream failures by instance and reason.",
+            ["instance", "reason"], registry=r)
+        self.ttft = Histogram(
+            "xllm_router_ttft_seconds", "Time to first token as the router sees it (streaming "
+            "requests: arrival to first streamed chunk).", buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram(
+            "xllm_router_tpot_seconds", "Time per output token after the first (streaming).",
+            buckets=_TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram(
+            "xllm_router_e2e_seconds", "Arrival to last byte relayed.", buckets=_LATENCY_BUCKETS,
+            registry=r)
+        self.decision = Histogram(
+            "xllm_router_routing_decision_seconds", "Time spent choosing an instance (tokenize, "
+            "hash, index lookup and policy).", ["policy"], buckets=_DECISION_BUCKETS, registry=r)
+        self.decisions = Counter(
+            "xllm_router_decisions", "Routing decisions by policy, instance and reason.",
+            ["policy", "instance", "reason"], registry=r)
+        self.prefix_hit_blocks = Counter(
+            "xllm_router_prefix_hit_blocks", "Prompt blocks already cached on the chosen instance "
+            "(per the router's KV index).", ["instance"], registry=r)
+        self.prompt_blocks = Counter(
+            "xllm_router_prompt_blocks", "Full prompt blocks of requests routed with KV lookup.",
+            registry=r)
+        self.instance_healthy = Gauge(
+            "xllm_router_instance_healthy", "1 if the instance takes requests, else 0.",
+            ["instance"], registry=r)
+        self.instance_inflight = Gauge(
+            "xllm_router_instance_inflight", "Requests the router has in flight on the instance.",
+            ["instance"], registry=r)
+        self.instance_load = Gauge(
+            "xllm_router_instance_queue", "Engine-reported running and waiting requests.",
+            ["instance", "state"], registry=r)
+        self.instance_kv_usage = Gauge(
+            "xllm_router_instance_kv_usage", "Engine-reported KV-cache usage (0..1).",
+            ["instance"], registry=r)
+
+    def forget_instance(self, instance_id: str) -> None:
+        for gauge in (self.instance_healthy, self.instance_inflight, self.instance_kv_usage):
+            try:
+                gauge.remove(instance_id)
+            except KeyError:
+                pass
+        for state in ("running", "waiting"):
+            try:
+                self.instance_load.remove(instance_id, state)
+            except KeyError:
+                pass
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,101 @@
+"""Online/offline co-location in the engine: online work preempts offline work, nothing is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from xllm_plugin.launcher.engine import EngineProcess
+
+pytestmark = pytest.mark.engine
+
+OFFLINE_TOKENS = 1200
+# Generous for a shared 2-core CI machine; the point is that the online request
+# does not wait for an offline job (hundreds of decode steps) to finish.
+ONLINE_TTFT_SLO_S = 2.0
+
+
+def _offline_prompts(count: int) -> list[str]:
+    return [f"Offline job {i}: summarise the archive" for i in range(count)]
+
+
+async def _offline(client: httpx.AsyncClient, url: str, prompt: str) -> str:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": OFFLINE_TOKENS, "temperature": 0.0,
+            "ignore_eos": True, "vllm_xargs": {"request_class": "offline"}}
+    response = await client.post(f"{url}/v1/completions", json=body, timeout=300)
+    response.raise_for_status()
+    return response.json()["choices"][0]["text"]
+
+
+async def _online_ttft(client: httpx.AsyncClient, url: str) -> float:
+    body = {"model": "tiny", "prompt": "Urgent question:", "max_tokens": 4, "temperature": 0.0,
+            "ignore_eos": True, "stream": True}
+    start = time.perf_counter()
+    async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                return time.perf_counter() - start
+    raise AssertionError("online stream produced no text")
+
+
+async def _status(client: httpx.AsyncClient, url: str) -> dict:
+    return (await client.get(f"{url}/xllm/status")).json()["engine"]
+
+
+async def _wait_for(predicate, timeout_s: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached")
+
+
+async def test_online_request_preempts_offline_and_offline_output_is_unchanged(
+        plugin_engine: EngineProcess, stock_engine: EngineProcess,
+        engine_max_num_seqs: int) -> None:
+    url = plugin_engine.url
+    prompts = _offline_prompts(engine_max_num_seqs)
+    async with httpx.AsyncClient() as client:
+        reference = await asyncio.gather(*[_offline(client, stock_engine.url, p)
+                                           for p in prompts])
+        before = await _status(client, url)
+        offline = [asyncio.create_task(_offline(client, url, p)) for p in prompts]
+
+        async def saturated() -> bool:
+            return (await _status(client, url))["running"]["offline"] == engine_max_num_seqs
+
+        await _wait_for(saturated)
+        ttft = await _online_ttft(client, url)
+
+        async def preempted_for_online() -> bool:
+            # Snapshots are rate-limited: wait for one taken after the preemption.
+            now = await _status(client, url)
+            return now["offline_preempted_for_online"] > before["offline_preempted_for_online"]
+
+        await _wait_for(preempted_for_online, timeout_s=10)
+        outputs = await asyncio.gather(*offline)
+        after = await _status(client, url)
+
+    assert ttft < ONLINE_TTFT_SLO_S
+    assert after["preemptions"]["online"] == before["preemptions"]["online"]
+    assert after["finished"]["offline"] == before["finished"]["offline"] + engine_max_num_seqs
+    assert outputs == reference
+
+
+async def test_stock_vllm_makes_the_online_request_wait_for_offline_work(
+        stock_engine: EngineProcess, engine_max_num_seqs: int) -> None:
+    """The A side of the comparison: without the plugin all slots stay taken by offline jobs."""
+    async with httpx.AsyncClient() as client:
+        offline = [asyncio.create_task(_offline(client, stock_engine.url, p))
+                   for p in _offline_prompts(engine_max_num_seqs)]
+        await asyncio.sleep(0.5)
+        await _online_ttft(client, stock_engine.url)
+        unfinished = sum(not task.done() for task in offline)
+        await asyncio.gather(*offline)
+    # The online request got its first token only after an offline job had finished.
+    assert unfinished < engine_max_num_seqs

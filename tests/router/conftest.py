@@ -1,0 +1,198 @@
+"""Fixtures for the router tests: fake engines, in-process routers, a real etcd, real engines.
+
+Async fixtures and tests here share the session event loop (the project sets
+``asyncio_default_fixture_loop_scope = "session"``; each test module sets
+``pytestmark = pytest.mark.asyncio(loop_scope="session")`` to match). Real engines and etcd are started once per session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from router.config import RouterConfig
+from router.server.app import Router
+from router_fakes import FakeEngine, wait_for  # noqa: F401 (re-exported)
+
+# Ports reserved for the router tests (8100-8199, ZMQ 5600-5649) so parallel work
+# on this machine does not collide.
+ENGINE_PORTS = (8110, 8111)
+KV_EVENT_PORTS = ((5600, 5601), (5602, 5603))
+ETCD_PORTS = (8190, 8191)
+ROUTER_TEST_BLOCK_SIZE = 128
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port_in(lo: int, hi: int) -> int:
+    for port in range(lo, hi):
+        if port_is_free(port):
+            return port
+    raise RuntimeError(f"no free port in {lo}-{hi}")
+
+
+RouterFactory = Callable[..., Awaitable[tuple[Router, str]]]
+
+
+@pytest_asyncio.fixture
+async def start_router() -> AsyncIterator[RouterFactory]:
+    """Start routers in-process on free ports; ``await start_router(instances=[...], ...)``."""
+    runners: list[web.AppRunner] = []
+
+    async def start(**settings: Any) -> tuple[Router, str]:
+        values = {"scrape_interval_s": 0.1, "unhealthy_after": 2, **settings}
+        instances = values.pop("instances", [])
+        config = RouterConfig.from_args({"instances": list(instances), **values})
+        router = Router(config)
+        runner = web.AppRunner(router.build_app(), handler_cancellation=True, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return router, f"http://127.0.0.1:{port}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest_asyncio.fixture
+async def fakes() -> AsyncIterator[tuple[FakeEngine, FakeEngine]]:
+    a, b = FakeEngine("a"), FakeEngine("b")
+    await a.start()
+    await b.start()
+    yield a, b
+    await a.stop()
+    await b.stop()
+
+
+@pytest_asyncio.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        yield session
+
+
+# -- real etcd ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def etcd_endpoint() -> Iterator[str]:
+    """A real etcd server (Debian etcd-server) on loopback, for this test session."""
+    exe = shutil.which("etcd")
+    if exe is None:
+        pytest.skip("etcd not installed (apt-get install etcd-server)")
+    client_port = free_port_in(ETCD_PORTS[0], 8199)
+    peer_port = free_port_in(client_port + 1, 8200)
+    data_dir = tempfile.mkdtemp(prefix="xllm-etcd-")
+    log = open(Path(data_dir) / "etcd.log", "w")  # noqa: SIM115
+    process = subprocess.Popen(
+        [exe, "--name", "router-test", "--data-dir", f"{data_dir}/data",
+         "--listen-client-urls", f"http://127.0.0.1:{client_port}",
+         "--advertise-client-urls", f"http://127.0.0.1:{client_port}",
+         "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+         "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+         "--initial-cluster", f"router-test=http://127.0.0.1:{peer_port}"],
+        stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"127.0.0.1:{client_port}"
+    deadline = time.monotonic() + 20
+    import urllib.request
+
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{endpoint}/health", timeout=1) as r:  # noqa: S310
+                if b"true" in r.read():
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"etcd did not start: {(Path(data_dir) / 'etcd.log').read_text()}")
+        time.sleep(0.2)
+    yield endpoint
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+# -- real engines -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def router_engines() -> Iterator[list[Any]]:
+    """Two real tiny-model ``vllm serve`` (plugin scheduler on one, stock vLLM on the other),
+    each publishing KV events, started once per session.
+
+    Run engine tests under ``flock /tmp/xllm-vllm.lock`` (two cores, shared machine).
+    """
+    from xllm_plugin.launcher.engine import EngineProcess, EngineSpec
+    from xllm_plugin.models import model_path
+
+    model = model_path("tiny")
+    specs = []
+    for i, (port, (pub, replay)) in enumerate(zip(ENGINE_PORTS, KV_EVENT_PORTS)):
+        if not port_is_free(port):
+            pytest.skip(f"port {port} busy")
+        kv_events = ('{"enable_kv_cache_events":true,"publisher":"zmq",'
+                     f'"endpoint":"tcp://*:{pub}","replay_endpoint":"tcp://*:{replay}",'
+                     '"topic":"kv"}')
+        specs.append(EngineSpec(model=model, port=port, served_model_name="tiny",
+                                plugin=(i == 0), cpu_bind=str(i),
+                                block_size=ROUTER_TEST_BLOCK_SIZE,
+                                extra_args=["--enable-prefix-caching", "--kv-events-config",
+                                            kv_events]))
+    engines = [EngineProcess(spec, log_path=Path(f"/tmp/xllm-router-test-engine-{spec.port}.log"))
+               for spec in specs]
+    try:
+        # Start both at once: startup is mostly waiting.
+        import threading
+
+        errors: list[BaseException] = []
+
+        def start(engine: Any) -> None:
+            try:
+                engine.start(timeout_s=240)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start, args=(e,)) for e in engines]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        yield engines
+    finally:
+        for engine in engines:
+            engine.stop()
+
+
+def kv_instance_spec(engine: Any, index: int) -> str:
+    pub, replay = KV_EVENT_PORTS[index]
+    return (f"{engine.url};id=engine-{index};kv=tcp://127.0.0.1:{pub};"
+            f"replay=tcp://127.0.0.1:{replay}")
+
+

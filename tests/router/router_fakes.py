@@ -1,0 +1,151 @@
+"""A fake OpenAI engine for the router's fast unit tests (fault injection, no vLLM).
+
+Named as a fake on purpose: it checks the router's plumbing (relay, retries,
+timeouts, disconnects); behaviour against real engines is covered by the
+``engine``-marked tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class FakeBehaviour:
+    """What the fake engine does with the next requests."""
+
+    model: str = "tiny"
+    tokens: int = 4
+    token_delay_s: float = 0.0
+    fail_status: int | None = None  # answer every generation request with this status
+    hang_s: float = 0.0  # sleep before answering (headers included)
+    close_mid_stream_after: int | None = None  # drop the connection after N tokens
+    health_status: int = 200
+    with_xllm_status: bool = True
+    running: int = 0
+    waiting: int = 0
+
+
+@dataclass
+class FakeEngine:
+    name: str
+    behaviour: FakeBehaviour = field(default_factory=FakeBehaviour)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    disconnects: int = 0
+    completed: int = 0
+    url: str = ""
+    runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/xllm/status", self._status)
+        app.router.add_post("/v1/completions", self._generate)
+        app.router.add_post("/v1/chat/completions", self._generate)
+        return app
+
+    async def start(self, port: int = 0) -> FakeEngine:
+        self.runner = web.AppRunner(self.app(), handler_cancellation=True)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", port)
+        await site.start()
+        sock = site._server.sockets[0]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=self.behaviour.health_status)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": self.behaviour.model, "object": "model"}]})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        b = self.behaviour
+        return web.Response(text=(
+            f'vllm:num_requests_running{{model_name="{b.model}"}} {b.running}.0\n'
+            f'vllm:num_requests_waiting{{model_name="{b.model}"}} {b.waiting}.0\n'
+            f'vllm:kv_cache_usage_perc{{model_name="{b.model}"}} 0.25\n'))
+
+    async def _status(self, request: web.Request) -> web.Response:
+        b = self.behaviour
+        if not b.with_xllm_status:
+            raise web.HTTPNotFound()
+        return web.json_response({"engine": {
+            "running": {"online": b.running, "offline": 0},
+            "waiting": {"online": b.waiting, "offline": 0}, "kv_cache_usage": 0.5}})
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        b = self.behaviour
+        if b.hang_s:
+            await asyncio.sleep(b.hang_s)
+        if b.fail_status is not None:
+            return web.json_response({"error": {"message": f"fake failure {b.fail_status}",
+                                                "type": "x", "param": None,
+                                                "code": b.fail_status}},
+                                     status=b.fail_status)
+        chat = request.path.endswith("chat/completions")
+        if not body.get("stream"):
+            await asyncio.sleep(b.token_delay_s * b.tokens)
+            self.completed += 1
+            text = " ".join(f"t{i}" for i in range(b.tokens))
+            choice = ({"message": {"role": "assistant", "content": text}} if chat
+                      else {"text": text})
+            return web.json_response({"id": "x", "object": "completion", "model": b.model,
+                                      "served_by": self.name,
+                                      "choices": [{"index": 0, **choice,
+                                                   "finish_reason": "length"}],
+                                      "usage": {"prompt_tokens": 3, "completion_tokens": b.tokens,
+                                                "total_tokens": 3 + b.tokens}})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            for i in range(b.tokens):
+                if b.close_mid_stream_after is not None and i == b.close_mid_stream_after:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
+                await asyncio.sleep(b.token_delay_s)
+                delta = {"delta": {"content": f"t{i}"}} if chat else {"text": f"t{i}"}
+                chunk = {"id": "x", "model": b.model, "served_by": self.name,
+                         "choices": [{"index": 0, **delta, "finish_reason": None}]}
+                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            if (body.get("stream_options") or {}).get("include_usage"):
+                usage = {"id": "x", "choices": [], "usage": {"completion_tokens": b.tokens}}
+                await response.write(f"data: {json.dumps(usage)}\n\n".encode())
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            self.completed += 1
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.disconnects += 1
+            raise
+        return response
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0,
+                   what: str = "condition") -> float:
+    """Poll ``predicate`` until true; return the seconds it took."""
+    began = time.monotonic()
+    while not predicate():
+        if time.monotonic() - began > timeout_s:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - began

@@ -1,0 +1,41 @@
+"""xllm-plugin engine layer: loaded into every vLLM process through entry points.
+
+``register`` is the ``vllm.general_plugins`` entry point. vLLM calls it in the
+API-server process, the engine-core process and every worker, possibly more
+than once per process, so it must be cheap and idempotent.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("xllm-plugin")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+source"
+
+_registered = False
+
+
+def register() -> None:
+    """Prepare this vLLM process for the plugin's features.
+
+    In the API-server process this is the earliest hook the plugin gets,
+    before vLLM loads the model; a bad ``xllm`` config is rejected here so
+    startup fails in seconds instead of after the model has loaded.
+    """
+    global _registered
+    if _registered:
+        return
+    _registered = True
+
+    from xllm_plugin.config import XLLMConfigError, additional_config_from_argv, parse_xllm_config
+    from xllm_plugin.status_channel import ensure_status_path
+
+    try:
+        parse_xllm_config(additional_config_from_argv(sys.argv[1:]))
+    except XLLMConfigError as error:
+        print(f"xllm-plugin: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    ensure_status_path()

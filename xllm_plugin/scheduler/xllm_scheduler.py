@@ -1,0 +1,218 @@
+"""XLLMScheduler: the thin place where the plugin's scheduling policies meet vLLM.
+
+Selected with ``vllm serve ... --scheduler-cls xllm_plugin.scheduler.XLLMScheduler``.
+Policies live in sibling modules and stay testable without an engine; this
+class only feeds them vLLM's state and publishes what it sees.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from typing import Any
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.request_queue import create_request_queue
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request
+
+from xllm_plugin import __version__
+from xllm_plugin.config import XLLMConfig, parse_xllm_config
+from xllm_plugin.scheduler.budget import BudgetDecision, plan_step_budget
+from xllm_plugin.scheduler.class_queue import ClassAwareQueue
+from xllm_plugin.scheduler.preemption import OfflineVictimPicker, shortfall
+from xllm_plugin.scheduler.request_class import CLASSES, RequestClass, classify
+from xllm_plugin.scheduler.step_model import StepLatencyModel, StepWork
+from xllm_plugin.status_channel import StatusPublisher
+
+
+class XLLMScheduler(Scheduler):
+    """vLLM's scheduler plus online/offline classes and a live status feed.
+
+    Online requests wait ahead of offline ones, run ahead of them in each step
+    (so vLLM's own out-of-memory preemption, which takes the last running
+    request, hits offline work first), and preempt running offline requests
+    when they lack a slot or KV blocks.
+
+    vLLM chooses ``AsyncScheduler`` over ``Scheduler`` when async scheduling is
+    on (GPUs; the CPU platform turns it off). A custom class bypasses that
+    choice, so constructing ``XLLMScheduler`` yields ``XLLMAsyncScheduler``
+    whenever the config asks for async scheduling.
+    """
+
+    def __new__(cls, vllm_config: Any, *args: Any, **kwargs: Any) -> XLLMScheduler:
+        if cls is XLLMScheduler and vllm_config.scheduler_config.async_scheduling:
+            cls = XLLMAsyncScheduler
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Authoritative check: also covers engines built from Python, where the
+        # command-line fast path in register() never ran.
+        self.xllm_config: XLLMConfig = parse_xllm_config(self.vllm_config.additional_config)
+        self._classes: dict[str, RequestClass] = {}
+        self.waiting = ClassAwareQueue(lambda: create_request_queue(self.policy),
+                                       self.request_class)
+        self._victims = OfflineVictimPicker(
+            is_offline=lambda r: self.request_class(r) == "offline",
+            arrival_time=lambda r: r.arrival_time,
+            blocks_held=lambda r: len(self.kv_cache_manager.get_block_ids(r.request_id)[0]))
+        self._preempted_for_online = 0
+        self._preemptions: Counter[str] = Counter()
+        self._finished: Counter[str] = Counter()
+        self._steps = 0
+        self._last_step_tokens = 0
+        self._configured_budget = self.max_num_scheduled_tokens
+        self._step_model = StepLatencyModel()
+        self._budget = BudgetDecision(self._configured_budget, constrained=False)
+        self._budget_constrained_steps = 0
+        self._step_started: tuple[float, StepWork] | None = None
+        self._last_step_ms: float | None = None
+        self._publisher = StatusPublisher(self.xllm_config.status_interval_ms / 1000)
+        self._publisher.publish(self.status_snapshot, force=True)
+
+    def request_class(self, request: Request) -> RequestClass:
+        cached = self._classes.get(request.request_id)
+        if cached is None:
+            extra = request.sampling_params.extra_args if request.sampling_params else None
+            cached = classify(request.priority, extra, self.xllm_config.request_classes)
+            self._classes[request.request_id] = cached
+        return cached
+
+    def add_request(self, request: Request) -> None:
+        self.request_class(request)
+        super().add_request(request)
+
+    def schedule(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+        # Stable sort: online first, each class keeping its order.
+        self.running.sort(key=lambda r: self.request_class(r) == "offline")
+        self._make_room_for_online()
+        self._budget = self._plan_budget()
+        self._budget_constrained_steps += self._budget.constrained
+        self.max_num_scheduled_tokens = self._budget.tokens
+        try:
+            output = super().schedule(*args, **kwargs)
+        finally:
+            self.max_num_scheduled_tokens = self._configured_budget
+        self._steps += 1
+        self._last_step_tokens = output.total_num_scheduled_tokens
+        self._step_started = (time.perf_counter(), self._work_of(output.num_scheduled_tokens))
+        return output
+
+    def tpot_slo_ms(self, request: Request) -> float | None:
+        """The request's own TPOT SLO (``vllm_xargs.slo_tpot_ms``), else the configured one."""
+        extra = request.sampling_params.extra_args if request.sampling_params else None
+        own = (extra or {}).get("slo_tpot_ms")
+        return float(own) if isinstance(own, (int, float)) and own > 0 else \
+            self.xllm_config.slo.tpot_ms
+
+    def _plan_budget(self) -> BudgetDecision:
+        decoding = [r for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens]
+        online = [r for r in decoding if self.request_class(r) == "online"]
+        slos = [slo for r in online if (slo := self.tpot_slo_ms(r)) is not None]
+        slo = self.xllm_config.slo
+        return plan_step_budget(
+            self._step_model, online_decodes=len(online),
+            offline_decodes=len(decoding) - len(online),
+            context_tokens=sum(r.num_computed_tokens for r in self.running),
+            tightest_tpot_slo_ms=min(slos) if slos else None,
+            max_budget=self._configured_budget, min_prefill=slo.min_prefill_tokens,
+            headroom=slo.headroom)
+
+    def _work_of(self, scheduled: dict[str, int]) -> StepWork:
+        """The step's work; called after vLLM advanced num_computed_tokens by ``scheduled``."""
+        prefill = decode = context = 0
+        for request_id, tokens in scheduled.items():
+            if tokens == 1:
+                decode += 1
+            else:
+                prefill += tokens
+            request = self.requests.get(request_id)
+            if request is not None:
+                context += max(0, request.num_computed_tokens - tokens)
+        return StepWork(prefill, decode, context)
+
+    def _make_room_for_online(self) -> None:
+        """Preempt offline requests when waiting online requests lack slots or KV blocks."""
+        online_waiting = list(self.waiting.of_class("online"))
+        if not online_waiting:
+            return
+        block_size = self.block_size
+        need = shortfall([-(-r.num_tokens // block_size) for r in online_waiting],
+                         running=len(self.running), max_running=self.max_num_running_reqs,
+                         free_blocks=self.kv_cache_manager.block_pool.get_num_free_blocks())
+        if not need.any:
+            return
+        now = time.monotonic()
+        for victim in self._victims.pick(self.running, need):
+            self.running.remove(victim)
+            self._preempt_request(victim, now)
+            # Preempted and possibly resumed within one step: vLLM must treat it as
+            # not scheduled in the previous step (as reset_prefix_cache does).
+            self.prev_step_scheduled_req_ids.discard(victim.request_id)
+            self._preempted_for_online += 1
+
+    def _preempt_request(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        self._preemptions[self.request_class(request)] += 1
+        super()._preempt_request(request, *args, **kwargs)
+
+    def _free_request(self, request: Request, *args: Any, **kwargs: Any):  # type: ignore[override]
+        self._finished[self.request_class(request)] += 1
+        self._classes.pop(request.request_id, None)
+        return super()._free_request(request, *args, **kwargs)
+
+    def update_from_output(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+        if self._step_started is not None:
+            started, work = self._step_started
+            self._step_started = None
+            self._last_step_ms = (time.perf_counter() - started) * 1000
+            if work.prefill_tokens or work.decode_tokens:
+                self._step_model.observe(work, self._last_step_ms)
+        outputs = super().update_from_output(*args, **kwargs)
+        self._publisher.publish(self.status_snapshot, force=not self.has_requests())
+        return outputs
+
+    def finish_requests(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+        result = super().finish_requests(*args, **kwargs)
+        self._publisher.publish(self.status_snapshot, force=not self.has_requests())
+        return result
+
+    def status_snapshot(self) -> dict[str, Any]:
+        """The live state served by /xllm/status (read in the API-server process)."""
+        running = Counter(self.request_class(r) for r in self.running)
+        waiting_requests = [*self.waiting, *self.kv_holding_waiting]
+        waiting = Counter(self.request_class(r) for r in waiting_requests)
+        return {
+            "plugin_version": __version__,
+            "engine_pid": os.getpid(),
+            "published_at": time.time(),
+            "scheduler": type(self).__name__,
+            "async_scheduling": bool(self.scheduler_config.async_scheduling),
+            "config": self.xllm_config.model_dump(),
+            "steps": self._steps,
+            "last_step_scheduled_tokens": self._last_step_tokens,
+            "kv_cache_usage": self.get_kv_cache_usage(),
+            "running": {c: running.get(c, 0) for c in CLASSES},
+            "waiting": {c: waiting.get(c, 0) for c in CLASSES},
+            "preemptions": {c: self._preemptions.get(c, 0) for c in CLASSES},
+            "offline_preempted_for_online": self._preempted_for_online,
+            "budget": {
+                "configured_tokens": self._configured_budget,
+                "last_tokens": self._budget.tokens,
+                "last_constrained": self._budget.constrained,
+                "last_slo_ms": self._budget.slo_ms,
+                "last_predicted_ms": self._budget.predicted_ms,
+                "last_step_ms": self._last_step_ms,
+                "constrained_steps": self._budget_constrained_steps,
+                "step_model_ms": dict(zip(("c0", "per_prefill_token", "per_decode_token",
+                                           "per_1k_context_tokens"),
+                                          map(float, self._step_model.coefficients))),
+                "step_model_samples": self._step_model.samples,
+            },
+            "finished": {c: self._finished.get(c, 0) for c in CLASSES},
+        }
+
+
+class XLLMAsyncScheduler(XLLMScheduler, AsyncScheduler):
+    """XLLMScheduler on top of vLLM's AsyncScheduler (output placeholders for overlap)."""
