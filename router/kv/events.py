@@ -25,6 +25,10 @@ Sequence handling, ``next`` being the seq expected next:
   (same payload as recorded for that seq: dropped) or the engine restarted and
   its counter began again (different payload): the instance is cleared and
   followed from ``seq``.
+- After the SUB connection drops (seen on the socket's monitor), the first
+  batch that arrives is not trusted by its seq alone: a restarted engine's new
+  counter can land exactly on ``next``. The last applied batch is compared with
+  the engine's replay copy first (the same anchor check as for gaps).
 - On ``start()`` the instance is cleared and the engine's replay buffer is
   read from seq 0, so a router restart recovers whatever the engine still has.
 """
@@ -41,6 +45,7 @@ from typing import Any
 import msgspec
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from router.kv.index import PrefixIndex
 
@@ -165,7 +170,11 @@ class KVEventSubscriber:
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sub: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task[None] | None = None
+        self._monitor_task: asyncio.Task[None] | None = None
         self._next_seq = 0
+        # Set when the SUB connection dropped: the next batch's seq may come
+        # from a restarted engine whose counter happens to equal ours.
+        self._verify_next = False
         # seq -> hash(payload) of recently applied batches, to tell a duplicate
         # from an engine restart when a seq goes backwards.
         self._seen: OrderedDict[int, int] = OrderedDict()
@@ -181,6 +190,7 @@ class KVEventSubscriber:
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.RCVHWM, 100_000)
         self._sub.setsockopt(zmq.SUBSCRIBE, self.topic)
+        monitor = self._sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._sub.connect(self.endpoint)
         self.index.apply_cleared(self.instance_id)
         self._next_seq = 0
@@ -188,15 +198,20 @@ class KVEventSubscriber:
         if self.replay_endpoint is not None:
             await self._replay_from(0, until=None)
         self._task = asyncio.create_task(self._run(), name=f"kv-events-{self.instance_id}")
+        self._monitor_task = asyncio.create_task(self._watch_disconnects(monitor),
+                                                 name=f"kv-events-monitor-{self.instance_id}")
 
     async def stop(self) -> None:
         """Stop following; the index keeps what it knows (call remove_instance to drop it)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._monitor_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._monitor_task = None
         if self._sub is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sub.disable_monitor()
             self._sub.close(linger=0)
             self._sub = None
 
@@ -216,12 +231,26 @@ class KVEventSubscriber:
                 self.stats.decode_errors += 1
                 log.exception("kv events %s: failed to handle a batch", self.instance_id)
 
+    async def _watch_disconnects(self, monitor: zmq.asyncio.Socket) -> None:
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    log.info("kv events %s: publisher connection dropped", self.instance_id)
+                    self._verify_next = True
+        finally:
+            monitor.close(linger=0)
+
     async def _on_message(self, frames: list[bytes]) -> None:
         if len(frames) != 3:
             self.stats.decode_errors += 1
             return
         _, seq_bytes, payload = frames
         seq = int.from_bytes(seq_bytes, "big", signed=True)
+        if self._verify_next:
+            self._verify_next = False
+            # Anchor check plus whatever was missed while disconnected.
+            await self._replay_from(self._next_seq, until=seq)
         if seq > self._next_seq:
             self.stats.gaps += 1
             log.info("kv events %s: gap, expected seq %d got %d; replaying",
@@ -261,6 +290,7 @@ class KVEventSubscriber:
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.connect(self.replay_endpoint)
+        anchor_seen = False
         try:
             await dealer.send_multipart([b"", start.to_bytes(8, "big")])
             while True:
@@ -273,9 +303,14 @@ class KVEventSubscriber:
                 _, _, seq_bytes, payload = frames
                 seq = int.from_bytes(seq_bytes, "big", signed=True)
                 if seq == END_SEQ:
-                    return True
-                if seq == anchor and self._seen.get(seq) != hash(payload):
-                    return False
+                    # A live engine still holds its newest batch; one that lacks
+                    # the anchor has restarted with a shorter history.
+                    return anchor is None or anchor_seen
+                if anchor is not None and not anchor_seen:
+                    if seq != anchor or self._seen.get(seq) != hash(payload):
+                        return False
+                    anchor_seen = True
+                    continue
                 if until is not None and seq >= until:
                     continue  # the live message itself and later ones arrive on SUB
                 if seq < self._next_seq:

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from xllm_plugin.config import XLLMConfig
 from xllm_plugin.launcher.engine import EngineProcess, EngineSpec, free_port
 
 pytestmark = pytest.mark.engine
@@ -121,8 +122,8 @@ def _serve_with_config(model: Path, config: str) -> subprocess.CompletedProcess[
 
 @pytest.mark.parametrize(("config", "expected"), [
     ('{"xllm": {"bogus": 1}}',
-     "unknown key 'xllm.bogus' in --additional-config; allowed keys: request_classes, slo, "
-     "status_interval_ms"),
+     "unknown key 'xllm.bogus' in --additional-config; allowed keys: "
+     + ", ".join(sorted(XLLMConfig.model_fields))),
     ('{"xllm": {"status_interval_ms": -5}}',
      "bad value -5 for 'xllm.status_interval_ms' in --additional-config; "
      "allowed: int >= 1 and <= 60000"),

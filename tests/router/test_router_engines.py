@@ -74,17 +74,22 @@ async def test_running_requests_show_in_the_load_view(router_engines, start_rout
     router, url = await start_router(instances=_specs(router_engines), policy="least_load")
 
     async def long_one() -> None:
+        # Long enough to still run when the check below looks (the tiny model is fast).
         async with client.post(url + "/v1/completions", json={
-                "model": "tiny", "prompt": "x", "max_tokens": 400, "ignore_eos": True}) as r:
+                "model": "tiny", "prompt": "x", "max_tokens": 3000, "ignore_eos": True}) as r:
             assert r.status == 200
+            await r.read()
 
     tasks = [asyncio.create_task(long_one()) for _ in range(4)]
     await wait_for(lambda: sum(i.running + i.waiting for i in router.load.instances.values()) >= 2,
                    20, "the engines to report running requests")
     inflight = sorted(i.inflight for i in router.load.instances.values())
     assert inflight == [2, 2]  # least-load spread the burst using its own accounting
-    await asyncio.gather(*tasks)
-    assert all(i.inflight == 0 for i in router.load.instances.values())
+    for task in tasks:  # disconnecting aborts the generations in the engines
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await wait_for(lambda: all(i.inflight == 0 for i in router.load.instances.values()), 10,
+                   "the router's in-flight count to return to zero")
 
 
 async def test_client_disconnect_aborts_generation_in_the_engine(router_engines, start_router,
