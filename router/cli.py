@@ -78,6 +78,8 @@ def build_serve_parser(prog: str = "xllm-router") -> argparse.ArgumentParser:
     add("--request-timeout-s", type=float, help=_help("request_timeout_s"))
     add("--offline-min-priority", type=int, help=_help("offline_min_priority"))
     add("--max-body-mb", type=float, help=_help("max_body_mb"))
+    add("--batch-dir", metavar="DIR", help=_help("batch_dir"))
+    add("--batch-concurrency", type=int, help=_help("batch_concurrency"))
     add("--log-level", help=_help("log_level"))
     return parser
 

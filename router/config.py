@@ -64,6 +64,11 @@ class RouterConfig(BaseModel):
     offline_min_priority: int = Field(1, description="Smallest OpenAI `priority` that makes a "
                                       "request offline (as the engine's xllm config).")
     max_body_mb: float = Field(32.0, gt=0, description="Largest request body accepted, MiB.")
+    batch_dir: Path | None = Field(None, description="Directory where the Batch API "
+                                   "(/v1/files, /v1/batches) keeps uploaded files, jobs and "
+                                   "results; jobs survive a router restart. None disables it.")
+    batch_concurrency: int = Field(4, ge=1, le=1024, description="Batch lines in flight at "
+                                   "once per job (they run at offline class).")
     log_level: str = Field("info", description="debug|info|warning|error (debug logs one line "
                            "per routed request).")
 

@@ -34,6 +34,8 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
+from router.batch import BatchRunner, BatchStore, http_sender
+from router.batch.routes import BatchAPI
 from router.config import RouterConfig
 from router.discovery.etcd import EtcdClient
 from router.discovery.records import RecordError, parse_instance_spec
@@ -101,6 +103,13 @@ class Router:
         self.watcher: EtcdWatcher | None = None
         self._background: list[asyncio.Task[None]] = []
         self._warned_pd = False
+        # Batch lines go through this router's own front door at offline class;
+        # its loopback URL is known once the listening socket is bound.
+        self.front_url: str | None = None
+        self.batch_runner: BatchRunner | None = None
+        if config.batch_dir is not None:
+            self.batch_runner = BatchRunner(BatchStore(config.batch_dir), self._send_batch_line,
+                                            concurrency=config.batch_concurrency)
         self.load.on_added.append(self._instance_added)
         self.load.on_removed.append(self._instance_removed)
         self.load.on_scraped.append(self._instance_scraped)
@@ -118,6 +127,8 @@ class Router:
         app.router.add_get("/metrics", self.handle_metrics)
         app.router.add_get("/admin/instances", self.handle_admin_list)
         app.router.add_post("/admin/instances", self.handle_admin_change)
+        if self.batch_runner is not None:
+            BatchAPI(self.batch_runner.store, self.batch_runner).add_routes(app)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
         return app
@@ -143,7 +154,24 @@ class Router:
         log.info("router ready: policy=%s, %d instance(s), %d healthy", self.config.policy,
                  len(self.load.instances), healthy)
 
+    def attach_front_url(self, url: str) -> None:
+        """Tell the router where it listens (loopback URL); starts resuming batch jobs."""
+        self.front_url = url.rstrip("/")
+        if self.batch_runner is not None:
+            assert self.session is not None, "call after the app has started"
+            api_key = self.config.api_keys[0] if self.config.api_keys else None
+            self._batch_http = http_sender(self.session, self.front_url, api_key,
+                                           timeout_s=self.config.request_timeout_s)
+            self.batch_runner.start()
+
+    async def _send_batch_line(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if self.front_url is None:
+            raise RuntimeError("batch runner used before attach_front_url()")
+        return await self._batch_http(path, body)
+
     async def _cleanup(self, app: web.Application) -> None:
+        if self.batch_runner is not None:
+            await self.batch_runner.stop()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -594,6 +622,15 @@ class Router:
         return web.json_response({"removed": instance_id})
 
 
+def _loopback(host: str) -> str:
+    """An address of this host that reaches a socket bound to ``host``."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
 def _json_bytes(obj: Any) -> bytes:
     return msgspec.json.encode(obj)
 
@@ -609,7 +646,9 @@ async def serve(config: RouterConfig, *, ready: asyncio.Event | None = None) -> 
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
     await site.start()
-    log.info("xllm-router listening on http://%s:%d", config.host, config.port)
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    router.attach_front_url(f"http://{_loopback(config.host)}:{port}")
+    log.info("xllm-router listening on http://%s:%d", config.host, port)
     if ready is not None:
         ready.set()
     try:

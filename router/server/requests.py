@@ -26,6 +26,7 @@ HEADER_SLO_TPOT = "x-slo-tpot-ms"
 HEADER_POLICY = "x-xllm-policy"
 HEADER_REQUEST_ID = "x-request-id"
 XARGS_CLASS_KEY = "request_class"  # read by xllm_plugin.scheduler.request_class
+XARGS_SLO_TPOT_KEY = "slo_tpot_ms"  # read by xllm_plugin.scheduler.xllm_scheduler
 
 DEFAULT_MAX_TOKENS = {"completions": 16, "chat": 256}  # OpenAI's completions default is 16
 CHARS_PER_TOKEN = 4  # prompt-length estimate when the router does not tokenize
@@ -189,6 +190,15 @@ def parse_request(kind: Kind, raw: bytes, headers: Mapping[str, str], *,
         else:
             request_class = "offline" if priority >= offline_min_priority else "online"
 
+    slo_tpot_ms = _slo(headers, HEADER_SLO_TPOT)
+    if slo_tpot_ms is not None:
+        xargs = body.setdefault("vllm_xargs", {})
+        if not isinstance(xargs, dict):
+            raise _bad("'vllm_xargs' must be an object", "vllm_xargs")
+        if xargs.get(XARGS_SLO_TPOT_KEY) != slo_tpot_ms:
+            xargs[XARGS_SLO_TPOT_KEY] = slo_tpot_ms  # the engine's step budget reads it
+            changed = True
+
     policy = headers.get(HEADER_POLICY)
     if policy is not None:
         policy = policy.strip()
@@ -200,5 +210,5 @@ def parse_request(kind: Kind, raw: bytes, headers: Mapping[str, str], *,
     return ParsedRequest(
         kind=kind, body=body, raw=raw, body_changed=changed, model=model, stream=stream,
         request_id=request_id, request_class=request_class, max_tokens=max_tokens,
-        slo_ttft_ms=_slo(headers, HEADER_SLO_TTFT), slo_tpot_ms=_slo(headers, HEADER_SLO_TPOT),
+        slo_ttft_ms=_slo(headers, HEADER_SLO_TTFT), slo_tpot_ms=slo_tpot_ms,
         policy_override=policy, prompt_token_ids=token_ids, prompt_chars=chars)

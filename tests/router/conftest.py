@@ -70,6 +70,7 @@ async def start_router() -> AsyncIterator[RouterFactory]:
         await site.start()
         runners.append(runner)
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        router.attach_front_url(f"http://127.0.0.1:{port}")
         return router, f"http://127.0.0.1:{port}"
 
     yield start

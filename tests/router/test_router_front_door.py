@@ -152,13 +152,15 @@ async def test_admin_adds_and_removes_instances(fakes, start_router, client):
         assert r.status == 400
 
 
-async def test_request_class_header_reaches_the_engine(fakes, start_router, client):
+async def test_request_class_and_slo_headers_reach_the_engine(fakes, start_router, client):
     a, _ = fakes
     _, url = await start_router(instances=[a.url])
     async with client.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x"},
-                           headers={"x-request-class": "offline", "x-slo-ttft-ms": "500"}) as r:
+                           headers={"x-request-class": "offline", "x-slo-ttft-ms": "500",
+                                    "x-slo-tpot-ms": "80"}) as r:
         assert r.status == 200
-    assert a.requests[0]["vllm_xargs"] == {"request_class": "offline"}
+    # The plugin's scheduler reads both from vllm_xargs (its step budget uses the TPOT SLO).
+    assert a.requests[0]["vllm_xargs"] == {"request_class": "offline", "slo_tpot_ms": 80.0}
     assert a.headers[0]["x-slo-ttft-ms"] == "500"
 
 
