@@ -1,0 +1,238 @@
+"""xTensor inside a vLLM worker: vLLM's KV buffer in a memfd, plus a contiguous view per request.
+
+vLLM's block pool keeps choosing which block holds which tokens (so prefix caching,
+preemption and the scheduler's memory accounting are untouched); a block id is a page
+id of xTensor's physical store. Each step, :meth:`XTensorKVStore.prepare_step` makes
+every scheduled request's slot show that request's blocks in order (mapping only what
+changed) and hands the attention backend the slot of each row. Reading K/V is then a
+slice of the slot tensor, with no block table.
+
+The store is created by :class:`~xllm_plugin.memory.vllm_worker.XTensorCPUModelRunner`
+before vLLM allocates its KV cache, and vLLM's own allocation is pointed at the store's
+paged view (an allocation context), so vLLM's KV tensors, its views and the store are
+one memory.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from xllm_plugin.config import XTensorConfig
+from xllm_plugin.kernels import native_decode
+from xllm_plugin.memory.cpu_mapper import OS_PAGE, CpuMapper, count_vmas, max_map_count
+from xllm_plugin.memory.geometry import K, V, KVGeometry
+from xllm_plugin.memory.metrics import XTensorMetrics, wasted_bytes
+from xllm_plugin.memory.space import Premapper, VirtualSpace
+from xllm_plugin.memory.status import XTensorStatusWriter
+from xllm_plugin.memory.views import ViewTable
+
+#: (request ids in row order, block table rows, blocks held per row) of the live batch.
+BatchSource = Callable[[], tuple[Sequence[str | None], np.ndarray, np.ndarray]]
+
+_STORE: XTensorKVStore | None = None
+
+
+def current_store() -> XTensorKVStore:
+    """The store of this worker process (set when the KV cache is allocated)."""
+    if _STORE is None:
+        raise RuntimeError(
+            "xTensor attention runs without an xTensor KV store: start vLLM with "
+            "--worker-cls xllm_plugin.memory.XTensorCPUWorker and "
+            "--additional-config '{\"xllm\": {\"xtensor\": true}}'")
+    return _STORE
+
+
+def set_current_store(store: XTensorKVStore | None) -> None:
+    global _STORE
+    _STORE = store
+
+
+@dataclass
+class StepRows:
+    """What every layer's attention needs per request row, built once per step.
+
+    Decode rows with a view go to one batched kernel call per layer (``decode_*``); the
+    rest (prefill chunks, rows without a view) are attended one by one (``other_rows``).
+    """
+
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    slots: list[int | None]
+    fallback_pages: list[torch.Tensor | None]  # page ids of rows read through the page list
+    decode_q_index: torch.Tensor | None = None  # int32 query token of each batched decode row
+    decode_slots: torch.Tensor | None = None  # int64
+    decode_lens: torch.Tensor | None = None  # int32
+    other_rows: list[int] | None = None
+
+    def split_decodes(self) -> None:
+        """Sort rows into the batched decode call and the one-by-one rest."""
+        decode = [r for r, slot in enumerate(self.slots) if slot is not None
+                  and self.query_start_loc[r + 1] - self.query_start_loc[r] == 1]
+        chosen = set(decode)
+        self.other_rows = [r for r in range(len(self.slots)) if r not in chosen]
+        if decode:
+            self.decode_q_index = torch.tensor([self.query_start_loc[r] for r in decode],
+                                               dtype=torch.int32)
+            self.decode_slots = torch.tensor([self.slots[r] for r in decode], dtype=torch.int64)
+            self.decode_lens = torch.tensor([self.seq_lens[r] for r in decode],
+                                            dtype=torch.int32)
+
+
+class XTensorKVStore:
+    """vLLM's KV cache as an xTensor physical store, with per-request contiguous views."""
+
+    def __init__(self, geometry: KVGeometry, dtype: torch.dtype, layer_names: Sequence[str],
+                 options: XTensorConfig, status_interval_s: float,
+                 store_bytes: int | None = None) -> None:
+        self.geometry = geometry
+        self.dtype = dtype
+        self.options = options
+        size = max(geometry.store_bytes, store_bytes or 0)
+        self.mapper = CpuMapper(-(-size // OS_PAGE) * OS_PAGE)
+        self.max_map_count = max_map_count()
+        self.vmas_at_start = count_vmas()
+        self.vma_budget = int(options.map_budget_fraction
+                              * max(0, self.max_map_count - self.vmas_at_start))
+        self.space = VirtualSpace(geometry, self.mapper)
+        self.views = ViewTable(geometry.num_slots, geometry.max_pages,
+                               planes=geometry.num_planes, vma_budget=self.vma_budget)
+        self.premapper = Premapper(self.space) if options.premap else None
+        self.native_decode = native_decode.load() \
+            if options.native_decode and native_decode.supports(dtype) else None
+        self.metrics = XTensorMetrics()
+        self.layer_index = {name: i for i, name in enumerate(layer_names)}
+        layers = range(geometry.num_layers)
+        self.slot_k = [self.space.slot_tensor(layer, K, dtype) for layer in layers]
+        self.slot_v = [self.space.slot_tensor(layer, V, dtype) for layer in layers]
+        self.paged_k = [self.space.paged_tensor(layer, K, dtype) for layer in layers]
+        self.paged_v = [self.space.paged_tensor(layer, V, dtype) for layer in layers]
+        tokens = geometry.num_pages * geometry.page_tokens
+        shape = (tokens, geometry.num_kv_heads, geometry.head_size)
+        self.token_k = [p.view(shape) for p in self.paged_k]
+        self.token_v = [p.view(shape) for p in self.paged_v]
+        self._batch_source: BatchSource | None = None
+        self._writer = XTensorStatusWriter(status_interval_s)
+        self._fallback_pages: set[int] = set()
+        self._vmas_measured: int | None = None
+        self._vmas_measured_at = 0.0
+
+    # -- wiring ----------------------------------------------------------------------------
+
+    def buffer(self) -> torch.Tensor:
+        """The whole store as the flat int8 tensor vLLM cuts its KV views from."""
+        return self.mapper.paged_tensor()
+
+    def set_batch_source(self, source: BatchSource) -> None:
+        self._batch_source = source
+
+    # -- per step ----------------------------------------------------------------------------
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        """Finished or preempted requests: park their slots on the reuse list."""
+        for request_id in request_ids:
+            self.views.release(request_id)
+
+    def prepare_step(self, num_reqs: int, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                     block_table: torch.Tensor) -> StepRows:
+        """Bind every row's request to a slot showing its pages; map what changed."""
+        if self.premapper is not None:
+            self.premapper.drain()  # nothing may be rebound while a pre-map is in flight
+        g = self.geometry
+        qsl = query_start_loc[:num_reqs + 1].tolist()
+        lens = seq_lens[:num_reqs].tolist()
+        req_ids, table, held = self._batch(num_reqs)
+        slots: list[int | None] = []
+        fallback: list[torch.Tensor | None] = []
+        ahead = []
+        waste = []
+        self._fallback_pages.clear()
+        for row in range(num_reqs):
+            needed = -(-lens[row] // g.page_tokens)
+            if req_ids is None:  # a dummy batch (warm-up): no request identity, no slot
+                pages = block_table[row, :needed].to(torch.int64)
+                slots.append(None)
+                fallback.append(pages)
+                continue
+            count = min(max(needed, int(held[row])), g.max_pages) \
+                if self.premapper is not None else needed
+            pages_np = table[row, :count]
+            binding = self.views.bind(req_ids[row], pages_np, needed=needed,
+                                      decode=qsl[row + 1] - qsl[row] == 1)
+            for slot in binding.drop:
+                self.space.unmap_slot(slot)
+            self.space.map_runs(binding.runs)
+            ahead.extend(binding.ahead)
+            self.metrics.record_binding(binding)
+            slots.append(binding.slot)
+            if binding.slot is None:
+                fallback.append(torch.from_numpy(pages_np[:needed].astype(np.int64)))
+                self._fallback_pages.update(pages_np[:needed].tolist())
+            else:
+                fallback.append(None)
+            waste.append(wasted_bytes(lens[row], int(held[row]), g.page_tokens,
+                                      g.bytes_per_token_all_layers))
+        if self.premapper is not None:
+            self.premapper.submit(ahead)
+        if req_ids is not None:
+            self.metrics.record_waste(waste)
+        self._writer.publish(self.snapshot)
+        rows = StepRows(qsl, lens, slots, fallback)
+        if self.native_decode is not None:
+            rows.split_decodes()
+        return rows
+
+    def _batch(self, num_reqs: int) -> tuple[Sequence[str] | None, np.ndarray, np.ndarray]:
+        if self._batch_source is None:
+            return None, np.empty((0, 0)), np.empty(0)
+        req_ids, table, held = self._batch_source()
+        if len(req_ids) < num_reqs or any(r is None for r in req_ids[:num_reqs]):
+            return None, table, held
+        return list(req_ids[:num_reqs]), table, held  # type: ignore[arg-type]
+
+    def zero_pages(self, pages: Sequence[int]) -> None:
+        """Zero the given pages in every plane (vLLM's block zeroing, in xTensor's layout)."""
+        index = torch.as_tensor(list(pages), dtype=torch.int64)
+        for tensor in (*self.paged_k, *self.paged_v):
+            tensor.index_fill_(0, index, 0)
+
+    # -- observability -------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        g = self.geometry
+        now = time.monotonic()
+        if now - self._vmas_measured_at > 1.0:
+            self._vmas_measured, self._vmas_measured_at = count_vmas(), now
+        return {
+            "page_bytes": g.page_bytes, "page_tokens": g.page_tokens,
+            "pages_total": g.num_pages, "planes": g.num_planes,
+            "pages": self.views.census(g.num_pages, self._fallback_pages),
+            "slots": self.views.slot_counts(), "num_slots": g.num_slots,
+            "max_pages_per_slot": g.max_pages,
+            "vma": {"estimate": self.views.vma_estimate, "budget": self.vma_budget,
+                    "max_map_count": self.max_map_count, "process": self._vmas_measured,
+                    "process_at_start": self.vmas_at_start},
+            "premap": self.premapper is not None,
+            "decode_kernel": "native" if self.native_decode is not None else "sdpa",
+            **self.mapper.stats.snapshot(), **self.metrics.snapshot(),
+        }
+
+    def publish(self, force: bool = False) -> None:
+        self._writer.publish(self.snapshot, force=force)
+
+
+def store_geometry(*, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                   head_size: int, dtype_bytes: int, offset: int, layer_stride: int,
+                   max_model_len: int, max_num_seqs: int, reusable_views: int) -> KVGeometry:
+    """The xTensor geometry of a vLLM KV cache (one group, layer-compact layout)."""
+    return KVGeometry(num_layers=num_layers, num_pages=num_blocks, page_tokens=block_size,
+                      num_kv_heads=num_kv_heads, head_size=head_size, dtype_bytes=dtype_bytes,
+                      num_slots=max_num_seqs + reusable_views,
+                      max_pages=math.ceil(max_model_len / block_size),
+                      base_offset=offset, layer_stride=layer_stride)
