@@ -1,0 +1,132 @@
+"""The adaptive speculation controller's pure parts: acceptance, cost model, length rule."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from xllm_plugin.spec.acceptance import AcceptanceEstimator, cumulative_gains, judge_proposal
+from xllm_plugin.spec.adaptive import AdaptiveSpeculation
+from xllm_plugin.spec.cost import StepShape, VerifyCostModel
+from xllm_plugin.spec.policy import choose_lengths
+
+
+def test_judging_a_proposal_stops_at_the_first_wrong_draft() -> None:
+    assert judge_proposal([5, 6, 7], [5, 6, 9], complete=False) == (2, 3)
+    assert judge_proposal([5, 6, 7], [5, 6, 7, 8], complete=False) == (3, 3)
+    assert judge_proposal([5, 6, 7], [5], complete=False) is None  # wait for more tokens
+    assert judge_proposal([5, 6, 7], [5], complete=True) == (1, 1)  # request ended
+
+
+def test_a_request_that_copies_gets_high_gains_and_one_that_does_not_gets_low_gains() -> None:
+    estimator = AcceptanceEstimator(max_positions=4, window_steps=16, prior_weight=2.0)
+    for _ in range(40):
+        estimator.observe("copier", matched=4, judged=4)
+        estimator.observe("chatter", matched=0, judged=1)
+    copier, chatter = estimator.gains("copier"), estimator.gains("chatter")
+    assert copier[3] > 0.9
+    assert chatter[0] < 0.15
+    assert all(a >= b for a, b in zip(copier, copier[1:]))  # worth falls with position
+
+
+def test_a_new_request_starts_from_the_engine_wide_estimate() -> None:
+    estimator = AcceptanceEstimator(max_positions=2)
+    for _ in range(50):
+        estimator.observe("old", matched=2, judged=2)
+    assert estimator.gains("new")[0] > 0.9
+
+
+def test_cumulative_gains_are_products_of_hazards() -> None:
+    assert cumulative_gains([0.5, 0.5, 1.0]) == [0.5, 0.25, 0.25]
+
+
+def test_cost_model_separates_request_cost_from_draft_cost() -> None:
+    rng = random.Random(0)
+    model = VerifyCostModel(window_steps=200)
+    for _ in range(400):
+        batch, k = rng.choice([1, 4, 16, 32]), rng.choice([0, 2, 4])
+        prefill = rng.choice([0, 0, 0, 256])
+        drafts = batch * k
+        model.observe(StepShape(batch, drafts, prefill),
+                      20 + 2 * batch + 0.3 * drafts + 0.5 * prefill + 2 * (k > 0)
+                      + rng.gauss(0, 0.5))
+    # A draft row is far cheaper than a request: charging drafts the request cost would
+    # switch speculation off at large batches where it still pays.
+    assert model.per_draft_token_ms == pytest.approx(0.3, abs=0.1)
+    assert model.predict_ms(StepShape(4)) == pytest.approx(28.0, rel=0.1)
+
+
+def test_cost_model_is_optimistic_when_steps_cannot_separate_the_terms() -> None:
+    model = VerifyCostModel()
+    for _ in range(100):
+        model.observe(StepShape(4), 30.0)
+    # A constant batch without drafts says nothing about the draft cost: assume it small,
+    # so the controller tries speculation and learns.
+    assert model.per_draft_token_ms < 1.0
+    assert model.predict_ms(StepShape(4)) == pytest.approx(30.0, rel=0.05)
+
+
+def test_small_batch_with_good_drafts_speculates_long() -> None:
+    decision = choose_lengths({"a": [0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6]},
+                              decoding_requests=1, base_step_ms=25.0, per_draft_token_ms=2.0)
+    assert decision.lengths == {"a": 8}
+    assert decision.speedup > 2.0
+
+
+def test_large_batch_turns_speculation_off() -> None:
+    gains = {f"r{i}": [0.6, 0.36, 0.2] for i in range(32)}
+    # 32 decodes at 2 ms per token: a draft worth 0.6 tokens costs more than it brings.
+    decision = choose_lengths(gains, decoding_requests=32, base_step_ms=25.0 + 2.0 * 32,
+                              per_draft_token_ms=2.0)
+    assert decision.lengths == {}
+
+
+def test_low_acceptance_turns_speculation_off_even_at_batch_one() -> None:
+    decision = choose_lengths({"a": [0.05, 0.01]}, decoding_requests=1, base_step_ms=25.0,
+                              per_draft_token_ms=2.0)
+    assert decision.lengths == {}
+
+
+def test_drafts_go_to_the_requests_that_accept_them() -> None:
+    gains = {"copier": [0.95, 0.9, 0.85, 0.8], "chatter": [0.1, 0.01, 0.0, 0.0]}
+    decision = choose_lengths(gains, decoding_requests=2, base_step_ms=30.0,
+                              per_draft_token_ms=2.0)
+    assert decision.lengths.get("copier") == 4
+    assert "chatter" not in decision.lengths
+
+
+def test_fixed_speculation_overhead_must_be_paid_for() -> None:
+    gains = {"a": [0.3]}
+    cheap = choose_lengths(gains, decoding_requests=1, base_step_ms=25.0, per_draft_token_ms=1.0)
+    dear = choose_lengths(gains, decoding_requests=1, base_step_ms=25.0, per_draft_token_ms=1.0,
+                          spec_step_ms=10.0)
+    assert cheap.lengths == {"a": 1}
+    assert dear.lengths == {}
+
+
+def _request(request_id: str, tokens: list[int], drafts: list[int], cap: int | None = None):
+    params = SimpleNamespace(extra_args={"spec_max_k": cap} if cap is not None else None)
+    return SimpleNamespace(request_id=request_id, all_token_ids=tokens, num_tokens=len(tokens),
+                           num_computed_tokens=len(tokens) - 1, spec_token_ids=list(drafts),
+                           sampling_params=params, is_finished=lambda: False)
+
+
+def test_cut_drafts_are_still_judged_against_what_was_generated() -> None:
+    controller = AdaptiveSpeculation(max_drafts=4, method="ngram")
+    tokens = [1, 2, 3]
+    request = _request("r", tokens, [4, 5, 6, 7], cap=0)  # the request forbids speculation
+    controller.before_schedule([request])
+    assert request.spec_token_ids == []
+    output = SimpleNamespace(num_scheduled_tokens={"r": 1}, scheduled_spec_decode_tokens={})
+    controller.after_schedule(output)
+    for new in (4, 5, 9):  # three decode steps: two drafts right, the third wrong
+        tokens.append(new)
+        request.num_tokens = len(tokens)
+        controller.after_update(output, None, 20.0, {"r": request})
+    assert controller.acceptance.observations == 1
+    hazards = controller.acceptance.hazards("r")
+    global_hazards = controller.acceptance.global_hazards()
+    assert global_hazards[0] > 0.5 and global_hazards[2] < 0.5
+    assert hazards[3] == pytest.approx(global_hazards[3])  # position 4 never judged

@@ -1,0 +1,227 @@
+"""Adaptive speculation length: where the pure parts meet vLLM's scheduler state.
+
+``XLLMScheduler`` calls three methods per step when
+``xllm.speculative.adaptive`` is on:
+
+- ``before_schedule(running)``: each decoding request holds the drafts its
+  proposer made after the last step (``request.spec_token_ids``, up to vLLM's
+  ``num_speculative_tokens``). They are remembered whole (to judge them later)
+  and cut to the length ``choose_lengths`` picks; vLLM's scheduler then
+  schedules exactly what is left, so a cut draft is never verified.
+- ``after_schedule(output)``: records the step's shape for the cost model and,
+  for proposers whose drafting costs model passes, asks for only as many
+  drafts next step as are likely to be used.
+- ``after_update(output, step_ms, requests)``: feeds the measured step time to
+  the cost model and judges remembered proposals against the tokens really
+  generated ("shadow" acceptance: a draft that was cut is judged as if it had
+  been verified, so acceptance is known even where speculation is off).
+
+Under async scheduling (GPUs) the scheduler sees placeholder drafts only; there
+the judged drafts are the verified ones, and every ``probe_interval`` steps each
+request verifies at least one draft so its estimate stays fresh. That path
+follows vLLM's own async rules but has not run here (no GPU).
+
+Greedy outputs equal those without speculation: the controller only decides
+how many drafts are verified, and verification never changes the tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from xllm_plugin.spec.acceptance import AcceptanceEstimator, judge_proposal
+from xllm_plugin.spec.cost import StepShape, VerifyCostModel
+from xllm_plugin.spec.policy import LengthDecision, choose_lengths
+
+# Proposers whose drafting is cheap CPU work (string matching): always ask for
+# the full length, since the extra drafts cost nothing and feed the estimates.
+CHEAP_PROPOSERS = frozenset({"ngram", "ngram_gpu", "suffix"})
+# vllm_xargs key a request may use to cap its own speculation (0 = none).
+REQUEST_CAP_KEY = "spec_max_k"
+
+
+@dataclass
+class _Pending:
+    position: int  # index in the request's tokens of the first draft
+    drafts: tuple[int, ...]
+
+
+def request_cap(request: Any, default: int) -> int:
+    """The request's own cap from ``vllm_xargs.spec_max_k``, else ``default``."""
+    params = getattr(request, "sampling_params", None)
+    extra = getattr(params, "extra_args", None) or {}
+    value = extra.get(REQUEST_CAP_KEY)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return min(value, default)
+    return default
+
+
+def is_decoding(request: Any) -> bool:
+    """True when the request's next step computes only its newest token (plus drafts)."""
+    return request.num_computed_tokens + 1 >= request.num_tokens
+
+
+class AdaptiveSpeculation:
+    def __init__(self, *, max_drafts: int, method: str, window_steps: int = 32,
+                 prior_weight: float = 4.0, cost_window_steps: int = 256,
+                 margin: float = 1.0, probe_interval: int = 16) -> None:
+        self.max_drafts = max_drafts
+        self.cheap_proposer = method in CHEAP_PROPOSERS
+        self.margin = margin
+        self.probe_interval = probe_interval
+        self.acceptance = AcceptanceEstimator(max_drafts, window_steps, prior_weight)
+        self.cost = VerifyCostModel(cost_window_steps)
+        self._pending: dict[str, deque[_Pending]] = {}
+        self._shadowed: set[str] = set()
+        self._shape: StepShape | None = None
+        self._steps = 0
+        self._spec_steps = 0
+        self._drafts_offered = 0
+        self._drafts_verified = 0
+        self._last: LengthDecision | None = None
+        self._length_hist: Counter[int] = Counter()
+
+    # -- step hooks -----------------------------------------------------------------
+
+    def before_schedule(self, running: Iterable[Any]) -> LengthDecision:
+        """Cut each decoding request's drafts to the chosen length."""
+        self._steps += 1
+        gains: dict[str, list[float]] = {}
+        drafted: list[Any] = []
+        decoding = 0
+        prefill_tokens = 0
+        for request in running:
+            if not is_decoding(request):
+                prefill_tokens += max(request.num_tokens - request.num_computed_tokens, 0)
+                continue
+            decoding += 1
+            drafts = list(request.spec_token_ids)
+            if not drafts:
+                continue
+            real = all(t >= 0 for t in drafts)
+            if real:
+                self._remember(request, drafts)
+            cap = request_cap(request, self.max_drafts)
+            length = min(len(drafts), cap)
+            if length <= 0:
+                request.spec_token_ids = []
+                continue
+            drafted.append(request)
+            gains[request.request_id] = self.acceptance.gains(request.request_id, length)
+        shape = StepShape(decoding, 0, prefill_tokens)
+        decision = choose_lengths(
+            gains, decoding_requests=decoding, base_step_ms=self.cost.predict_ms(shape),
+            per_draft_token_ms=self.cost.per_draft_token_ms,
+            spec_step_ms=self.cost.spec_step_ms, margin=self.margin)
+        probe = self.probe_interval > 0 and self._steps % self.probe_interval == 0
+        for request in drafted:
+            keep = decision.lengths.get(request.request_id, 0)
+            if keep == 0 and probe and request.request_id not in self._shadowed:
+                keep = 1  # keep placeholder-only requests' estimates alive
+            self._drafts_offered += len(request.spec_token_ids)
+            self._length_hist[keep] += 1
+            if keep < len(request.spec_token_ids):
+                request.spec_token_ids = request.spec_token_ids[:keep]
+        self._last = decision
+        return decision
+
+    def after_schedule(self, output: Any) -> None:
+        """Record the step's shape; size the next proposal for costly proposers."""
+        spec = output.scheduled_spec_decode_tokens
+        decode = prefill = verified = 0
+        for request_id, tokens in output.num_scheduled_tokens.items():
+            drafts = len(spec.get(request_id, ()))
+            if drafts or tokens == 1:
+                decode += 1
+                verified += drafts
+            else:
+                prefill += tokens
+        self._drafts_verified += verified
+        self._spec_steps += verified > 0
+        self._shape = StepShape(decode, verified, prefill)
+        if not self.cheap_proposer and self._last is not None:
+            longest = max(self._last.lengths.values(), default=0)
+            output.num_spec_tokens_to_schedule = min(self.max_drafts, longest + 1)
+
+    def after_update(self, scheduler_output: Any, runner_output: Any, step_ms: float | None,
+                     requests: Mapping[str, Any]) -> None:
+        """Learn from the finished step: its cost, and how the drafts fared."""
+        if self._shape is not None and step_ms is not None:
+            self.cost.observe(self._shape, step_ms)
+        self._shape = None
+        self._observe_verified(scheduler_output, runner_output)
+        self._judge_pending(requests)
+
+    def forget(self, request_id: str) -> None:
+        self._pending.pop(request_id, None)
+        self._shadowed.discard(request_id)
+        self.acceptance.forget(request_id)
+
+    # -- acceptance bookkeeping ---------------------------------------------------------
+
+    def _remember(self, request: Any, drafts: list[int]) -> None:
+        self._shadowed.add(request.request_id)
+        queue = self._pending.setdefault(request.request_id, deque(maxlen=64))
+        queue.append(_Pending(request.num_tokens, tuple(drafts)))
+
+    def _observe_verified(self, scheduler_output: Any, runner_output: Any) -> None:
+        """Placeholder drafts (async scheduling): learn from the verified ones."""
+        sampled = getattr(runner_output, "sampled_token_ids", None)
+        index = getattr(runner_output, "req_id_to_index", None)
+        if not sampled or not index:
+            return
+        for request_id, drafts in scheduler_output.scheduled_spec_decode_tokens.items():
+            if request_id in self._shadowed or not drafts or request_id not in index:
+                continue
+            generated = len(sampled[index[request_id]])
+            if generated == 0:
+                continue
+            accepted = generated - 1
+            judged = accepted + (1 if accepted < len(drafts) else 0)
+            self.acceptance.observe(request_id, accepted, judged)
+
+    def _judge_pending(self, requests: Mapping[str, Any]) -> None:
+        for request_id in list(self._pending):
+            queue = self._pending[request_id]
+            request = requests.get(request_id)
+            complete = request is None or request.is_finished()
+            tokens = request.all_token_ids if request is not None else ()
+            while queue:
+                item = queue[0]
+                actual = tokens[item.position: item.position + len(item.drafts)]
+                verdict = judge_proposal(item.drafts, actual, complete)
+                if verdict is None:
+                    break
+                queue.popleft()
+                self.acceptance.observe(request_id, *verdict)
+            if not queue:
+                del self._pending[request_id]
+            if complete:
+                self.forget(request_id)
+        for request_id in self.acceptance.request_ids():  # ended without pending proposals
+            if request_id not in requests:
+                self.forget(request_id)
+
+    # -- observability ----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        last = self._last
+        return {
+            "steps": self._steps,
+            "speculative_steps": self._spec_steps,
+            "drafts_offered": self._drafts_offered,
+            "drafts_verified": self._drafts_verified,
+            "chosen_lengths": {str(k): v for k, v in sorted(self._length_hist.items())},
+            "last_lengths": dict(last.lengths) if last else {},
+            "last_predicted_speedup": last.speedup if last else 1.0,
+            "global_acceptance_by_position": [round(h, 4) for h in
+                                              self.acceptance.global_hazards()],
+            "judged_proposals": self.acceptance.observations,
+            "cost_model_ms": self.cost.as_dict(),
+            "cost_model_samples": self.cost.samples,
+            "updated_at": time.time(),
+        }

@@ -1,0 +1,68 @@
+"""How many drafts each request verifies this step: the throughput-optimal rule.
+
+A step that decodes ``B`` requests and verifies ``k_r`` drafts of request ``r``
+produces ``B + sum_r sum_{i<=k_r} g_r(i)`` tokens in expected value and costs
+``T0 + s + b * sum_r k_r`` ms (``T0`` the step without drafts, ``b`` the
+marginal cost of a draft token, ``s`` the fixed cost of a speculative step;
+see ``cost.py``). Maximising tokens per ms:
+
+1. sort all candidate drafts ``(r, i)`` by their worth ``g_r(i)`` (falling in
+   ``i`` for each request, so a request's drafts enter in order);
+2. with ``N`` tokens and ``T`` ms so far (start ``N = B``, ``T = T0 + s``),
+   take the next draft while ``g_r(i) > margin * b * N / T`` (adding it raises
+   ``N / T``), then ``N += g``, ``T += b``; stop at the first that does not;
+3. keep the drafts only if ``N / T > B / T0`` (they beat the fixed cost ``s``).
+
+For a linear cost this is exact: the optimum is a prefix of the sorted list.
+Large batches raise ``N / T`` towards ``1 / b`` per token and so raise the bar
+a draft must clear; low acceptance lowers ``g``; both turn speculation down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LengthDecision:
+    lengths: dict[str, int]
+    expected_tokens: float
+    predicted_ms: float
+    baseline_tokens: float
+    baseline_ms: float
+
+    @property
+    def speedup(self) -> float:
+        """Predicted tokens/ms over the same step without drafts."""
+        if self.predicted_ms <= 0 or self.baseline_ms <= 0 or self.baseline_tokens <= 0:
+            return 1.0
+        return (self.expected_tokens / self.predicted_ms) / (self.baseline_tokens / self.baseline_ms)
+
+
+def choose_lengths(gains: Mapping[str, Sequence[float]], *, decoding_requests: int,
+                   base_step_ms: float, per_draft_token_ms: float, spec_step_ms: float = 0.0,
+                   margin: float = 1.0) -> LengthDecision:
+    """Drafts to verify per request.
+
+    ``gains[r]`` lists ``g_r(1..D_r)`` for the ``D_r`` drafts available to
+    request ``r`` (already cut to its own cap); ``decoding_requests`` is ``B``
+    (requests in ``gains`` plus decoding requests without drafts);
+    ``base_step_ms`` is ``T0``.
+    """
+    batch = max(decoding_requests, len(gains))
+    base_ms = max(base_step_ms, 1e-6)
+    cost = max(per_draft_token_ms, 0.0)
+    candidates = sorted(((g, request_id) for request_id, row in gains.items() for g in row),
+                        key=lambda item: -item[0])
+    lengths: dict[str, int] = {}
+    tokens, ms = float(batch), base_ms + max(spec_step_ms, 0.0)
+    for gain, request_id in candidates:
+        if gain <= 0.0 or gain * ms <= margin * cost * tokens:
+            break
+        lengths[request_id] = lengths.get(request_id, 0) + 1
+        tokens += gain
+        ms += cost
+    if not lengths or tokens / ms <= batch / base_ms:
+        return LengthDecision({}, float(batch), base_ms, float(batch), base_ms)
+    return LengthDecision(lengths, tokens, ms, float(batch), base_ms)
