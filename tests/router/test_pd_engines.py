@@ -1,0 +1,148 @@
+"""P->D disaggregation through the router on two real ``vllm serve`` (tiny model, NixlConnector
+``kv_both`` on CPU): same greedy output as a whole request, KV really transferred, a prefill
+failure falls back to local prefill, and dynamic PD flips a role under overload and back.
+
+Slow (engines start once per session): run under
+``flock /tmp/xllm-vllm.lock pytest -m engine tests/router/test_pd_engines.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import aiohttp
+import pytest
+from router_fakes import FakeBehaviour, FakeEngine, wait_for
+
+pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session")]
+
+EXTERNAL = ('vllm:prompt_tokens_by_source_total{engine="0",model_name="tiny",'
+            'source="external_kv_transfer"}')
+
+
+async def _metric(client: aiohttp.ClientSession, url: str, line_prefix: str) -> float:
+    async with client.get(url + "/metrics") as r:
+        text = await r.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(line_prefix))
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(100, 1000) for _ in range(n)]
+
+
+async def _complete(client: aiohttp.ClientSession, url: str, body: dict, stream: bool,
+                    headers: dict | None = None) -> tuple[str, dict[str, str]]:
+    payload = {"model": "tiny", "temperature": 0, "stream": stream, **body}
+    async with client.post(url, json=payload, headers=headers or {}) as r:
+        assert r.status == 200, await r.text()
+        hdrs = dict(r.headers)
+        if not stream:
+            choice = (await r.json())["choices"][0]
+            return (choice.get("text") if "text" in choice else choice["message"]["content"]), hdrs
+        text = []
+        async for raw in r.content:
+            line = raw.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for c in json.loads(line[6:]).get("choices") or ():
+                    text.append(c.get("text") or (c.get("delta") or {}).get("content") or "")
+        return "".join(text), hdrs
+
+
+def _pd_instances(engines) -> list[str]:
+    return [f"{engines[0].url};id=engine-0;role=prefill",
+            f"{engines[1].url};id=engine-1;role=decode"]
+
+
+async def test_p_to_d_output_equals_whole_request_greedy_output_and_kv_came_over_nixl(
+        router_engines, start_router, client):
+    router, url = await start_router(instances=_pd_instances(router_engines), policy="static_pd")
+    await wait_for(lambda: all(i.healthy for i in router.load.instances.values()), 10, "health")
+    p_url, d_url = router_engines[0].url, router_engines[1].url
+    cases = [("completions", {"prompt": _prompt(700, 1), "max_tokens": 24}),
+             ("chat/completions", {"messages": [{"role": "user", "content": "Count: " + " ".join(
+                 str(n) for n in range(300))}], "max_tokens": 16})]
+    for kind, body in cases:
+        # Reference: the whole request on the prefill engine (the decode engine's cache stays
+        # empty for this prompt, so the first disaggregated request must load it over NIXL).
+        reference, _ = await _complete(client, f"{p_url}/v1/{kind}", body, stream=False)
+        external = await _metric(client, d_url, EXTERNAL)
+        for stream in (False, True):
+            text, headers = await _complete(client, f"{url}/v1/{kind}", body, stream)
+            assert headers["x-xllm-pd"] == "handoff"
+            assert headers["x-xllm-prefill-instance"] == "engine-0"
+            assert headers["x-xllm-instance"] == "engine-1"
+            assert text == reference, (kind, stream)
+            if not stream:  # the first one found nothing cached on D
+                loaded = await _metric(client, d_url, EXTERNAL) - external
+                assert loaded >= 128, f"{kind}: D reports {loaded} external-KV prompt tokens"
+    async with client.get(url + "/metrics") as r:
+        text = await r.text()
+    assert 'xllm_router_pd_prefills_total{instance="engine-0",outcome="handoff"} 4.0' in text
+
+
+@pytest.mark.parametrize("behaviour,outcome", [
+    (FakeBehaviour(fail_status=500), "fallback_http_500"),
+    (FakeBehaviour(hang_s=30), "fallback_timeout"),
+])
+async def test_prefill_failure_falls_back_to_local_prefill_on_decode(
+        router_engines, start_router, client, behaviour, outcome):
+    prefill = await FakeEngine("failing-prefill", behaviour).start()
+    try:
+        d_url = router_engines[1].url
+        router, url = await start_router(
+            instances=[f"{prefill.url};id=fake-p;role=prefill;model=tiny",
+                       f"{d_url};id=engine-1;role=decode"],
+            policy="static_pd", first_byte_timeout_s=3)
+        await wait_for(lambda: all(i.healthy for i in router.load.instances.values()), 10,
+                       "health")
+        body = {"prompt": _prompt(300, 7), "max_tokens": 12}
+        reference, _ = await _complete(client, f"{d_url}/v1/completions", body, stream=False)
+        text, headers = await _complete(client, f"{url}/v1/completions", body, stream=True)
+        assert text == reference
+        assert headers["x-xllm-pd"] == outcome and headers["x-xllm-instance"] == "engine-1"
+        assert prefill.requests and prefill.requests[0]["max_tokens"] == 1
+        assert prefill.requests[0]["kv_transfer_params"]["do_remote_decode"] is True
+        async with client.get(url + "/metrics") as r:
+            metrics = await r.text()
+        assert (f'xllm_router_pd_prefills_total{{instance="fake-p",outcome="{outcome}"}} 1.0'
+                in metrics)
+    finally:
+        await prefill.stop()
+
+
+async def test_dynamic_pd_flips_a_role_under_overload_and_back(router_engines, start_router,
+                                                               client):
+    router, url = await start_router(instances=_pd_instances(router_engines), policy="dynamic_pd",
+                                     pd_role_dwell_s=1, pd_restore_quiet_s=2)
+    await wait_for(lambda: all(i.healthy for i in router.load.instances.values()), 10, "health")
+    await wait_for(lambda: len(router.profiler.results) == 2, 60, "both instances profiled")
+    policy = router.policies["dynamic_pd"]
+    # An SLO an idle instance meets easily but the prefill instance misses once a few
+    # long prompts queue on it: the decode instance must take prefill too.
+    length = 3000
+    single = max(policy.predicted_ttft_ms(i, length) for i in ("engine-0", "engine-1"))
+    budget = 2.5 * single
+    queued = next(k for k in range(1, 64)
+                  if policy.predicted_ttft_ms("engine-0", length, k * length) > budget)
+    assert queued <= 3, f"the profile predicts too little queueing ({queued} prompts to miss)"
+    headers = {"x-slo-ttft-ms": f"{budget / policy.settings.ttft_headroom:.1f}"}
+    bodies = [{"prompt": _prompt(length, 100 + k), "max_tokens": 2} for k in range(queued + 3)]
+    results = await asyncio.gather(*(
+        _complete(client, url + "/v1/completions", b, stream=False, headers=headers)
+        for b in bodies))
+    assert len(results) == len(bodies)  # every request answered (200s asserted inside)
+    async with client.get(url + "/metrics") as r:
+        assert ('xllm_router_role_switches_total{instance="engine-1",from_role="decode",'
+                'to_role="both",reason="ttft_slo"} 1.0') in await r.text()
+    # Load gone: after the quiet period the instance returns to its home role.
+    await wait_for(lambda: router.load.instances["engine-1"].role == "decode", 20,
+                   "engine-1 back to decode")
+    async with client.get(url + "/metrics") as r:
+        text = await r.text()
+    assert ('xllm_router_role_switches_total{instance="engine-1",from_role="both",'
+            'to_role="decode",reason="restore"} 1.0') in text
+    assert router.load.instances["engine-0"].role == "prefill"  # never both roles lost
