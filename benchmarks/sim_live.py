@@ -45,6 +45,26 @@ class Timed:
         return [(b - a) * 1e3 for a, b in zip(t[skip:], t[skip + 1:])]
 
 
+def pinned_engine(spec, core: int):  # type: ignore[no-untyped-def]
+    """An ``EngineProcess`` whose whole process tree (API server, engine core, worker) runs
+    on ``core`` alone, not only its OpenMP threads (``VLLM_CPU_OMP_THREADS_BIND``).
+
+    With only the worker's threads pinned, each engine's API server and engine-core
+    processes float over both cores and take time from the *other* engine's worker, so
+    two "one-core" instances slow each other down; the simulator (like a GPU cluster,
+    one device per instance) treats instances as independent. Profiling and validation
+    both start engines this way so that the fitted step model and the live run match.
+    """
+    from dataclasses import replace
+
+    from xllm_plugin.launcher.engine import EngineProcess
+
+    spec = replace(spec, cpu_bind=str(core))
+    engine = EngineProcess(spec)
+    engine.command = ["taskset", "-c", str(core), *engine.command]
+    return engine
+
+
 def random_prompt(n: int, rng: np.random.Generator) -> list[int]:
     return rng.integers(TOKEN_LOW, TOKEN_HIGH, size=n).tolist()
 

@@ -34,6 +34,7 @@ cluster mode:
 per-request headers:
   x-request-class: online|offline    request class (else `priority` >= --offline-min-priority)
   x-slo-ttft-ms, x-slo-tpot-ms       SLOs in milliseconds, passed to the policy
+                                     (default --slo-ttft-ms / --slo-tpot-ms)
   x-xllm-policy: NAME                route this request with another policy (experiments)
 responses carry x-xllm-instance (who served it) and x-xllm-policy.
 """
@@ -80,6 +81,12 @@ def build_serve_parser(prog: str = "xllm-router") -> argparse.ArgumentParser:
     add("--max-body-mb", type=float, help=_help("max_body_mb"))
     add("--batch-dir", metavar="DIR", help=_help("batch_dir"))
     add("--batch-concurrency", type=int, help=_help("batch_concurrency"))
+    add("--slo-ttft-ms", type=float, help=_help("slo_ttft_ms"))
+    add("--slo-tpot-ms", type=float, help=_help("slo_tpot_ms"))
+    add("--pd-role-dwell-s", type=float, help=_help("pd_role_dwell_s"))
+    add("--pd-restore-quiet-s", type=float, help=_help("pd_restore_quiet_s"))
+    add("--profile-instances", action=argparse.BooleanOptionalAction, default=None,
+        help=_help("profile_instances"))
     add("--log-level", help=_help("log_level"))
     return parser
 

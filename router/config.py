@@ -69,6 +69,20 @@ class RouterConfig(BaseModel):
                                    "results; jobs survive a router restart. None disables it.")
     batch_concurrency: int = Field(4, ge=1, le=1024, description="Batch lines in flight at "
                                    "once per job (they run at offline class).")
+    slo_ttft_ms: float | None = Field(None, gt=0, description="Default TTFT SLO (ms) of "
+                                      "requests without an x-slo-ttft-ms header; SLO-aware "
+                                      "policies (dynamic_pd) plan against it.")
+    slo_tpot_ms: float | None = Field(None, gt=0, description="Default TPOT SLO (ms) of "
+                                      "requests without an x-slo-tpot-ms header.")
+    pd_role_dwell_s: float = Field(10.0, gt=0, le=3600, description="dynamic_pd: least time "
+                                   "an instance keeps a role the policy gave it, and between "
+                                   "two returns home (hysteresis).")
+    pd_restore_quiet_s: float = Field(30.0, ge=0, le=3600, description="dynamic_pd: an "
+                                      "instance returns to its home role only after this long "
+                                      "without SLO pressure of the kind that moved it.")
+    profile_instances: bool = Field(True, description="Measure each new instance with a few "
+                                    "isolated requests when the policy predicts latency "
+                                    "(dynamic_pd); --no-profile-instances starts from priors.")
     log_level: str = Field("info", description="debug|info|warning|error (debug logs one line "
                            "per routed request).")
 
@@ -117,6 +131,15 @@ class RouterConfig(BaseModel):
         if self.tokenizer is not None and not self.tokenizer.is_dir():
             raise ValueError(f"--tokenizer {self.tokenizer} is not a directory")
         return self
+
+    def policy_settings(self, name: str) -> dict[str, Any]:
+        """Constructor settings the flags give policy ``name`` (``make_policy(name, **...)``)."""
+        if name == "dynamic_pd":
+            return {"default_slo_ttft_ms": self.slo_ttft_ms,
+                    "default_slo_tpot_ms": self.slo_tpot_ms,
+                    "role_dwell_s": self.pd_role_dwell_s,
+                    "restore_quiet_s": self.pd_restore_quiet_s}
+        return {}
 
     @classmethod
     def from_args(cls, values: dict[str, Any]) -> RouterConfig:

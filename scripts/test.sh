@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+# Mooncake Store's wheel links libibverbs even when it runs over TCP (xllm_plugin/kvstore).
+ldconfig -p 2>/dev/null | grep 'libibverbs\.so\.1' >/dev/null || need_apt+=(libibverbs1)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing system packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -34,8 +34,20 @@ def register() -> None:
     from xllm_plugin.status_channel import ensure_status_path
 
     try:
-        parse_xllm_config(additional_config_from_argv(sys.argv[1:]))
+        config = parse_xllm_config(additional_config_from_argv(sys.argv[1:]))
+        if config.xtensor:
+            from xllm_plugin.memory.wiring import check_worker, worker_cls_from_argv
+
+            check_worker(config, worker_cls_from_argv(sys.argv[1:]))
+        if config.speculative.adaptive and "serve" in sys.argv[1:2]:
+            from xllm_plugin.spec import check_command_line
+
+            check_command_line(sys.argv[1:], config.speculative)
     except XLLMConfigError as error:
         print(f"xllm-plugin: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     ensure_status_path()
+    from xllm_plugin.moe.loader import register_loader, wants_loader
+
+    if wants_loader(sys.argv[1:]):  # --load-format xllm; engine children inherit the argv
+        register_loader()

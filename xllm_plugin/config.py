@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from xllm_plugin.kvstore.settings import KVStoreConfig
+
 SECTION = "xllm"
 
 
@@ -81,6 +83,78 @@ class RegistrationConfig(_Section):
     ttl_s: int = Field(default=10, ge=2, le=3600, description="Lease TTL in seconds.")
 
 
+class SpeculativeConfig(_Section):
+    """Adaptive speculation length on top of vLLM's ``--speculative-config`` (xllm_plugin/spec).
+
+    vLLM's ``num_speculative_tokens`` becomes the upper bound; each step the
+    scheduler verifies only the drafts expected to pay for their cost.
+    """
+
+    adaptive: bool = Field(default=False, description="Choose draft lengths per step and request.")
+    window_steps: int = Field(
+        default=32, ge=1, description="Memory (steps) of a request's acceptance estimate.")
+    prior_weight: float = Field(
+        default=4.0, ge=0, description="Weight (observations) of the engine-wide estimate.")
+    cost_window_steps: int = Field(
+        default=256, ge=2, description="Memory (steps) of the step-cost model.")
+    margin: float = Field(
+        default=1.0, gt=0, description="A draft must be worth margin x its predicted cost.")
+    probe_interval: int = Field(
+        default=16, ge=0, description="Async scheduling only: force one draft every N steps.")
+
+
+class MoEConfig(_Section):
+    """Expert-load statistics and the dynamic EPLB policy (xllm_plugin/moe)."""
+
+    load_window_steps: int = Field(
+        default=256, ge=1, description="Forward passes in the per-layer expert-load window.")
+    drift_threshold: float = Field(
+        default=0.1, gt=0, le=1,
+        description="Rebalance when the load distribution moved this far (total variation).")
+    min_improvement: float = Field(
+        default=0.05, ge=0, lt=1,
+        description="Rebalance only if max/mean rank load drops by this fraction.")
+
+
+class XTensorConfig(_Section):
+    """xTensor KV memory (xllm_plugin/memory); read only when ``xtensor`` is true."""
+
+    reusable_views: int = Field(
+        default=16, ge=0, le=4096,
+        description="Virtual ranges of finished or preempted requests kept mapped for reuse.")
+    map_budget_fraction: float = Field(
+        default=0.5, gt=0, le=0.9,
+        description="Share of vm.max_map_count (less the process's own mappings) xTensor may use.")
+    premap: bool = Field(
+        default=True,
+        description="Map pages known ahead on a background thread (XLLMScheduler allocates "
+                    "the next block one token early).")
+    native_decode: bool = Field(
+        default=True,
+        description="Decode rows in one native kernel call per layer (built with the system C "
+                    "compiler on first use); false = PyTorch SDPA per request.")
+
+
+class RecommendConfig(_Section):
+    """Generative recommendation: POST /xllm/v1/recommend and the catalog mask
+    (xllm_plugin/recommend, see its README)."""
+
+    catalogs: dict[str, str] = Field(
+        default_factory=dict,
+        description="Catalog name -> item file (.npy or text) that requests may name.")
+    catalog_dir: str | None = Field(
+        default=None,
+        description="Directory whose catalog files requests may name by path; none = names only.")
+    sessions: bool = Field(
+        default=True,
+        description="Keep each beam as a live vLLM session between steps; false = resubmit "
+                    "every beam every step, as stock vLLM beam search does.")
+    max_beam_width: int = Field(default=256, ge=1, le=4096, description="Largest beam width.")
+    max_live_beams: int | None = Field(
+        default=None, ge=1,
+        description="Beams alive in the engine at once over all requests; none = max_num_seqs.")
+
+
 class XLLMConfig(_Section):
     """Root of the ``xllm`` section; every field has an off or neutral default."""
 
@@ -93,6 +167,15 @@ class XLLMConfig(_Section):
     request_classes: RequestClassConfig = Field(default_factory=RequestClassConfig)
     slo: SLOConfig = Field(default_factory=SLOConfig)
     registration: RegistrationConfig = Field(default_factory=RegistrationConfig)
+    speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
+    moe: MoEConfig = Field(default_factory=MoEConfig)
+    kv_store: KVStoreConfig = Field(default_factory=KVStoreConfig)
+    recommend: RecommendConfig = Field(default_factory=RecommendConfig)
+    xtensor: bool = Field(
+        default=False,
+        description="KV memory contiguous per request (needs --worker-cls "
+                    "xllm_plugin.memory.XTensorCPUWorker).")
+    xtensor_options: XTensorConfig = Field(default_factory=XTensorConfig)
 
 
 def _field_at(path: Sequence[str | int]) -> tuple[type[BaseModel], Any]:

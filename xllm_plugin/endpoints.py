@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 
 from xllm_plugin import __version__
 from xllm_plugin.config import parse_xllm_config
+from xllm_plugin.memory.status import read_xtensor_status
 from xllm_plugin.status_channel import read_status
 
 
@@ -53,14 +54,17 @@ class XLLMEndpoints:
 
     async def status(self) -> JSONResponse:
         engine = read_status()
+        xtensor = read_xtensor_status()  # the worker's KV memory metrics (xllm.xtensor)
         body = {
             "plugin": "xllm-plugin",
             "version": __version__,
             "server": self._args,
             "features": {"xllm_scheduler": engine is not None,
                          "etcd_registration": self._registration is not None
-                         and not self._registration.done()},
+                         and not self._registration.done(),
+                         "xtensor": xtensor is not None},
             "engine": engine,
+            "xtensor": xtensor,
             "engine_status_age_s": (time.time() - engine["published_at"]) if engine else None,
         }
         return JSONResponse(body)

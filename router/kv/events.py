@@ -119,7 +119,7 @@ def apply_events(index: PrefixIndex, instance_id: str, events: list[KVEvent]) ->
         elif isinstance(ev, BlockRemoved):
             index.apply_removed(instance_id, [event_hash(h) for h in ev.block_hashes], ev.medium)
         else:
-            index.apply_cleared(instance_id)
+            index.apply_cleared(instance_id, device_only=True)
 
 
 # --- subscriber ---------------------------------------------------------------

@@ -11,12 +11,28 @@ GPU and a CPU offload, and only leaves the instance when the last one drops it)
 gives removal, clearing and a memory bound. When an instance holds more than
 ``max_blocks_per_instance`` blocks, its oldest-stored entries are forgotten
 first; forgetting can only under-report a hit, never invent one.
+
+Tiers: an engine with the plugin's KV store connector also publishes the blocks
+of its DRAM (medium ``CPU``) and SSD (``STORAGE``) tiers, and the blocks it put
+into the global Mooncake Store (``MOONCAKE_STORE``). Store blocks belong to no
+instance: they are held by the pseudo-instance ``STORE_HOLDER``, and every
+instance that ever published one is a store member that can load them.
+``tier_hits`` reads the per-tier prefix; ``prefix_hits`` is unchanged.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+
+# KV-event media -> tier. vLLM's engine publishes "GPU" (None from older engines).
+DEVICE_MEDIA = frozenset({None, "GPU"})
+MEDIUM_TIER = {None: "hbm", "GPU": "hbm", "CPU": "dram", "STORAGE": "ssd", "DISK": "ssd",
+               "MOONCAKE_STORE": "store"}
+STORE_MEDIA = frozenset({"MOONCAKE_STORE"})
+STORE_HOLDER = "@store"
+"""Pseudo-instance id that holds the global store's blocks."""
+_TIER_RANK = {"hbm": 0, "dram": 1, "ssd": 2, "store": 3}
 
 DEFAULT_MAX_BLOCKS_PER_INSTANCE = 1 << 20
 """About 10^6 blocks per instance: far above any single engine's block count
@@ -37,12 +53,19 @@ class PrefixIndex:
         self._where: dict[int, set[str]] = {}
         self._held: dict[str, OrderedDict[int, tuple[str | None, ...]]] = {}
         self.evicted_by_bound = 0  # entries dropped to respect the memory bound
+        self._store_members: set[str] = set()
+        self.has_tiers = False  # any block below an engine's KV cache seen yet
 
     # --- events ---------------------------------------------------------------
 
     def apply_stored(self, instance_id: str, block_hashes: Iterable[int],
                      medium: str | None = None) -> None:
         """``instance_id`` now holds ``block_hashes`` (a BlockStored event)."""
+        if medium not in DEVICE_MEDIA:
+            self.has_tiers = True
+            if medium in STORE_MEDIA:
+                self._store_members.add(instance_id)
+                instance_id = STORE_HOLDER
         held = self._held.setdefault(instance_id, OrderedDict())
         for h in block_hashes:
             media = held.get(h)
@@ -65,6 +88,8 @@ class PrefixIndex:
         block forgotten by the memory bound. A block held in several tiers stays
         until the last tier removes it.
         """
+        if medium in STORE_MEDIA:
+            instance_id = STORE_HOLDER
         held = self._held.get(instance_id)
         if held is None:
             return
@@ -81,19 +106,33 @@ class PrefixIndex:
                 del held[h]
                 self._forget(h, instance_id)
 
-    def apply_cleared(self, instance_id: str) -> None:
-        """``instance_id`` dropped its whole prefix cache (AllBlocksCleared, or a restart)."""
+    def apply_cleared(self, instance_id: str, device_only: bool = False) -> None:
+        """``instance_id`` dropped its whole prefix cache (AllBlocksCleared, or a restart).
+
+        ``device_only``: only its engine KV cache was cleared (vLLM's
+        AllBlocksCleared event); its DRAM/SSD tier entries stay.
+        """
         held = self._held.get(instance_id)
         if held is None:
+            return
+        if device_only and self.has_tiers:
+            for h, media in list(held.items()):
+                rest = tuple(m for m in media if m not in DEVICE_MEDIA)
+                if rest:
+                    held[h] = rest
+                else:
+                    del held[h]
+                    self._forget(h, instance_id)
             return
         for h in held:
             self._forget(h, instance_id)
         held.clear()
 
     def remove_instance(self, instance_id: str) -> None:
-        """Forget an instance entirely (it left the cluster)."""
+        """Forget an instance entirely (it left the cluster); the store keeps its blocks."""
         self.apply_cleared(instance_id)
         self._held.pop(instance_id, None)
+        self._store_members.discard(instance_id)
 
     def _forget(self, block_hash: int, instance_id: str) -> None:
         holders = self._where.get(block_hash)
@@ -125,6 +164,39 @@ class PrefixIndex:
             for instance_id in alive:
                 hits[instance_id] = depth + 1
         return hits
+
+    def tier_hits(self, block_hashes: Sequence[int],
+                  instance_ids: Iterable[str]) -> dict[str, tuple[int, int, int, int]]:
+        """instance id -> leading blocks by source tier (hbm, dram, ssd, store).
+
+        Along the prompt, each block counts under the fastest tier the instance
+        can get it from (its own media, else the global store if it is a store
+        member); counting stops at the first block it cannot get. Empty when no
+        engine published tier data (then ``prefix_hits`` says everything).
+        """
+        if not self.has_tiers:
+            return {}
+        store = self._held.get(STORE_HOLDER, {})
+        out: dict[str, tuple[int, int, int, int]] = {}
+        for instance_id in instance_ids:
+            held = self._held.get(instance_id, {})
+            member = instance_id in self._store_members
+            counts = [0, 0, 0, 0]
+            for h in block_hashes:
+                media = held.get(h)
+                if media is not None:
+                    rank = min(_TIER_RANK[MEDIUM_TIER.get(m, "hbm")] for m in media)
+                elif member and h in store:
+                    rank = 3
+                else:
+                    break
+                counts[rank] += 1
+            if any(counts):
+                out[instance_id] = (counts[0], counts[1], counts[2], counts[3])
+        return out
+
+    def store_members(self) -> frozenset[str]:
+        return frozenset(self._store_members)
 
     def holds(self, instance_id: str, block_hash: int) -> bool:
         held = self._held.get(instance_id)

@@ -7,7 +7,9 @@ is the single place that maps a flag value to a policy object.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+from router.policies.dynamic_pd import DynamicPDPolicy, DynamicPDSettings
 from router.policies.kv_aware import KVAwarePolicy, KVAwareSettings
 from router.policies.least_load import LeastLoadPolicy
 from router.policies.round_robin import RoundRobinPolicy
@@ -17,6 +19,8 @@ from router.policies.types import (
     InstanceState,
     NoInstanceAvailable,
     ObservingPolicy,
+    ProfileSample,
+    ProfilingPolicy,
     RebalancingPolicy,
     RequestInfo,
     RequestOutcome,
@@ -25,23 +29,27 @@ from router.policies.types import (
     RoutingPolicy,
 )
 
-POLICY_FACTORIES: dict[str, Callable[[], RoutingPolicy]] = {
+POLICY_FACTORIES: dict[str, Callable[..., RoutingPolicy]] = {
     RoundRobinPolicy.name: RoundRobinPolicy,
     LeastLoadPolicy.name: LeastLoadPolicy,
     StaticPDPolicy.name: StaticPDPolicy,
     KVAwarePolicy.name: KVAwarePolicy,
+    DynamicPDPolicy.name: DynamicPDPolicy,
 }
 
 
-def make_policy(name: str) -> RoutingPolicy:
+def make_policy(name: str, **settings: Any) -> RoutingPolicy:
+    """A fresh policy; ``settings`` go to its constructor (only policies that take them)."""
     try:
-        return POLICY_FACTORIES[name]()
+        factory = POLICY_FACTORIES[name]
     except KeyError:
         raise ValueError(f"unknown policy '{name}'; choose one of {', '.join(POLICY_FACTORIES)}") from None
+    return factory(**settings) if settings else factory()
 
 
 __all__ = [
-    "POLICY_FACTORIES", "ClusterView", "InstanceState", "KVAwarePolicy", "KVAwareSettings",
+    "POLICY_FACTORIES", "ClusterView", "DynamicPDPolicy", "DynamicPDSettings", "InstanceState",
+    "KVAwarePolicy", "KVAwareSettings", "ProfileSample", "ProfilingPolicy",
     "NoInstanceAvailable", "ObservingPolicy", "RebalancingPolicy", "RequestInfo", "RequestOutcome", "RoleChange", "RoutingDecision",
     "RoutingPolicy", "make_policy",
 ]

@@ -19,10 +19,26 @@ policy itself sent to i within the last ``predict_ttl_s``, see below). With
 
    (``h_i / n`` is 0 when ``n == 0``), ties broken by lower load, then fewer
    in-flight prompt tokens, then id. Reason ``kv_aware_hit`` when the chosen
-   instance has ``h_i > 0``, else ``kv_aware_load``.
+   instance has ``h_i > 0``, else ``kv_aware_load`` (``kv_aware_tier_hit`` when
+   the hit needs a tier below the chosen instance's KV cache, see Tiers).
 
 So a full-prefix hit outweighs any load difference the guard allows when
 ``load_weight < 1``; with no hits anywhere the rule is least load.
+
+Tiers: when engines publish cache tiers below their KV cache
+(``ClusterView.tier_hits``, from the plugin's KV store connector), ``h_i`` is
+replaced by the tier-weighted hit
+
+    h_i = hbm_i + dram_hit_weight * dram_i + ssd_hit_weight * ssd_i
+              + store_hit_weight * store_i
+
+where each count is the request's leading blocks instance i gets from that
+tier (its KV cache, its DRAM or SSD tier, or the global store). A weight is
+the share of a block's prefill time a load from that tier saves,
+``1 - t_load(tier) / t_prefill(block)``: the estimated latency of a hit. So an
+instance that must pull a prefix from the store scores below the one holding
+it in its KV cache, but above one that must recompute it, and the load term
+decides between them. Without tier data the rule above is unchanged.
 
 Prediction: KV events for a prompt arrive only after the engine prefilled it
 (seconds on CPU). A burst of requests sharing a new prefix would otherwise see
@@ -45,6 +61,7 @@ from router.policies.types import (
     NoInstanceAvailable,
     RequestInfo,
     RoutingDecision,
+    TierHits,
 )
 
 
@@ -69,6 +86,16 @@ class KVAwareSettings:
     predict_max_blocks: int = 200_000
     """Bound on remembered predicted block hashes."""
 
+    dram_hit_weight: float = 0.9
+    """Value of a block loaded from the instance's DRAM tier, relative to one in its KV
+    cache (1 - load time / prefill time of a block; host-to-device copy)."""
+
+    ssd_hit_weight: float = 0.75
+    """Value of a block loaded from the instance's SSD tier (a file read first)."""
+
+    store_hit_weight: float = 0.6
+    """Value of a block loaded from the global store (a network transfer first)."""
+
     def __post_init__(self) -> None:
         if self.load_weight < 0:
             raise ValueError("load_weight must be >= 0")
@@ -76,6 +103,9 @@ class KVAwareSettings:
             raise ValueError("balance_abs_threshold must be >= 0 and balance_rel_threshold >= 1")
         if self.predict_ttl_s < 0 or self.predict_max_blocks <= 0:
             raise ValueError("predict_ttl_s must be >= 0 and predict_max_blocks > 0")
+        for name in ("dram_hit_weight", "ssd_hit_weight", "store_hit_weight"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be within [0, 1]")
 
 
 def is_imbalanced(loads: Sequence[int], settings: KVAwareSettings) -> bool:
@@ -84,7 +114,13 @@ def is_imbalanced(loads: Sequence[int], settings: KVAwareSettings) -> bool:
     return hi - lo > settings.balance_abs_threshold and hi > settings.balance_rel_threshold * lo
 
 
-def kv_score(hits: int, blocks: int, load: int, max_load: int, settings: KVAwareSettings) -> float:
+def tier_weighted_hits(tiers: TierHits, settings: KVAwareSettings) -> float:
+    """``hbm + w_dram * dram + w_ssd * ssd + w_store * store`` (blocks)."""
+    return (tiers.hbm + settings.dram_hit_weight * tiers.dram
+            + settings.ssd_hit_weight * tiers.ssd + settings.store_hit_weight * tiers.store)
+
+
+def kv_score(hits: float, blocks: int, load: int, max_load: int, settings: KVAwareSettings) -> float:
     """Step 2 of the rule: ``h/n - load_weight * load / max(1, max load)``."""
     hit_fraction = min(hits, blocks) / blocks if blocks else 0.0
     return hit_fraction - settings.load_weight * load / max(1, max_load)
@@ -128,12 +164,15 @@ class KVAwarePolicy:
         self._predicted = _PredictedBlocks(self.settings.predict_max_blocks)
 
     def hits(self, request: RequestInfo, view: ClusterView,
-             candidates: Sequence[InstanceState]) -> Mapping[str, int]:
-        """Leading cached blocks per candidate: the index's view, raised by predictions."""
+             candidates: Sequence[InstanceState]) -> Mapping[str, float]:
+        """Leading cached blocks per candidate (tier-weighted where tier data exists),
+        raised by predictions (which count as blocks in the instance's KV cache)."""
         blocks = request.block_hashes
-        out = {}
+        out: dict[str, float] = {}
         for inst in candidates:
-            h = view.prefix_hits.get(inst.instance_id, 0)
+            tiers = view.tier_hits.get(inst.instance_id) if view.tier_hits else None
+            h: float = (tier_weighted_hits(tiers, self.settings) if tiers is not None
+                        else view.prefix_hits.get(inst.instance_id, 0))
             if self.settings.predict_ttl_s > 0 and h < len(blocks):
                 h = max(h, self._predicted.leading_hits(inst.instance_id, blocks, view.now))
             out[inst.instance_id] = min(h, len(blocks))
@@ -155,6 +194,9 @@ class KVAwarePolicy:
                 -kv_score(hits[i.instance_id], blocks, i.load, max_load, s),
                 i.load, i.inflight_prompt_tokens, i.instance_id))
             reason = "kv_aware_hit" if hits[choice.instance_id] > 0 else "kv_aware_load"
+            tiers = view.tier_hits.get(choice.instance_id) if view.tier_hits else None
+            if tiers is not None and tiers.hbm < tiers.total and reason == "kv_aware_hit":
+                reason = "kv_aware_tier_hit"  # the hit relies on DRAM, SSD or the store
         if s.predict_ttl_s > 0 and request.block_hashes:
             self._predicted.record(choice.instance_id, request.block_hashes, view.now + s.predict_ttl_s)
         return RoutingDecision(choice.instance_id, reason=reason)

@@ -64,17 +64,40 @@ class RequestInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class TierHits:
+    """A request's leading KV blocks an instance can use, by the tier each comes from.
+
+    Blocks are counted along the prompt until the first one the instance can
+    get nowhere, each under the fastest tier holding it: its own KV cache
+    (``hbm``), its DRAM or SSD tier, or the global store (any instance attached
+    to it can load from there).
+    """
+
+    hbm: int = 0
+    dram: int = 0
+    ssd: int = 0
+    store: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.hbm + self.dram + self.ssd + self.store
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterView:
     """The cluster at decision time.
 
     ``prefix_hits`` maps an instance id to how many of the request's leading
     blocks that instance holds in its prefix cache (absent means zero); the
     driver computes it from its KV index for the request being routed.
+    ``tier_hits`` refines it where engines publish cache tiers below their
+    KV cache (``TierHits`` per instance); empty when no tier data exists.
     """
 
     instances: tuple[InstanceState, ...]
     now: float = 0.0
     prefix_hits: Mapping[str, int] = field(default_factory=dict)
+    tier_hits: Mapping[str, TierHits] = field(default_factory=dict)
 
     def healthy(self, *roles: Role) -> tuple[InstanceState, ...]:
         """Healthy instances, optionally only those in ``roles``."""
@@ -118,6 +141,9 @@ class RequestOutcome:
     Times are in milliseconds as the client sees them. ``prefill_ms`` is the
     time the prefill instance spent from starting the request's prefill to
     its end (no queueing); ``queue_ms`` the wait before that start.
+    A driver that cannot separate the two reports their sum as ``prefill_ms``
+    with ``queue_ms`` 0, and 0 for both when it did not see the prefill end
+    (e.g. a non-streaming request served whole by one instance).
     ``tpot_ms`` is None for requests with fewer than two output tokens.
     """
 
@@ -163,6 +189,34 @@ class ObservingPolicy(Protocol):
     """
 
     def observe(self, outcome: RequestOutcome) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileSample:
+    """One isolated request a driver ran on a new instance for a profiling policy.
+
+    ``ttft_ms`` is arrival to first token with nothing else running there;
+    ``tpot_ms`` the mean gap between later tokens (None for one output token).
+    """
+
+    prompt_tokens: int
+    output_tokens: int
+    ttft_ms: float
+    tpot_ms: float | None = None
+
+
+@runtime_checkable
+class ProfilingPolicy(Protocol):
+    """Optional: a policy that wants each instance measured when it registers.
+
+    The driver runs every ``(prompt_tokens, max_tokens)`` of ``profile_plan()``
+    alone on the new instance (prompts longer than the instance accepts are
+    skipped) and reports the measurements once through ``observe_profile``.
+    """
+
+    def profile_plan(self) -> tuple[tuple[int, int], ...]: ...
+
+    def observe_profile(self, instance_id: str, samples: tuple[ProfileSample, ...]) -> None: ...
 
 
 @runtime_checkable

@@ -50,15 +50,19 @@ from router.policies.types import (
     RoutingPolicy,
 )
 from router.server.errors import RouterError, error_body
-from router.server.load_view import InstanceLoad, LoadView
+from router.server.load_view import InstanceLoad, LoadTicket, LoadView
 from router.server.metrics import RouterMetrics
+from router.server.pd import Handoff, PrefillStage, supports_handoff
 from router.server.prefix import PrefixLookup, policy_uses_prefix_hits
+from router.server.profiler import InstanceProfiler
 from router.server.requests import HEADER_POLICY, Kind, ParsedRequest, parse_request
 
 log = logging.getLogger("xllm.router")
 
 HEADER_INSTANCE = "x-xllm-instance"  # response header: which instance served the request
 HEADER_POLICY_USED = "x-xllm-policy"
+HEADER_PREFILL_INSTANCE = "x-xllm-prefill-instance"  # set when P prefilled for D
+HEADER_PD = "x-xllm-pd"  # "handoff" or "fallback_<reason>" for disaggregated requests
 REBALANCE_INTERVAL_S = 1.0
 _PATHS: dict[Kind, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 _CLIENT_CLOSED = 499  # nginx's convention for "client closed the request", metrics only
@@ -89,7 +93,8 @@ class Router:
                              unhealthy_after=config.unhealthy_after,
                              upstream_headers=upstream_headers)
         self.upstream_headers = upstream_headers
-        self.policies: dict[str, RoutingPolicy] = {config.policy: make_policy(config.policy)}
+        self.policies: dict[str, RoutingPolicy] = {}
+        self._policy(config.policy)
         self.prefix: PrefixLookup | None = None
         if config.block_size is not None:
             try:
@@ -102,7 +107,12 @@ class Router:
         self.etcd: EtcdClient | None = None
         self.watcher: EtcdWatcher | None = None
         self._background: list[asyncio.Task[None]] = []
-        self._warned_pd = False
+        # P->D disaggregation: the prefill stage, and profiling for latency-predicting policies.
+        self.prefill_stage = PrefillStage(self.load, self.metrics, lambda: self.session,
+                                          connect_timeout_s=config.connect_timeout_s,
+                                          timeout_s=config.first_byte_timeout_s)
+        self.profiler = InstanceProfiler(lambda: self.session, upstream_headers,
+                                         enabled=config.profile_instances)
         # Batch lines go through this router's own front door at offline class;
         # its loopback URL is known once the listening socket is bound.
         self.front_url: str | None = None
@@ -175,6 +185,7 @@ class Router:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self.profiler.stop()
         if self.watcher is not None:
             await self.watcher.stop()
         await self.load.stop()
@@ -213,6 +224,8 @@ class Router:
         m.instance_load.labels(iid, "running").set(load.running)
         m.instance_load.labels(iid, "waiting").set(load.waiting)
         m.instance_kv_usage.labels(iid).set(load.kv_usage)
+        m.set_role(iid, load.role)
+        self.profiler.maybe_start(load, self.policies[self.config.policy])
 
     async def _rebalance_loop(self) -> None:
         while True:
@@ -229,7 +242,10 @@ class Router:
             if load is not None and load.role != change.role:
                 log.info("instance %s: role %s -> %s (%s)", change.instance_id, load.role,
                          change.role, change.reason)
+                self.metrics.role_switches.labels(change.instance_id, load.role, change.role,
+                                                  change.reason or "unspecified").inc()
                 load.role_override = change.role
+                self.metrics.set_role(change.instance_id, change.role)
 
     # -- middleware: auth and error shape -------------------------------------------------------
 
@@ -318,7 +334,7 @@ class Router:
     def _policy(self, name: str) -> RoutingPolicy:
         policy = self.policies.get(name)
         if policy is None:
-            policy = self.policies[name] = make_policy(name)
+            policy = self.policies[name] = make_policy(name, **self.config.policy_settings(name))
         return policy
 
     async def _generate_routed(self, request: web.Request, kind: Kind, started: float,
@@ -337,11 +353,15 @@ class Router:
         policy = self._policy(policy_name)
 
         decision_began = time.perf_counter()
-        prompt_tokens, hashes, hits = None, (), {}
+        prompt_tokens, hashes, hits, tiers = None, (), {}, {}
         if self.prefix is not None and policy_uses_prefix_hits(policy):
             prompt_tokens, hashes, hits = self.prefix.lookup(parsed)
+            tiers = self.prefix.tier_hits(hashes, [i.instance_id for i in
+                                                   self.load.serving(parsed.model)])
             self.metrics.prompt_blocks.inc(len(hashes))
-        info = parsed.request_info(prompt_tokens, hashes)
+        info = parsed.request_info(prompt_tokens, hashes,
+                                   default_slo_ttft_ms=self.config.slo_ttft_ms,
+                                   default_slo_tpot_ms=self.config.slo_tpot_ms)
         lookup_s = time.perf_counter() - decision_began
 
         tried: set[str] = set()
@@ -349,7 +369,8 @@ class Router:
         for attempt in range(2):
             began = time.perf_counter()
             try:
-                decision = policy.route(info, self.load.view(parsed.model, frozenset(tried), hits))
+                decision = policy.route(info, self.load.view(parsed.model, frozenset(tried), hits,
+                                                             tiers))
             except NoInstanceAvailable as exc:
                 if failure is not None:
                     break
@@ -364,10 +385,25 @@ class Router:
             self.metrics.decisions.labels(policy_name, instance_id, decision.reason).inc()
             if ctx["hits"]:
                 self.metrics.prefix_hit_blocks.labels(instance_id).inc(ctx["hits"])
-            self.load.begin(instance_id, info.prompt_tokens)
+            # P->D: prefill on P first (router/server/pd.py), then D decodes with P's KV.
+            prefill_id = decision.prefill_instance_id
+            if prefill_id == instance_id or not supports_handoff(parsed):
+                prefill_id = None
+            ticket = self.load.begin(instance_id, info.prompt_tokens,
+                                     phase="waiting" if prefill_id else "prefill")
+            ctx["handoff"] = None
             try:
+                body = None
+                if prefill_id is not None:
+                    handoff = await self.prefill_stage.run(
+                        parsed, prefill_id, _PATHS[parsed.kind],
+                        self._forward_headers(request, parsed), info.prompt_tokens)
+                    ctx["handoff"] = handoff
+                    ticket.to("decode" if handoff.ok else "prefill")
+                    body = handoff.decode_body(parsed)
                 return await self._forward(request, parsed, instance_id, policy_name, started,
-                                           ctx, policy, info.prompt_tokens)
+                                           ctx, policy, info.prompt_tokens, body=body,
+                                           ticket=ticket)
             except UpstreamFailure as exc:
                 failure = exc
                 tried.add(instance_id)
@@ -378,7 +414,7 @@ class Router:
                 if attempt == 0:
                     self.metrics.retries.labels(instance_id).inc()
             finally:
-                self.load.finish(instance_id, info.prompt_tokens)
+                ticket.finish()
         assert failure is not None
         raise RouterError(failure.status, f"upstream failed: {failure.message}"
                           + ("; retried once" if len(tried) > 1 else "; no other instance to "
@@ -387,10 +423,6 @@ class Router:
     def _apply_decision(self, decision: RoutingDecision) -> None:
         if decision.role_changes:
             self._apply_role_changes(decision.role_changes)
-        if decision.prefill_instance_id and not self._warned_pd:
-            log.warning("policy chose a separate prefill instance; the live router does not "
-                        "run the P->D handoff yet, so the decode instance runs the whole request")
-            self._warned_pd = True
 
     def _forward_headers(self, request: web.Request, parsed: ParsedRequest) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "X-Request-Id": parsed.request_id}
@@ -403,7 +435,9 @@ class Router:
 
     async def _forward(self, request: web.Request, parsed: ParsedRequest, instance_id: str,
                        policy_name: str, started: float, ctx: dict[str, Any],
-                       policy: RoutingPolicy, prompt_tokens: int) -> web.StreamResponse:
+                       policy: RoutingPolicy, prompt_tokens: int, *, body: bytes | None = None,
+                       ticket: LoadTicket | None = None) -> web.StreamResponse:
+        """Send ``body`` (default: the client's) to the instance and relay its answer."""
         assert self.session is not None
         load = self.load.instances[instance_id]
         cfg = self.config
@@ -416,7 +450,8 @@ class Router:
         try:
             try:
                 async with asyncio.timeout_at(asyncio.get_running_loop().time() + wait_s):
-                    upstream = await self.session.post(url, data=parsed.upstream_body(),
+                    upstream = await self.session.post(url, data=body if body is not None
+                                                       else parsed.upstream_body(),
                                                        headers=self._forward_headers(request,
                                                                                      parsed),
                                                        timeout=timeout)
@@ -436,6 +471,10 @@ class Router:
                                       f"answered {upstream.status}: {detail}")
 
             extra = {HEADER_INSTANCE: instance_id, HEADER_POLICY_USED: policy_name}
+            handoff: Handoff | None = ctx.get("handoff")
+            if handoff is not None:
+                extra[HEADER_PREFILL_INSTANCE] = handoff.prefill_instance_id
+                extra[HEADER_PD] = "handoff" if handoff.ok else f"fallback_{handoff.failure}"
             content_type = upstream.headers.get("Content-Type", "application/json")
             if not (parsed.stream and upstream.status == 200
                     and content_type.startswith("text/event-stream")):
@@ -471,6 +510,8 @@ class Router:
                 raise UpstreamFailure("empty", 502, f"instance {instance_id} closed the stream "
                                       "without data")
             t_first = time.perf_counter()
+            if ticket is not None:
+                ticket.to("decode")
             ttft_ms = (t_first - started) * 1000
             ctx["ttft_ms"] = ttft_ms
             self.metrics.ttft.observe(ttft_ms / 1000)
@@ -545,13 +586,20 @@ class Router:
         ttft_ms = ctx["ttft_ms"] if ctx["ttft_ms"] is not None else (
             (time.perf_counter() - started) * 1000)
         block_size = self.prefix.block_size if self.prefix is not None else 0
+        # Arrival to the end of prefill: the prefill stage under P->D, else the first token
+        # (unknown, 0, for a non-streaming request served whole).
+        handoff: Handoff | None = ctx.get("handoff")
+        if handoff is not None and handoff.ok:
+            prefill_id, prefill_ms = handoff.prefill_instance_id, handoff.prefill_ms
+        else:
+            prefill_id, prefill_ms = None, ctx["ttft_ms"] or 0.0
         try:
             policy.observe(RequestOutcome(
-                request_id=parsed.request_id, instance_id=instance_id, prefill_instance_id=None,
-                prompt_tokens=prompt_tokens,
+                request_id=parsed.request_id, instance_id=instance_id,
+                prefill_instance_id=prefill_id, prompt_tokens=prompt_tokens,
                 cached_prompt_tokens=min(prompt_tokens, ctx["hits"] * block_size),
                 output_tokens=output_tokens, ttft_ms=ttft_ms, tpot_ms=tpot_ms, queue_ms=0.0,
-                prefill_ms=ttft_ms, finished_at=time.monotonic(), ok=ok))
+                prefill_ms=prefill_ms, finished_at=time.monotonic(), ok=ok))
         except Exception:  # noqa: BLE001 (a policy bug must not fail a served request)
             log.exception("policy %s failed in observe()", policy.name)
 

@@ -7,7 +7,9 @@ Three sources meet here:
   the plugin's ``/xllm/status`` when the engine runs the XLLMScheduler, otherwise
   from vLLM's ``/metrics``; served model names from ``/v1/models`` now and then;
 * the router's own accounting: requests and prompt tokens in flight (exact,
-  updated at dispatch and finish) and recent TTFT/TPOT it measured itself.
+  updated at dispatch and finish), split by phase (a :class:`LoadTicket` per
+  request and instance: prompt tokens still to prefill there, prompt tokens
+  decoding there), and recent TTFT/TPOT it measured itself.
 
 Health rule: an instance is routable once one scrape succeeded and until
 ``unhealthy_after`` consecutive failures (scrapes, or connection failures the
@@ -24,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 
@@ -72,6 +74,8 @@ class InstanceLoad:
     models: tuple[str, ...] = ()
     inflight: int = 0
     inflight_prompt_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens sent here whose prefill has not ended
+    decode_tokens: int = 0  # prompt tokens of requests decoding here
     ttft_ms: deque[float] = field(default_factory=lambda: deque(maxlen=32))
     tpot_ms: deque[float] = field(default_factory=lambda: deque(maxlen=32))
     role_override: Role | None = None  # set by a policy's RoleChange
@@ -93,7 +97,8 @@ class InstanceLoad:
             running=self.running, waiting=self.waiting, kv_usage=self.kv_usage,
             inflight=self.inflight, inflight_prompt_tokens=self.inflight_prompt_tokens,
             ttft_ms=statistics.median(self.ttft_ms) if self.ttft_ms else None,
-            tpot_ms=statistics.median(self.tpot_ms) if self.tpot_ms else None)
+            tpot_ms=statistics.median(self.tpot_ms) if self.tpot_ms else None,
+            queued_prefill_tokens=self.prefill_tokens, running_tokens=self.decode_tokens)
 
     def describe(self) -> dict[str, Any]:
         """The admin view of this instance (GET /admin/instances)."""
@@ -109,10 +114,66 @@ class InstanceLoad:
             "running": self.running, "waiting": self.waiting, "by_class": self.by_class,
             "kv_usage": self.kv_usage, "inflight": self.inflight,
             "inflight_prompt_tokens": self.inflight_prompt_tokens,
+            "prefill_tokens": self.prefill_tokens, "decode_tokens": self.decode_tokens,
+            "home_role": self.record.role,
             "ttft_ms": s.ttft_ms, "tpot_ms": s.tpot_ms,
             "kv_events_endpoint": self.record.kv_events_endpoint,
             "kv_events_replay_endpoint": self.record.kv_events_replay_endpoint,
         }
+
+
+Phase = Literal["waiting", "prefill", "decode"]
+
+
+class LoadTicket:
+    """One request's share of one instance's load, from dispatch to finish.
+
+    ``waiting`` (a decode instance whose prefill runs elsewhere) counts only as
+    in flight; ``prefill`` also counts its prompt as queued prefill
+    (``InstanceState.queued_prefill_tokens``); ``decode`` counts it as running
+    context (``InstanceState.running_tokens``). Phases only move forward;
+    ``finish`` (idempotent) removes everything.
+    """
+
+    __slots__ = ("load", "tokens", "phase", "done")
+
+    def __init__(self, load: InstanceLoad | None, tokens: int, phase: Phase) -> None:
+        self.load = load
+        self.tokens = tokens
+        self.phase: Phase = "waiting"
+        self.done = False
+        if load is not None:
+            load.inflight += 1
+            load.inflight_prompt_tokens += tokens
+        self.to(phase)
+
+    def to(self, phase: Phase) -> None:
+        if self.done or phase == self.phase:
+            return
+        load = self.load
+        if load is not None:
+            self._leave(load)
+            if phase == "prefill":
+                load.prefill_tokens += self.tokens
+            elif phase == "decode":
+                load.decode_tokens += self.tokens
+        self.phase = phase
+
+    def _leave(self, load: InstanceLoad) -> None:
+        if self.phase == "prefill":
+            load.prefill_tokens = max(0, load.prefill_tokens - self.tokens)
+        elif self.phase == "decode":
+            load.decode_tokens = max(0, load.decode_tokens - self.tokens)
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        load = self.load
+        if load is not None:
+            self._leave(load)
+            load.inflight = max(0, load.inflight - 1)
+            load.inflight_prompt_tokens = max(0, load.inflight_prompt_tokens - self.tokens)
 
 
 class LoadView:
@@ -176,24 +237,19 @@ class LoadView:
         return [load for load in self.instances.values() if load.serves(model)]
 
     def view(self, model: str, exclude: frozenset[str] = frozenset(),
-             prefix_hits: dict[str, int] | None = None) -> ClusterView:
+             prefix_hits: dict[str, int] | None = None,
+             tier_hits: dict[str, Any] | None = None) -> ClusterView:
         states = tuple(load.state() for load in self.serving(model)
                        if load.instance_id not in exclude)
-        return ClusterView(instances=states, now=time.monotonic(), prefix_hits=prefix_hits or {})
+        return ClusterView(instances=states, now=time.monotonic(), prefix_hits=prefix_hits or {},
+                           tier_hits=tier_hits or {})
 
     # -- the router's own accounting -------------------------------------------------------
 
-    def begin(self, instance_id: str, prompt_tokens: int) -> None:
-        load = self.instances.get(instance_id)
-        if load is not None:
-            load.inflight += 1
-            load.inflight_prompt_tokens += prompt_tokens
-
-    def finish(self, instance_id: str, prompt_tokens: int) -> None:
-        load = self.instances.get(instance_id)
-        if load is not None:
-            load.inflight = max(0, load.inflight - 1)
-            load.inflight_prompt_tokens = max(0, load.inflight_prompt_tokens - prompt_tokens)
+    def begin(self, instance_id: str, prompt_tokens: int,
+              phase: Phase = "prefill") -> LoadTicket:
+        """Count a request dispatched to ``instance_id``; ``finish()`` the ticket when done."""
+        return LoadTicket(self.instances.get(instance_id), prompt_tokens, phase)
 
     def observe_ttft(self, instance_id: str, ttft_ms: float) -> None:
         load = self.instances.get(instance_id)

@@ -65,11 +65,32 @@ class RouterMetrics:
         self.instance_kv_usage = Gauge(
             "xllm_router_instance_kv_usage", "Engine-reported KV-cache usage (0..1).",
             ["instance"], registry=r)
+        self.pd_prefills = Counter(
+            "xllm_router_pd_prefills", "Prefill stages of disaggregated requests by prefill "
+            "instance and outcome: 'handoff' (KV handed to the decode instance) or "
+            "'fallback_<reason>' (the decode instance prefilled it itself).",
+            ["instance", "outcome"], registry=r)
+        self.pd_prefill = Histogram(
+            "xllm_router_pd_prefill_seconds", "Prefill stage of disaggregated requests "
+            "(request sent to the prefill instance to its kv_transfer_params back).",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.role_switches = Counter(
+            "xllm_router_role_switches", "Instance role changes asked for by the policy, by "
+            "instance, old and new role, and the policy's reason.",
+            ["instance", "from_role", "to_role", "reason"], registry=r)
+        self.instance_role = Gauge(
+            "xllm_router_instance_role", "1 for the instance's current role (prefill, decode, "
+            "both, encode).", ["instance", "role"], registry=r)
 
     def forget_instance(self, instance_id: str) -> None:
         for gauge in (self.instance_healthy, self.instance_inflight, self.instance_kv_usage):
             try:
                 gauge.remove(instance_id)
+            except KeyError:
+                pass
+        for role in ("both", "prefill", "decode", "encode"):
+            try:
+                self.instance_role.remove(instance_id, role)
             except KeyError:
                 pass
         for state in ("running", "waiting"):
@@ -80,3 +101,8 @@ class RouterMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def set_role(self, instance_id: str, role: str) -> None:
+        """Mark ``role`` as the instance's current one (the others 0)."""
+        for name in ("both", "prefill", "decode", "encode"):
+            self.instance_role.labels(instance_id, name).set(1 if name == role else 0)

@@ -74,6 +74,15 @@ class PrefixLookup:
         hashes = self.hasher.hashes(ids, salt if isinstance(salt, str) else None)
         return len(ids), hashes, (self.index.prefix_hits(hashes) if hashes else {})
 
+    def tier_hits(self, hashes: tuple[int, ...], instance_ids: Any) -> dict[str, Any]:
+        """instance id -> ``TierHits`` for the request's blocks; empty without tier data."""
+        if not hashes:
+            return {}
+        from router.policies.types import TierHits
+
+        return {i: TierHits(*counts)
+                for i, counts in self.index.tier_hits(hashes, instance_ids).items()}
+
     # -- event feeds ------------------------------------------------------------------------
 
     def subscribe(self, instance_id: str, endpoint: str, replay_endpoint: str | None) -> None:

@@ -58,14 +58,21 @@ class ParsedRequest:
         return _encoder.encode(self.body) if self.body_changed else self.raw
 
     def request_info(self, prompt_tokens: int | None = None,
-                     block_hashes: tuple[int, ...] = ()) -> RequestInfo:
+                     block_hashes: tuple[int, ...] = (), *,
+                     default_slo_ttft_ms: float | None = None,
+                     default_slo_tpot_ms: float | None = None) -> RequestInfo:
+        """What the policy sees; SLO headers win over the router's default SLOs."""
         if prompt_tokens is None:
             prompt_tokens = (len(self.prompt_token_ids) if self.prompt_token_ids is not None
                              else max(1, math.ceil(self.prompt_chars / CHARS_PER_TOKEN)))
         return RequestInfo(request_id=self.request_id, prompt_tokens=prompt_tokens,
                            max_tokens=self.max_tokens, model=self.model,
-                           request_class=self.request_class, slo_ttft_ms=self.slo_ttft_ms,
-                           slo_tpot_ms=self.slo_tpot_ms, block_hashes=block_hashes)
+                           request_class=self.request_class,
+                           slo_ttft_ms=(self.slo_ttft_ms if self.slo_ttft_ms is not None
+                                        else default_slo_ttft_ms),
+                           slo_tpot_ms=(self.slo_tpot_ms if self.slo_tpot_ms is not None
+                                        else default_slo_tpot_ms),
+                           block_hashes=block_hashes)
 
 
 def _bad(message: str, param: str | None = None) -> RouterError:

@@ -19,7 +19,11 @@ fed with every simulated instance's block stored/removed events exactly as
 the live router feeds it from vLLM's KV events (here without delay).
 
 Policies with ``observe(outcome)`` hear every finished request; policies with
-``rebalance(view)`` are asked every ``rebalance_interval_s`` for role changes.
+``rebalance(view)`` are asked every ``rebalance_interval_s`` for role changes;
+policies with ``profile_plan()`` get each instance profiled before the first
+arrival (``router.sim.profile``), as the live router profiles a new instance.
+Requests without their own SLOs carry the run's default SLOs to the policy,
+as the live router fills in its ``--slo-ttft-ms``/``--slo-tpot-ms``.
 Every role change is logged with its time and reason.
 """
 
@@ -152,12 +156,25 @@ class Cluster:
             inst.on_fail = self._on_fail
             self.instances[inst.instance_id] = inst
         self._order = list(self.instances.values())
+        per_host = self.dep.host_instances
+        if per_host > 1 and self.dep.neighbour_prefill_slowdown > 0:
+            for start in range(0, len(self._order), per_host):
+                host = self._order[start:start + per_host]
+                for inst in host:
+                    inst.neighbours = [other for other in host if other is not inst]
         self._nic_free_at: dict[str, float] = {i: 0.0 for i in self.instances}
         self._observe = getattr(policy, "observe", None)
         self._rebalance = getattr(policy, "rebalance", None)
         self.records: list[RequestRecord] = []
         self.role_log: list[tuple[float, str, str, str, str]] = []
         self._arrivals_left = len(workload.requests)
+        plan = getattr(policy, "profile_plan", None)
+        if plan is not None:
+            from router.sim.profile import profile_deployment
+
+            samples = profile_deployment(self.dep, plan())
+            for inst_id in self.instances:
+                policy.observe_profile(inst_id, samples)  # type: ignore[attr-defined]
 
     # -- views -------------------------------------------------------------------------
     def view(self, block_hashes: tuple[int, ...] = ()) -> ClusterView:
@@ -180,7 +197,10 @@ class Cluster:
             return
         info = RequestInfo(spec.request_id, spec.prompt_tokens, spec.output_tokens,
                            request_class=spec.request_class,  # type: ignore[arg-type]
-                           slo_ttft_ms=spec.slo_ttft_ms, slo_tpot_ms=spec.slo_tpot_ms,
+                           slo_ttft_ms=spec.slo_ttft_ms if spec.slo_ttft_ms is not None
+                           else self.slo.ttft_ms,
+                           slo_tpot_ms=spec.slo_tpot_ms if spec.slo_tpot_ms is not None
+                           else self.slo.tpot_ms,
                            block_hashes=hashes)
         try:
             decision = self.policy.route(info, self.view(hashes))

@@ -38,6 +38,7 @@ class SimInstance:
         "busy", "busy_s", "steps", "tokens", "inflight", "inflight_prompt_tokens",
         "queued_prefill_tokens", "running_tokens", "on_first_token", "on_finish",
         "on_prefill_done", "on_fail", "_budget", "_max_seqs", "_step_s", "_batch", "preemptions",
+        "neighbours",
     )
 
     def __init__(self, instance_id: str, dep: Deployment, events: EventQueue,
@@ -69,6 +70,8 @@ class SimInstance:
         self._max_seqs = dep.max_num_seqs
         self._step_s = dep.step_model.step_s
         self._batch: list[tuple[SimRequest, int]] = []
+        # Instances on the same host (Deployment.neighbour_prefill_slowdown); set by the cluster.
+        self.neighbours: list[SimInstance] = []
 
     # -- intake ------------------------------------------------------------------------
     def enqueue(self, req: SimRequest) -> None:
@@ -138,6 +141,7 @@ class SimInstance:
                     break
                 waiting.popleft()
                 running.append(req)
+                self.running_tokens += req.computed  # prefix hits or KV received from P
                 if req.prefill_start_s is None:
                     req.prefill_start_s = now
                 batch.append((req, n))
@@ -152,6 +156,12 @@ class SimInstance:
             self.busy = False
             return
         duration = self._step_s(prefill_tokens, prefill_attn, decode_seqs, decode_ctx)
+        if self.neighbours and prefill_tokens:  # host contention, judged at the step's start
+            busy = sum(1 for n in self.neighbours if n.busy)
+            if busy:
+                prefill_s = self._step_s(prefill_tokens, prefill_attn, 0, 0) - self._step_s(0, 0, 0, 0)
+                duration += (self.dep.neighbour_prefill_slowdown * busy / len(self.neighbours)
+                             * prefill_s)
         self.busy = True
         self.busy_s += duration
         self.steps += 1

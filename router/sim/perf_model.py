@@ -115,6 +115,13 @@ class Deployment:
     """Fixed cost of one KV transfer (handshake, descriptor exchange)."""
     ttft_overhead_ms: float = 0.0
     """Client-visible time outside engine steps added to TTFT (HTTP, tokenize, detokenize)."""
+    host_instances: int = 1
+    """Instances sharing one host (consecutive instance ids); 1 = independent instances, one
+    device each (GPU deployments)."""
+    neighbour_prefill_slowdown: float = 0.0
+    """Fractional increase of a step's prefill time while the other instances on the same
+    host are busy (a CPU host's shared caches and memory bandwidth); measured by
+    ``sim_profile.py``, which found decode steps unaffected."""
     default_slo_ttft_ms: float = 1000.0
     default_slo_tpot_ms: float = 50.0
     fit: dict[str, Any] = field(default_factory=dict)

@@ -31,6 +31,7 @@ from router_fakes import FakeEngine, wait_for  # noqa: F401 (re-exported)
 # on this machine does not collide.
 ENGINE_PORTS = (8110, 8111)
 KV_EVENT_PORTS = ((5600, 5601), (5602, 5603))
+NIXL_SIDE_CHANNEL_PORTS = (5604, 5605)  # P->D KV transfer (NixlConnector kv_both)
 ETCD_PORTS = (8190, 8191)
 ROUTER_TEST_BLOCK_SIZE = 128
 
@@ -144,11 +145,12 @@ def etcd_endpoint() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def router_engines() -> Iterator[list[Any]]:
     """Two real tiny-model ``vllm serve`` (plugin scheduler on one, stock vLLM on the other),
-    each publishing KV events, started once per session.
+    each publishing KV events and able to act as prefill or decode instance (NixlConnector,
+    ``kv_both``), started once per session.
 
     Run engine tests under ``flock /tmp/xllm-vllm.lock`` (two cores, shared machine).
     """
-    from xllm_plugin.launcher.engine import EngineProcess, EngineSpec
+    from xllm_plugin.launcher.engine import EngineProcess, EngineSpec, pd_engine_args
     from xllm_plugin.models import model_path
 
     model = model_path("tiny")
@@ -159,11 +161,15 @@ def router_engines() -> Iterator[list[Any]]:
         kv_events = ('{"enable_kv_cache_events":true,"publisher":"zmq",'
                      f'"endpoint":"tcp://*:{pub}","replay_endpoint":"tcp://*:{replay}",'
                      '"topic":"kv"}')
+        pd_args, pd_env = pd_engine_args(NIXL_SIDE_CHANNEL_PORTS[i])
         specs.append(EngineSpec(model=model, port=port, served_model_name="tiny",
                                 plugin=(i == 0), cpu_bind=str(i),
                                 block_size=ROUTER_TEST_BLOCK_SIZE,
+                                # float32: a P->D decode must equal the whole request's
+                                # greedy output (bf16 rounding differs between the two paths)
                                 extra_args=["--enable-prefix-caching", "--kv-events-config",
-                                            kv_events]))
+                                            kv_events, "--dtype", "float32", *pd_args],
+                                env=pd_env))
     engines = [EngineProcess(spec, log_path=Path(f"/tmp/xllm-router-test-engine-{spec.port}.log"))
                for spec in specs]
     try:

@@ -31,6 +31,7 @@ class FakeBehaviour:
     with_xllm_status: bool = True
     running: int = 0
     waiting: int = 0
+    kv_transfer_params: dict[str, Any] | None = None  # returned to a P->D prefill request
 
 
 @dataclass
@@ -109,12 +110,14 @@ class FakeEngine:
             text = " ".join(f"t{i}" for i in range(b.tokens))
             choice = ({"message": {"role": "assistant", "content": text}} if chat
                       else {"text": text})
-            return web.json_response({"id": "x", "object": "completion", "model": b.model,
-                                      "served_by": self.name,
-                                      "choices": [{"index": 0, **choice,
-                                                   "finish_reason": "length"}],
-                                      "usage": {"prompt_tokens": 3, "completion_tokens": b.tokens,
-                                                "total_tokens": 3 + b.tokens}})
+            answer = {"id": "x", "object": "completion", "model": b.model,
+                      "served_by": self.name,
+                      "choices": [{"index": 0, **choice, "finish_reason": "length"}],
+                      "usage": {"prompt_tokens": 3, "completion_tokens": b.tokens,
+                                "total_tokens": 3 + b.tokens}}
+            if b.kv_transfer_params is not None and body.get("kv_transfer_params"):
+                answer["kv_transfer_params"] = b.kv_transfer_params
+            return web.json_response(answer)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         try:

@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from router.policies import POLICY_FACTORIES
 from xllm_plugin.launcher.cluster import LocalCluster, RouterSpec
@@ -49,9 +50,23 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--serve", action="store_true",
                         help="keep serving after the demo until Ctrl-C")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
+    parser.add_argument("--kv-store", action="store_true",
+                        help="global multi-tier KV cache: start mooncake_master and attach every "
+                             "engine to it with the plugin's KV store connector (DRAM tier, SSD "
+                             "tier with --kv-store-ssd-dir, Mooncake Store across instances)")
+    parser.add_argument("--kv-store-dram-mb", type=int, default=1024,
+                        help="DRAM tier per instance, MiB (default: 1024)")
+    parser.add_argument("--kv-store-ssd-dir", default=None,
+                        help="directory of the SSD tier's block files (default: no SSD tier)")
+    parser.add_argument("--kv-store-ssd-mb", type=int, default=4096,
+                        help="SSD tier per instance, MiB, with --kv-store-ssd-dir (default: 4096)")
+    parser.add_argument("--kv-store-segment-mb", type=int, default=1024,
+                        help="memory each instance lends to the global store, MiB (default: 1024)")
     args = parser.parse_args(argv)
     if args.instances < 1:
         parser.error("--instances must be at least 1")
+    if args.kv_store and args.stock:
+        parser.error("--kv-store needs the plugin (its settings live in --additional-config xllm)")
     return args
 
 
@@ -72,10 +87,15 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = _model_dir(args.model)
     served_name = args.model if args.model in MODEL_NAMES else model_dir.name
 
+    master = _start_kv_store_master(args) if args.kv_store else None
+
     def make_spec(index: int, port: int, cpu_bind: str) -> EngineSpec:
-        return EngineSpec(model=model_dir, port=port, served_model_name=served_name,
+        spec = EngineSpec(model=model_dir, port=port, served_model_name=served_name,
                           plugin=not args.stock, kv_cache_gib=args.kv_cache_gib,
                           cpu_bind=cpu_bind, max_model_len=args.max_model_len)
+        if master is not None:
+            _attach_kv_store(spec, master.address, args)
+        return spec
 
     router = None if args.no_router else RouterSpec(args.router_port, args.policy, model_dir)
     cluster = LocalCluster.of(args.instances, args.base_port, make_spec, router)
@@ -86,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         cluster.start(args.startup_timeout)
     except EngineStartError as error:
         print(f"xllm-local: {error}", file=sys.stderr)
+        if master is not None:
+            master.stop()
         raise SystemExit(1) from None
     try:
         ready_s = time.perf_counter() - began
@@ -101,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:
         cluster.stop()
+        if master is not None:
+            master.stop()
 
 
 def _demo(url: str, model: str, args: argparse.Namespace) -> None:
@@ -117,3 +141,27 @@ def _demo(url: str, model: str, args: argparse.Namespace) -> None:
         print(f"sample: {question!r} -> {sample.text.strip()[:120]!r}")
     if summary["failed"]:
         raise SystemExit(f"xllm-local: {summary['failed']} demo request(s) failed")
+
+
+def _start_kv_store_master(args: argparse.Namespace) -> Any:
+    """mooncake_master for ``--kv-store``, on a free port; stopped with the cluster."""
+    from xllm_plugin.kvstore.master import MooncakeMaster
+
+    try:
+        master = MooncakeMaster().start()
+    except EngineStartError as error:
+        raise SystemExit(f"xllm-local: {error}") from None
+    print(f"mooncake_master at {master.address} (log {master.log_path})", flush=True)
+    return master
+
+
+def _attach_kv_store(spec: EngineSpec, master: str, args: argparse.Namespace) -> None:
+    """The connector flags and the ``xllm.kv_store`` section for one engine."""
+    from xllm_plugin.kvstore.launch import connector_args, kv_store_section
+
+    ssd = ({"ssd_dir": args.kv_store_ssd_dir, "ssd_mb": args.kv_store_ssd_mb}
+           if args.kv_store_ssd_dir else {})
+    section = kv_store_section(master, dram_mb=args.kv_store_dram_mb,
+                               segment_mb=args.kv_store_segment_mb, **ssd)
+    spec.xllm_config = {**(spec.xllm_config or {}), "kv_store": section}
+    spec.extra_args = [*spec.extra_args, *connector_args()]

@@ -177,6 +177,17 @@ class EngineProcess(ManagedProcess):
         return self.start() if self.process is None else self  # type: ignore[return-value]
 
 
+def pd_engine_args(side_channel_port: int, device: str = "cpu") -> tuple[list[str], dict[str, str]]:
+    """``vllm serve`` flags and environment for an instance the router may use as prefill *or*
+    decode instance: vLLM's NixlConnector in ``kv_both`` role (so a role is only a routing
+    label), KV staged in host memory on CPU, and a failed KV load recomputed on the decode
+    side. Every instance on one host needs its own ``side_channel_port``."""
+    config = {"kv_connector": "NixlConnector", "kv_role": "kv_both",
+              "kv_buffer_device": device, "kv_load_failure_policy": "recompute"}
+    return (["--kv-transfer-config", json.dumps(config)],
+            {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(side_channel_port)})
+
+
 def free_port() -> int:
     """A TCP port that is free on loopback right now."""
     import socket

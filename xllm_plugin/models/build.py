@@ -76,6 +76,12 @@ def _build_smollm2(out: Path) -> None:
     _load_tokenizer().save_pretrained(out)
 
 
+def _build_tiny_moe(out: Path) -> None:
+    from xllm_plugin.models.tiny_moe import build_tiny_moe
+
+    build_tiny_moe(out, _load_tokenizer())
+
+
 def _build_tiny(out: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -92,6 +98,7 @@ def _build_tiny(out: Path) -> None:
 _BUILDERS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "tiny": ("tiny-llama-smollm2-tok", _build_tiny),
     "smollm2": ("smollm2-135m-instruct", _build_smollm2),
+    "tiny-moe": ("tiny-qwen3moe-smollm2-tok", _build_tiny_moe),
 }
 MODEL_NAMES = tuple(_BUILDERS)
 
@@ -99,6 +106,10 @@ MODEL_NAMES = tuple(_BUILDERS)
 def _recipe_id(name: str) -> str:
     """Changes whenever what the builder would produce changes, to invalidate the cache."""
     recipe = {"name": name, "gguf": GGUF_FILE, "tiny": TINY_SHAPE, "seed": TINY_SEED, "v": 1}
+    if name == "tiny-moe":  # its own recipe, so that changing it rebuilds only this model
+        from xllm_plugin.models.tiny_moe import TINY_MOE_SEED, TINY_MOE_SHAPE
+
+        recipe["moe"], recipe["moe_seed"] = TINY_MOE_SHAPE, TINY_MOE_SEED
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -19,11 +19,14 @@ from vllm.v1.request import Request
 
 from xllm_plugin import __version__
 from xllm_plugin.config import XLLMConfig, parse_xllm_config
+from xllm_plugin.memory.wiring import check_worker as check_xtensor_worker
+from xllm_plugin.memory.wiring import scheduler_lookahead_tokens
 from xllm_plugin.scheduler.budget import BudgetDecision, plan_step_budget
 from xllm_plugin.scheduler.class_queue import ClassAwareQueue
 from xllm_plugin.scheduler.preemption import OfflineVictimPicker, shortfall
 from xllm_plugin.scheduler.request_class import CLASSES, RequestClass, classify
 from xllm_plugin.scheduler.step_model import StepLatencyModel, StepWork
+from xllm_plugin.spec import adaptive_speculation_for
 from xllm_plugin.status_channel import StatusPublisher
 
 
@@ -51,6 +54,11 @@ class XLLMScheduler(Scheduler):
         # Authoritative check: also covers engines built from Python, where the
         # command-line fast path in register() never ran.
         self.xllm_config: XLLMConfig = parse_xllm_config(self.vllm_config.additional_config)
+        if self.xllm_config.xtensor:  # see xllm_plugin/memory/wiring.py
+            check_xtensor_worker(self.xllm_config, self.parallel_config.worker_cls)
+            # Allocate the next block one token early so the worker pre-maps it.
+            self.num_lookahead_tokens = max(self.num_lookahead_tokens,
+                                            scheduler_lookahead_tokens(self.xllm_config))
         self._classes: dict[str, RequestClass] = {}
         self.waiting = ClassAwareQueue(lambda: create_request_queue(self.policy),
                                        self.request_class)
@@ -69,6 +77,8 @@ class XLLMScheduler(Scheduler):
         self._budget_constrained_steps = 0
         self._step_started: tuple[float, StepWork] | None = None
         self._last_step_ms: float | None = None
+        # Adaptive speculation length (None when off); see xllm_plugin/spec.
+        self._spec = adaptive_speculation_for(self.vllm_config, self.xllm_config.speculative)
         self._publisher = StatusPublisher(self.xllm_config.status_interval_ms / 1000)
         self._publisher.publish(self.status_snapshot, force=True)
 
@@ -91,10 +101,14 @@ class XLLMScheduler(Scheduler):
         self._budget = self._plan_budget()
         self._budget_constrained_steps += self._budget.constrained
         self.max_num_scheduled_tokens = self._budget.tokens
+        if self._spec is not None:
+            self._spec.before_schedule(self.running)
         try:
             output = super().schedule(*args, **kwargs)
         finally:
             self.max_num_scheduled_tokens = self._configured_budget
+        if self._spec is not None:
+            self._spec.after_schedule(output)
         self._steps += 1
         self._last_step_tokens = output.total_num_scheduled_tokens
         self._step_started = (time.perf_counter(), self._work_of(output.num_scheduled_tokens))
@@ -170,6 +184,8 @@ class XLLMScheduler(Scheduler):
             if work.prefill_tokens or work.decode_tokens:
                 self._step_model.observe(work, self._last_step_ms)
         outputs = super().update_from_output(*args, **kwargs)
+        if self._spec is not None:
+            self._spec.after_update(*args[:2], self._last_step_ms, self.requests)
         self._publisher.publish(self.status_snapshot, force=not self.has_requests())
         return outputs
 
@@ -211,6 +227,7 @@ class XLLMScheduler(Scheduler):
                 "step_model_samples": self._step_model.samples,
             },
             "finished": {c: self._finished.get(c, 0) for c in CLASSES},
+            "speculative": self._spec.status() if self._spec is not None else None,
         }
 
 
