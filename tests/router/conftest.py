@@ -38,6 +38,9 @@ ROUTER_TEST_BLOCK_SIZE = 128
 
 def port_is_free(port: int) -> bool:
     with socket.socket() as sock:
+        # As the servers bind (uvicorn sets SO_REUSEADDR): a port whose last connections sit
+        # in TIME_WAIT after an earlier run is free for them.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

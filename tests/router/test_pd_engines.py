@@ -14,6 +14,7 @@ import random
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from router_fakes import FakeBehaviour, FakeEngine, wait_for
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session")]
@@ -114,6 +115,17 @@ async def test_prefill_failure_falls_back_to_local_prefill_on_decode(
         await prefill.stop()
 
 
+async def _role_switches(client: aiohttp.ClientSession, url: str) -> dict[tuple[str, ...], float]:
+    """``xllm_router_role_switches_total`` by (instance, from_role, to_role, reason)."""
+    async with client.get(url + "/metrics") as r:
+        text = await r.text()
+    return {(s.labels["instance"], s.labels["from_role"], s.labels["to_role"], s.labels["reason"]):
+            s.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "xllm_router_role_switches"
+            for s in family.samples if s.name.endswith("_total")}
+
+
 async def test_dynamic_pd_flips_a_role_under_overload_and_back(router_engines, start_router,
                                                                client):
     router, url = await start_router(instances=_pd_instances(router_engines), policy="dynamic_pd",
@@ -128,21 +140,20 @@ async def test_dynamic_pd_flips_a_role_under_overload_and_back(router_engines, s
     budget = 2.5 * single
     queued = next(k for k in range(1, 64)
                   if policy.predicted_ttft_ms("engine-0", length, k * length) > budget)
-    assert queued <= 3, f"the profile predicts too little queueing ({queued} prompts to miss)"
+    # How many depends on the fitted profile (its fixed cost vs per-token cost, which CPU
+    # noise moves); the test only needs a burst the tiny model clears in seconds.
+    assert queued <= 32, f"the profile predicts too little queueing ({queued} prompts to miss)"
     headers = {"x-slo-ttft-ms": f"{budget / policy.settings.ttft_headroom:.1f}"}
     bodies = [{"prompt": _prompt(length, 100 + k), "max_tokens": 2} for k in range(queued + 3)]
     results = await asyncio.gather(*(
         _complete(client, url + "/v1/completions", b, stream=False, headers=headers)
         for b in bodies))
     assert len(results) == len(bodies)  # every request answered (200s asserted inside)
-    async with client.get(url + "/metrics") as r:
-        assert ('xllm_router_role_switches_total{instance="engine-1",from_role="decode",'
-                'to_role="both",reason="ttft_slo"} 1.0') in await r.text()
+    switches = await _role_switches(client, url)
+    assert switches.get(("engine-1", "decode", "both", "ttft_slo")) == 1, (queued, budget, switches)
     # Load gone: after the quiet period the instance returns to its home role.
     await wait_for(lambda: router.load.instances["engine-1"].role == "decode", 20,
                    "engine-1 back to decode")
-    async with client.get(url + "/metrics") as r:
-        text = await r.text()
-    assert ('xllm_router_role_switches_total{instance="engine-1",from_role="both",'
-            'to_role="decode",reason="restore"} 1.0') in text
+    switches = await _role_switches(client, url)
+    assert switches.get(("engine-1", "both", "decode", "restore")) == 1, switches
     assert router.load.instances["engine-0"].role == "prefill"  # never both roles lost

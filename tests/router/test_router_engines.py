@@ -35,9 +35,16 @@ def _specs(engines) -> list[str]:
     return [f"{e.url};id=engine-{i}" for i, e in enumerate(engines)]
 
 
+def _chunk_text(kind: str, event: str) -> str:
+    choices = json.loads(event).get("choices") or [{}]
+    return (choices[0].get("text") if kind == "completions"
+            else (choices[0].get("delta") or {}).get("content")) or ""
+
+
 async def test_stream_and_non_stream_go_through_the_router(router_engines, start_router, client):
     router, url = await start_router(instances=_specs(router_engines))
     served = set()
+    whole: dict[str, str] = {}
     for stream in (False, True):
         for kind, body in (("completions", {"prompt": "Hello, my name is"}),
                            ("chat/completions",
@@ -52,12 +59,18 @@ async def test_stream_and_non_stream_go_through_the_router(router_engines, start
                 if not stream:
                     data = await r.json()
                     assert data["usage"]["completion_tokens"] == 8
+                    choice = data["choices"][0]
+                    whole[kind] = choice["text"] if kind == "completions" else choice["message"]["content"]
                     continue
                 events = [line[6:] for line in (await r.text()).splitlines()
                           if line.startswith("data: ")]
             assert events[-1] == "[DONE]"
             assert json.loads(events[-2])["usage"]["completion_tokens"] == 8
-            assert len(events) >= 8  # one chunk per token, relayed as they came
+            # Relayed as the engine sent them: several chunks (vLLM merges tokens into one
+            # chunk when its API server falls behind, so not necessarily one per token) whose
+            # text is the greedy answer the non-streaming request got.
+            assert len(events) >= 3
+            assert "".join(_chunk_text(kind, e) for e in events[:-1]) == whole[kind]
     assert served == {"engine-0", "engine-1"}
     async with client.get(url + "/v1/models") as r:
         assert [m["id"] for m in (await r.json())["data"]] == ["tiny"]
