@@ -77,6 +77,8 @@ def build_serve_parser(prog: str = "xllm-router") -> argparse.ArgumentParser:
     add("--first-byte-timeout-s", type=float, help=_help("first_byte_timeout_s"))
     add("--idle-timeout-s", type=float, help=_help("idle_timeout_s"))
     add("--request-timeout-s", type=float, help=_help("request_timeout_s"))
+    add("--migration-limit", type=int, help=_help("migration_limit"))
+    add("--stall-timeout-multiple", type=float, help=_help("stall_timeout_multiple"))
     add("--offline-min-priority", type=int, help=_help("offline_min_priority"))
     add("--max-body-mb", type=float, help=_help("max_body_mb"))
     add("--batch-dir", metavar="DIR", help=_help("batch_dir"))

@@ -61,6 +61,15 @@ class RouterConfig(BaseModel):
                                   "two upstream chunks.")
     request_timeout_s: float = Field(600.0, gt=0, description="Non-streaming: longest wait "
                                      "for the whole upstream response.")
+    migration_limit: int = Field(3, ge=0, le=100, description="Streaming: times one request "
+                                 "may move to another instance when its instance fails "
+                                 "mid-stream (prompt + generated tokens are resubmitted); 0 "
+                                 "turns migration off.")
+    stall_timeout_multiple: float | None = Field(None, gt=1, le=10000, description="Streaming: "
+                                                 "a silence longer than this many times the "
+                                                 "instance's median TPOT (at least 1 s) counts "
+                                                 "as a stall and migrates the request; unset: "
+                                                 "only --idle-timeout-s.")
     offline_min_priority: int = Field(1, description="Smallest OpenAI `priority` that makes a "
                                       "request offline (as the engine's xllm config).")
     max_body_mb: float = Field(32.0, gt=0, description="Largest request body accepted, MiB.")

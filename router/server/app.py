@@ -16,7 +16,9 @@ Routes (all answers to errors use OpenAI's error shape):
 Request path: parse and validate -> (tokenize and look up prefix hits, only for
 policies that read them) -> ``policy.route(request_info, cluster_view)`` ->
 forward. If the instance fails before any byte reached the client, the request
-is routed once more with that instance excluded. Every wait has a timeout
+is routed once more with that instance excluded; a stream that breaks later moves to
+another instance with its tokens so far (``_migrate``, router/server/migration.py,
+``--migration-limit``). Every wait has a timeout
 (connect, first byte, idle between chunks, whole non-streaming response).
 A client that disconnects cancels the handler, which closes the upstream
 connection, which makes vLLM abort the request.
@@ -52,6 +54,7 @@ from router.policies.types import (
 from router.server.errors import RouterError, error_body
 from router.server.load_view import InstanceLoad, LoadTicket, LoadView
 from router.server.metrics import RouterMetrics
+from router.server.migration import SSESplitter, StreamLedger, migratable, start_ledger
 from router.server.pd import Handoff, PrefillStage, supports_handoff
 from router.server.prefix import PrefixLookup, policy_uses_prefix_hits
 from router.server.profiler import InstanceProfiler
@@ -344,6 +347,8 @@ class Router:
                                offline_min_priority=self.config.offline_min_priority,
                                known_policies=POLICY_FACTORIES)
         ctx["parsed"] = parsed
+        if self.config.migration_limit and migratable(parsed) is None:
+            ctx["ledger"] = start_ledger(parsed)  # records tokens so the stream can move
         policy_name = parsed.policy_override or self.config.policy
         ctx["policy"] = policy_name
         if not self.load.serving(parsed.model):
@@ -520,29 +525,46 @@ class Router:
             response = web.StreamResponse(status=200, headers={
                 "Content-Type": content_type, "Cache-Control": "no-cache", **extra})
             await response.prepare(request)
-            await response.write(first)
+            ledger: StreamLedger | None = ctx.get("ledger")
+            splitter = SSESplitter()
+            await _relay(response, first, splitter, ledger)
             events = first.count(b"data: ")
             t_last = t_first
+            silence_s, stall = self._silence_limit(load)
+            migrated = False
             while True:
+                broke: tuple[str, str] | None = None
                 try:
-                    async with asyncio.timeout(cfg.idle_timeout_s):
+                    async with asyncio.timeout(silence_s):
                         chunk = await upstream.content.readany()
-                except (TimeoutError, aiohttp.ClientError) as exc:
-                    reason = (f"instance {instance_id} was silent for {cfg.idle_timeout_s:g}s"
-                              if isinstance(exc, TimeoutError) else
-                              f"instance {instance_id} broke off mid-stream: {exc!r}")
-                    log.warning("request %s: %s", parsed.request_id, reason)
+                except TimeoutError:
+                    broke = ("stall" if stall else "idle",
+                             f"instance {instance_id} was silent for {silence_s:g}s")
+                except aiohttp.ClientError as exc:
+                    broke = ("error", f"instance {instance_id} broke off mid-stream: {exc!r}")
+                else:
+                    if not chunk and (ledger is None or ledger.done):
+                        done = True
+                        break
+                    if not chunk:
+                        broke = ("eof", f"instance {instance_id} ended the stream before "
+                                 "[DONE]")
+                if broke is not None:
+                    log.warning("request %s: %s", parsed.request_id, broke[1])
                     self.metrics.upstream_errors.labels(instance_id, "midstream").inc()
-                    ctx["stream_status"] = 502
-                    await response.write(b"data: " + _json_bytes(error_body(502, reason))
-                                         + b"\n\n")
-                    break
-                if not chunk:
-                    done = True
+                    if broke[0] in ("error", "eof"):
+                        self.load.report_failure(instance_id, broke[1])
+                    if ledger is not None:
+                        migrated = await self._migrate(request, parsed, response, ledger,
+                                                       policy, instance_id, *broke)
+                    if not migrated:
+                        ctx["stream_status"] = 502
+                        await response.write(b"data: " + _json_bytes(error_body(502, broke[1]))
+                                             + b"\n\n")
                     break
                 events += chunk.count(b"data: ")
                 t_last = time.perf_counter()
-                await response.write(chunk)
+                await _relay(response, chunk, splitter, ledger)
             tokens = max(0, events - 1)  # minus the closing [DONE]
             if tokens >= 3:
                 tpot_ms = (t_last - t_first) * 1000 / (tokens - 1)
@@ -551,7 +573,7 @@ class Router:
             self.metrics.e2e.observe(time.perf_counter() - started)
             self._observe(policy, parsed, instance_id, prompt_tokens, ctx, started,
                           (t_last - t_first) * 1000 / (tokens - 1) if tokens >= 2 else None,
-                          tokens, done)
+                          tokens, done or migrated)
             await response.write_eof()
             return response
         finally:
@@ -560,6 +582,109 @@ class Router:
                     upstream.release()
                 else:
                     upstream.close()  # drop the connection: vLLM aborts the request
+
+    def _silence_limit(self, load: InstanceLoad) -> tuple[float, bool]:
+        """Longest silence allowed mid-stream, and whether it is the TPOT-based stall limit."""
+        multiple = self.config.stall_timeout_multiple
+        if multiple is None or not load.tpot_ms:
+            return self.config.idle_timeout_s, False
+        tpot_s = sorted(load.tpot_ms)[len(load.tpot_ms) // 2] / 1000
+        stall_s = max(1.0, multiple * tpot_s)
+        if stall_s >= self.config.idle_timeout_s:
+            return self.config.idle_timeout_s, False
+        return stall_s, True
+
+    async def _migrate(self, request: web.Request, parsed: ParsedRequest,
+                       response: web.StreamResponse, ledger: StreamLedger,
+                       policy: RoutingPolicy, failed_id: str, reason: str, detail: str) -> bool:
+        """Continue the client's stream on other instances; True when it finished there.
+
+        Each attempt resubmits prompt + generated token ids as a completions request
+        (router/server/migration.py); at most ``--migration-limit`` attempts per request.
+        """
+        tried = {failed_id}
+        while True:
+            why_not = ledger.can_resume()
+            outcome = ("not_resumable" if why_not else
+                       "limit" if ledger.migrations >= self.config.migration_limit else None)
+            if outcome is not None:
+                self.metrics.migrations.labels(reason, outcome).inc()
+                log.warning("request %s: not migrated (%s)", parsed.request_id,
+                            why_not or f"--migration-limit {self.config.migration_limit}")
+                return False
+            body = ledger.resume_body(parsed.body)
+            try:
+                target = policy.route(parsed.request_info(len(body["prompt"])),
+                                      self.load.view(parsed.model, frozenset(tried))).instance_id
+            except NoInstanceAvailable:
+                self.metrics.migrations.labels(reason, "no_instance").inc()
+                log.warning("request %s: not migrated (no other healthy instance)",
+                            parsed.request_id)
+                return False
+            tried.add(target)
+            began = time.perf_counter()
+            log.warning("request %s: migrating from %s to %s after %d generated tokens (%s: %s)",
+                        parsed.request_id, failed_id, target, len(ledger.generated), reason,
+                        detail)
+            ticket = self.load.begin(target, len(body["prompt"]), phase="prefill")
+            try:
+                failure = await self._resume_on(target, request, parsed, response, ledger, body)
+            finally:
+                ticket.finish()
+            if failure is None:
+                self.metrics.migrations.labels(reason, "resumed").inc()
+                log.info("request %s: resumed on %s, finished there in %.0f ms",
+                         parsed.request_id, target, (time.perf_counter() - began) * 1000)
+                return True
+            self.metrics.migrations.labels(reason, "failed").inc()
+            failed_id, (reason, detail) = target, failure
+
+    async def _resume_on(self, target: str, request: web.Request, parsed: ParsedRequest,
+                         response: web.StreamResponse, ledger: StreamLedger,
+                         body: dict[str, Any]) -> tuple[str, str] | None:
+        """Stream ``body`` from ``target`` into the client's stream; the failure, if any."""
+        assert self.session is not None
+        load = self.load.instances[target]
+        cfg = self.config
+        splitter = SSESplitter()
+        wait_s = cfg.first_byte_timeout_s  # the resumed prompt is prefilled first
+        try:
+            async with asyncio.timeout(wait_s):
+                upstream = await self.session.post(
+                    load.record.url + _PATHS["completions"], data=_json_bytes(body),
+                    headers=self._forward_headers(request, parsed),
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s))
+        except TimeoutError:
+            return "idle", f"instance {target} sent no response within {wait_s:g}s"
+        except aiohttp.ClientError as exc:
+            self.load.report_failure(target, repr(exc))
+            return "error", f"instance {target}: {exc!r}"
+        try:
+            if upstream.status != 200:
+                detail = await self._read_error(upstream)
+                return "error", f"instance {target} answered {upstream.status}: {detail}"
+            while True:
+                try:
+                    async with asyncio.timeout(wait_s):
+                        chunk = await upstream.content.readany()
+                except TimeoutError:
+                    return "idle", f"instance {target} was silent for {wait_s:g}s"
+                except aiohttp.ClientError as exc:
+                    self.load.report_failure(target, repr(exc))
+                    return "error", f"instance {target} broke off mid-stream: {exc!r}"
+                if not chunk:
+                    return None if ledger.done else (
+                        "eof", f"instance {target} ended the stream before [DONE]")
+                wait_s = self._silence_limit(load)[0]
+                for payload in splitter.feed(chunk):
+                    try:
+                        out = ledger.resumed_event(payload)
+                    except (ValueError, msgspec.DecodeError) as exc:
+                        return "malformed", f"instance {target}: {exc}"
+                    if out is not None:
+                        await response.write(out)
+        finally:
+            upstream.close()
 
     @staticmethod
     def _loop_deadline(monotonic_deadline: float) -> float:
@@ -677,6 +802,17 @@ def _loopback(host: str) -> str:
     if host == "::":
         return "[::1]"
     return f"[{host}]" if ":" in host else host
+
+
+async def _relay(response: web.StreamResponse, chunk: bytes, splitter: SSESplitter,
+                 ledger: StreamLedger | None) -> None:
+    """Pass upstream bytes on; through the ledger (whole events) when migration is on."""
+    if ledger is None:
+        await response.write(chunk)
+        return
+    out = b"".join(e for e in map(ledger.event, splitter.feed(chunk)) if e is not None)
+    if out:
+        await response.write(out)
 
 
 def _json_bytes(obj: Any) -> bytes:

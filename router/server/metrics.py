@@ -29,6 +29,10 @@ class RouterMetrics:
         self.retries = Counter(
             "xllm_router_retries", "Requests retried on another instance after an upstream "
             "failure before any byte reached the client.", ["instance"], registry=r)
+        self.migrations = Counter(
+            "xllm_router_migrations", "Streams moved to another instance mid-stream, by what "
+            "broke (error, eof, idle, stall) and outcome (resumed, no_instance, failed, "
+            "limit, not_resumable).", ["reason", "outcome"], registry=r)
         self.upstream_errors = Counter(
             "xllm_router_upstream_errors", "Upstream failures by instance and reason.",
             ["instance", "reason"], registry=r)

@@ -145,11 +145,12 @@ def etcd_endpoint() -> Iterator[str]:
 
 # -- real engines -------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def router_engines() -> Iterator[list[Any]]:
     """Two real tiny-model ``vllm serve`` (plugin scheduler on one, stock vLLM on the other),
     each publishing KV events and able to act as prefill or decode instance (NixlConnector,
-    ``kv_both``), started once per session.
+    ``kv_both``), started once for tests/router and stopped after it: NIXL's progress thread
+    busy-polls a core per engine, which starved engines started by later tests.
 
     Run engine tests under ``flock /tmp/xllm-vllm.lock`` (two cores, shared machine).
     """

@@ -32,6 +32,24 @@ class FakeBehaviour:
     running: int = 0
     waiting: int = 0
     kv_transfer_params: dict[str, Any] | None = None  # returned to a P->D prefill request
+    # A deterministic "greedy model" with token ids (for migration tests): the next token is
+    # a function of the whole sequence, prompt ids are the characters' code points, and
+    # return_token_ids is honoured as vLLM does. ``tokens`` is then the default max_tokens.
+    sequence_model: bool = False
+
+
+def fake_next_token(sequence: list[int]) -> int:
+    """The fake model's greedy choice after ``sequence``."""
+    return 1000 + (sum(sequence) * 31 + len(sequence) * 7) % 997
+
+
+def fake_prompt_ids(body: dict[str, Any], chat: bool) -> list[int]:
+    if chat:
+        return [ord(c) for m in body["messages"] for c in str(m.get("content", ""))]
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    return [ord(c) for c in prompt] if isinstance(prompt, str) else list(prompt)
 
 
 @dataclass
@@ -104,6 +122,8 @@ class FakeEngine:
                                                 "code": b.fail_status}},
                                      status=b.fail_status)
         chat = request.path.endswith("chat/completions")
+        if b.sequence_model:
+            return await self._generate_sequence(request, body, chat)
         if not body.get("stream"):
             await asyncio.sleep(b.token_delay_s * b.tokens)
             self.completed += 1
@@ -134,6 +154,58 @@ class FakeEngine:
             if (body.get("stream_options") or {}).get("include_usage"):
                 usage = {"id": "x", "choices": [], "usage": {"completion_tokens": b.tokens}}
                 await response.write(f"data: {json.dumps(usage)}\n\n".encode())
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            self.completed += 1
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.disconnects += 1
+            raise
+        return response
+
+
+    async def _generate_sequence(self, request: web.Request, body: dict[str, Any],
+                                 chat: bool) -> web.StreamResponse:
+        b = self.behaviour
+        prompt = fake_prompt_ids(body, chat)
+        limit = body.get("max_tokens") or body.get("max_completion_tokens") or b.tokens
+        ids = body.get("return_token_ids")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        sequence = list(prompt)
+        usage = (body.get("stream_options") or {}).get("include_usage")
+        try:
+            if chat:
+                first = {"id": "c", "object": "chat.completion.chunk", "model": b.model,
+                         "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                      "finish_reason": None}]}
+                if ids:
+                    first["prompt_token_ids"] = prompt
+                await response.write(f"data: {json.dumps(first)}\n\n".encode())
+            for i in range(limit):
+                if b.close_mid_stream_after is not None and i == b.close_mid_stream_after:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
+                await asyncio.sleep(b.token_delay_s)
+                token = fake_next_token(sequence)
+                sequence.append(token)
+                reason = "length" if i == limit - 1 else None
+                choice: dict[str, Any] = ({"index": 0, "delta": {"content": f"<{token}>"}}
+                                          if chat else {"index": 0, "text": f"<{token}>"})
+                choice["finish_reason"] = reason
+                if ids:
+                    choice["token_ids"] = [token]
+                    if not chat and i == 0:
+                        choice["prompt_token_ids"] = prompt
+                chunk = {"id": "c", "model": b.model, "served_by": self.name,
+                         "choices": [choice]}
+                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            if usage:
+                n = len(sequence) - len(prompt)
+                tail = {"id": "c", "choices": [], "usage": {
+                    "prompt_tokens": len(prompt), "completion_tokens": n,
+                    "total_tokens": len(prompt) + n}}
+                await response.write(f"data: {json.dumps(tail)}\n\n".encode())
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
             self.completed += 1

@@ -1,0 +1,207 @@
+"""Migration of a live stream to another instance: the token ledger and the seam.
+
+Pure code (no I/O), used by the relay in ``router/server/app.py``. The router asks the
+engine for token ids (vLLM's ``return_token_ids``: the first chunk carries
+``prompt_token_ids``, every chunk the ``token_ids`` it adds), records them per
+request, and strips them from what the client sees unless the client asked for them.
+When the upstream dies mid-stream, ``resume_body`` builds a *completions* request
+whose prompt is prompt + generated token ids and whose ``max_tokens`` is what is
+left, and ``StreamLedger.resumed_event`` rewrites each of its chunks into the
+client's format (chat or completions, the original id and model), so the client sees
+one stream with no token twice and none missing. Greedy continuations are therefore
+identical to an uninterrupted run.
+
+Limits (documented in router/README.md): one choice (``n`` = 1); a stop *string*
+that straddles the seam is not seen by the new instance; presence/frequency
+penalties restart counting at the seam (the generated tokens became prompt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from router.server.requests import ParsedRequest
+
+_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+DONE = b"[DONE]"
+
+# Sampling settings carried over to the resumed completions request.
+_CARRIED = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
+            "ignore_eos", "repetition_penalty", "presence_penalty", "frequency_penalty",
+            "logit_bias", "skip_special_tokens", "spaces_between_special_tokens",
+            "include_stop_str_in_output", "priority", "vllm_xargs", "stream_options", "user",
+            "allowed_token_ids", "bad_words", "min_tokens")
+
+
+class SSESplitter:
+    """Cuts a byte stream into complete server-sent-event ``data:`` payloads."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        self._buffer += chunk
+        *events, self._buffer = self._buffer.replace(b"\r\n", b"\n").split(b"\n\n")
+        payloads = []
+        for event in events:
+            for line in event.split(b"\n"):
+                if line.startswith(b"data:"):
+                    payloads.append(line[5:].strip())
+        return payloads
+
+
+def migratable(parsed: ParsedRequest) -> str | None:
+    """Why this request cannot be migrated (None: it can)."""
+    body = parsed.body
+    if not parsed.stream:
+        return "not streamed"
+    if body.get("n", 1) not in (1, None) or body.get("best_of", 1) not in (1, None):
+        return "n > 1"
+    if body.get("use_beam_search") or body.get("echo") or body.get("logprobs") or body.get(
+            "top_logprobs") or body.get("tools"):
+        return "beam search, echo, logprobs or tools"
+    prompt = body.get("prompt")
+    if parsed.kind == "completions" and not (
+            isinstance(prompt, str) or parsed.prompt_token_ids is not None
+            or isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str)):
+        return "several prompts"
+    return None
+
+
+def start_ledger(parsed: ParsedRequest) -> StreamLedger:
+    """A ledger for ``parsed``; makes its upstream body ask for prompt and output token ids."""
+    body = parsed.body
+    explicit = any(body.get(k) is not None for k in ("max_tokens", "max_completion_tokens"))
+    ledger = StreamLedger(kind=parsed.kind,
+                          max_tokens=(parsed.max_tokens if explicit or parsed.kind ==
+                                      "completions" else None),
+                          client_wants_ids=bool(body.get("return_token_ids")))
+    if not ledger.client_wants_ids:
+        body["return_token_ids"] = True
+        parsed.body_changed = True
+    return ledger
+
+
+@dataclass
+class StreamLedger:
+    """What one client stream has received so far, in tokens."""
+
+    kind: str
+    max_tokens: int | None  # None: the client left it to the engine (chat)
+    client_wants_ids: bool
+    prompt_token_ids: list[int] | None = None
+    generated: list[int] = field(default_factory=list)
+    finished: bool = False  # a finish_reason reached the client
+    done: bool = False  # [DONE] reached the client
+    stream_id: str | None = None
+    model: str | None = None
+    created: int | None = None
+    migrations: int = 0
+
+    def event(self, payload: bytes) -> bytes | None:
+        """Record an event of the original upstream; return the SSE bytes for the client."""
+        if payload == DONE:
+            self.done = True
+            return b"data: [DONE]\n\n"
+        try:
+            chunk = _decoder.decode(payload)
+        except msgspec.DecodeError:
+            return b"data: " + payload + b"\n\n"
+        if not isinstance(chunk, dict):
+            return b"data: " + payload + b"\n\n"
+        self.stream_id = self.stream_id or chunk.get("id")
+        self.model = self.model or chunk.get("model")
+        self.created = self.created or chunk.get("created")
+        if self.prompt_token_ids is None and isinstance(chunk.get("prompt_token_ids"), list):
+            self.prompt_token_ids = list(chunk["prompt_token_ids"])  # chat: top level
+        for choice in chunk.get("choices") or ():
+            if self.prompt_token_ids is None and isinstance(choice.get("prompt_token_ids"),
+                                                            list):
+                self.prompt_token_ids = list(choice["prompt_token_ids"])  # completions
+            self.generated.extend(choice.get("token_ids") or ())
+            if choice.get("finish_reason") is not None:
+                self.finished = True
+            if not self.client_wants_ids:
+                choice.pop("token_ids", None)
+                choice.pop("prompt_token_ids", None)
+        if not self.client_wants_ids:
+            chunk.pop("prompt_token_ids", None)
+        self._fix_usage(chunk)
+        return b"data: " + _encoder.encode(chunk) + b"\n\n"
+
+    def can_resume(self) -> str | None:
+        """Why the stream cannot continue elsewhere (None: it can)."""
+        if self.done or self.finished:
+            return "already finished"
+        if self.prompt_token_ids is None:
+            return "no prompt token ids seen (engine without return_token_ids?)"
+        if self.max_tokens is not None and self.max_tokens - len(self.generated) <= 0:
+            return "max_tokens reached"
+        return None
+
+    def resume_body(self, original: dict[str, Any]) -> dict[str, Any]:
+        """The completions request that continues this stream on another instance."""
+        assert self.prompt_token_ids is not None
+        body: dict[str, Any] = {k: original[k] for k in _CARRIED if k in original}
+        body.update(model=original["model"], prompt=self.prompt_token_ids + self.generated,
+                    stream=True, return_token_ids=True)
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens - len(self.generated)
+        if "min_tokens" in body and isinstance(body["min_tokens"], int):
+            body["min_tokens"] = max(0, body["min_tokens"] - len(self.generated))
+        self.migrations += 1
+        return body
+
+    def resumed_event(self, payload: bytes) -> bytes | None:
+        """Rewrite an event of the resumed completions stream into the client's format."""
+        if payload == DONE:
+            self.done = True
+            return b"data: [DONE]\n\n"
+        chunk = _decoder.decode(payload)  # a malformed event raises: that attempt failed
+        if not isinstance(chunk, dict):
+            raise ValueError(f"upstream event is not a JSON object: {payload[:100]!r}")
+        choices = []
+        for choice in chunk.get("choices") or ():
+            ids = list(choice.get("token_ids") or ())
+            self.generated.extend(ids)
+            reason = choice.get("finish_reason")
+            if reason is not None:
+                self.finished = True
+            out: dict[str, Any] = {"index": 0}
+            if self.kind == "chat":
+                out["delta"] = {"content": choice.get("text", "")}
+                out["logprobs"] = None
+            else:
+                out["text"] = choice.get("text", "")
+                out["logprobs"] = None
+            out["finish_reason"] = reason
+            if choice.get("stop_reason") is not None:
+                out["stop_reason"] = choice["stop_reason"]
+            if self.client_wants_ids:
+                out["token_ids"] = ids
+            choices.append(out)
+        rewritten: dict[str, Any] = {
+            "id": self.stream_id or chunk.get("id"),
+            "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
+            "created": self.created or chunk.get("created"),
+            "model": self.model or chunk.get("model"), "choices": choices}
+        if chunk.get("usage") is not None:
+            rewritten["usage"] = chunk["usage"]
+            self._fix_usage(rewritten)
+        if not choices and "usage" not in rewritten:
+            return None
+        return b"data: " + _encoder.encode(rewritten) + b"\n\n"
+
+    def _fix_usage(self, chunk: dict[str, Any]) -> None:
+        """Usage as if one engine had served the request: the original prompt, all output."""
+        usage = chunk.get("usage")
+        if not isinstance(usage, dict) or self.prompt_token_ids is None or not self.migrations:
+            return
+        usage["prompt_tokens"] = len(self.prompt_token_ids)
+        usage["completion_tokens"] = len(self.generated)
+        usage["total_tokens"] = len(self.prompt_token_ids) + len(self.generated)
+        usage.pop("prompt_tokens_details", None)

@@ -1,0 +1,149 @@
+"""Mid-stream migration against fake engines (a deterministic fake "greedy model").
+
+The fakes check the router's seam: no token twice or missing, the client's format and
+usage, the limits. Real vLLM engines are covered by test_migration_engines.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from router.server.migration import SSESplitter, StreamLedger
+from router_fakes import fake_next_token
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+PROMPT = "hello world"
+
+
+def _expected(prompt_ids: list[int], n: int) -> list[int]:
+    sequence = list(prompt_ids)
+    for _ in range(n):
+        sequence.append(fake_next_token(sequence))
+    return sequence[len(prompt_ids):]
+
+
+def _events(text: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in text.splitlines()
+            if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+def _sequence_fakes(fakes, *, close_after: int | None = 3):
+    a, b = fakes
+    for fake in fakes:
+        fake.behaviour.sequence_model = True
+    a.behaviour.close_mid_stream_after = close_after
+    return a, b
+
+
+async def _stream(client, url: str, kind: str, max_tokens: int = 8, **extra):
+    path = "/v1/completions" if kind == "completions" else "/v1/chat/completions"
+    body = ({"prompt": PROMPT} if kind == "completions"
+            else {"messages": [{"role": "user", "content": PROMPT}]})
+    body.update(model="tiny", stream=True, max_tokens=max_tokens,
+                stream_options={"include_usage": True}, **extra)
+    async with client.post(url + path, json=body) as r:
+        assert r.status == 200
+        return r.headers["x-xllm-instance"], await r.text()
+
+
+def _text(events: list[dict], kind: str) -> str:
+    return "".join((c["delta"].get("content") or "") if kind == "chat" else c["text"]
+                   for e in events for c in e.get("choices", ()))
+
+
+@pytest.mark.parametrize("kind", ["completions", "chat"])
+async def test_broken_stream_continues_on_another_instance(fakes, start_router, client, kind):
+    a, b = _sequence_fakes(fakes)
+    router, url = await start_router(instances=[a.url, b.url])
+    expected = _expected([ord(c) for c in PROMPT], 8)
+    for _ in range(2):  # round robin: at least one starts on the failing instance
+        _, text = await _stream(client, url, kind)
+        events = _events(text)
+        assert _text(events, kind) == "".join(f"<{t}>" for t in expected)
+        assert text.rstrip().endswith("data: [DONE]") and '"error"' not in text
+        assert all("token_ids" not in c for e in events for c in e.get("choices", ()))
+        assert all("prompt_token_ids" not in e for e in events)
+        assert len({e["id"] for e in events}) == 1
+        finishes = [c["finish_reason"] for e in events for c in e.get("choices", ())
+                    if c["finish_reason"]]
+        assert finishes == ["length"]
+        usage = events[-1]["usage"]
+        assert usage["prompt_tokens"] == len(PROMPT) and usage["completion_tokens"] == 8
+    resumed = [r for r in b.requests if isinstance(r.get("prompt"), list)]
+    assert len(resumed) == len(a.requests) >= 1
+    for body in resumed:
+        assert body["prompt"] == [ord(c) for c in PROMPT] + expected[:3]
+        assert body["max_tokens"] == 5 and body["return_token_ids"] is True
+    metrics = (await (await client.get(url + "/metrics")).read()).decode()
+    assert (f'xllm_router_migrations_total{{outcome="resumed",reason="error"}} '
+            f'{len(resumed)}.0') in metrics
+
+
+async def test_client_asking_for_token_ids_gets_them_across_the_seam(fakes, start_router,
+                                                                      client):
+    a, b = _sequence_fakes(fakes)
+    _, url = await start_router(instances=[a.url, b.url])
+    expected = _expected([ord(c) for c in PROMPT], 8)
+    for _ in range(2):
+        _, text = await _stream(client, url, "completions", return_token_ids=True)
+        ids = [t for e in _events(text) for c in e.get("choices", ()) for t in c["token_ids"]]
+        assert ids == expected
+
+
+async def test_silent_instance_is_left_after_idle_timeout(fakes, start_router, client):
+    a, b = _sequence_fakes(fakes, close_after=None)
+    a.behaviour.token_delay_s = 30.0  # chat: the role chunk comes at once, then silence
+    _, url = await start_router(instances=[a.url, b.url], idle_timeout_s=0.5)
+    expected = _expected([ord(c) for c in PROMPT], 4)
+    for _ in range(2):
+        _, text = await _stream(client, url, "chat", max_tokens=4)
+        assert _text(_events(text), "chat") == "".join(f"<{t}>" for t in expected)
+
+
+async def test_migration_off_ends_with_an_error_event(fakes, start_router, client):
+    a, b = _sequence_fakes(fakes)
+    _, url = await start_router(instances=[a.url, b.url], migration_limit=0)
+    texts = [(await _stream(client, url, "completions"))[1] for _ in range(2)]
+    assert sum('"error"' in t for t in texts) == 1
+    assert all(r.get("prompt") == PROMPT for r in b.requests)  # nothing resubmitted
+
+
+async def test_limit_reached_when_every_instance_breaks(fakes, start_router, client):
+    a, b = _sequence_fakes(fakes)
+    b.behaviour.close_mid_stream_after = 2
+    router, url = await start_router(instances=[a.url, b.url])
+    _, text = await _stream(client, url, "completions")
+    assert '"error"' in text
+    metrics = (await (await client.get(url + "/metrics")).read()).decode()
+    assert "xllm_router_migrations_total" in metrics and 'outcome="failed"' in metrics
+
+
+async def test_splitter_reassembles_events_cut_anywhere() -> None:
+    stream = b'data: {"a": 1}\n\ndata: {"b": 2}\r\n\r\ndata: [DONE]\n\n'
+    for cut in range(1, len(stream)):
+        splitter = SSESplitter()
+        got = splitter.feed(stream[:cut]) + splitter.feed(stream[cut:])
+        assert got == [b'{"a": 1}', b'{"b": 2}', b"[DONE]"]
+
+
+async def test_ledger_resume_body_and_usage() -> None:
+    ledger = StreamLedger(kind="completions", max_tokens=10, client_wants_ids=False)
+    out = ledger.event(json.dumps({"id": "x", "model": "m", "choices": [
+        {"index": 0, "text": "a", "token_ids": [5], "prompt_token_ids": [1, 2, 3],
+         "finish_reason": None}]}).encode())
+    assert out is not None and b"token_ids" not in out
+    body = ledger.resume_body({"model": "m", "prompt": "p", "temperature": 0, "min_tokens": 4,
+                               "stop": ["."], "n": 1, "echo": False})
+    assert body == {"model": "m", "prompt": [1, 2, 3, 5], "max_tokens": 9, "stream": True,
+                    "return_token_ids": True, "temperature": 0, "min_tokens": 3, "stop": ["."]}
+    ledger.resumed_event(json.dumps({"id": "y", "choices": [
+        {"index": 0, "text": "b", "token_ids": [6, 7], "finish_reason": "stop"}]}).encode())
+    usage = ledger.resumed_event(json.dumps({"id": "y", "choices": [], "usage": {
+        "prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}}).encode())
+    assert usage is not None
+    assert json.loads(usage[6:])["usage"] == {"prompt_tokens": 3, "completion_tokens": 3,
+                                              "total_tokens": 6}
+    assert ledger.can_resume() == "already finished"

@@ -1,0 +1,134 @@
+"""Kill -9 one of two real vLLM engines while 20 greedy streams run through the router.
+
+Every stream must complete, and its token ids and text must equal the uninterrupted
+run of the same requests. Run under ``flock /tmp/xllm-vllm.lock`` (two cores, shared).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session")]
+
+STREAMS = 20
+MAX_TOKENS = 96
+KILL_AFTER_TOKENS = 8  # the victim dies once one of its streams has this many tokens
+
+
+@pytest.fixture(scope="module")
+def two_engines() -> Iterator[list[Any]]:
+    """Two stock tiny-model engines of their own (one gets killed), float32 so that a
+    recomputed prefix gives the same greedy choices as step-by-step decoding."""
+    from xllm_plugin.launcher.engine import EngineProcess, EngineSpec, free_port
+    from xllm_plugin.models import model_path
+
+    engines = []
+    for i in range(2):
+        spec = EngineSpec(model=model_path("tiny"), port=free_port(), served_model_name="tiny",
+                          plugin=False, cpu_bind=str(i), max_model_len=1024,
+                          extra_args=["--dtype", "float32", "--enable-prefix-caching"])
+        engines.append(EngineProcess(spec, log_path=Path(
+            f"/tmp/xllm-migration-test-engine-{spec.port}.log")))
+    errors: list[BaseException] = []
+
+    def start(engine: Any) -> None:
+        try:
+            engine.start(timeout_s=240)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(e,)) for e in engines]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        yield engines
+    finally:
+        for engine in engines:
+            engine.stop()
+
+
+def _body(i: int) -> tuple[str, dict[str, Any]]:
+    words = " ".join(f"w{(i * 7 + k) % 50}" for k in range(12 + i))
+    common = {"model": "tiny", "stream": True, "max_tokens": MAX_TOKENS, "temperature": 0,
+              "ignore_eos": True, "return_token_ids": True,
+              "stream_options": {"include_usage": True}}
+    if i % 2:
+        return "/v1/chat/completions", {"messages": [{"role": "user", "content": words}],
+                                        **common}
+    return "/v1/completions", {"prompt": words, **common}
+
+
+async def _run(client, url: str, i: int, progress: dict[str, int]) -> dict[str, Any]:
+    path, body = _body(i)
+    ids: list[int] = []
+    text: list[str] = []
+    usage = None
+    async with client.post(url + path, json=body) as r:
+        assert r.status == 200, await r.text()
+        served_by = r.headers["x-xllm-instance"]
+        async for line in r.content:
+            line = line.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            for choice in event.get("choices", ()):
+                ids.extend(choice.get("token_ids") or ())
+                text.append(choice.get("text") or (choice.get("delta") or {}).get("content")
+                            or "")
+            usage = event.get("usage") or usage
+            progress[served_by] = max(progress.get(served_by, 0), len(ids))
+    return {"ids": ids, "text": "".join(text), "usage": usage, "served_by": served_by}
+
+
+async def test_kill_one_engine_mid_stream_every_stream_completes_identically(
+        two_engines, start_router, client):
+    victim, survivor = two_engines
+    router, url = await start_router(instances=[f"{victim.url};id=victim",
+                                                f"{survivor.url};id=survivor"],
+                                     first_byte_timeout_s=120, idle_timeout_s=30)
+    from router_fakes import wait_for
+
+    await wait_for(lambda: all(i.healthy for i in router.load.instances.values()), 30,
+                   "both engines healthy")
+    progress: dict[str, int] = {}
+    reference = await asyncio.gather(*(_run(client, url, i, progress)
+                                       for i in range(STREAMS)))
+    assert all(len(r["ids"]) == MAX_TOKENS for r in reference)
+
+    progress.clear()
+
+    async def kill_when_streaming() -> int:
+        while progress.get("victim", 0) < KILL_AFTER_TOKENS:
+            await asyncio.sleep(0.005)
+        victim.kill()  # SIGKILL to the engine's whole process group
+        return progress["victim"]
+
+    killer = asyncio.ensure_future(kill_when_streaming())
+    chaos = await asyncio.gather(*(_run(client, url, i, progress)
+                                   for i in range(STREAMS)))
+    killed_at = await killer
+    assert killed_at < MAX_TOKENS, "the victim finished before it was killed"
+    on_victim = [r for r in chaos if r["served_by"] == "victim"]
+    assert on_victim, "no stream started on the victim"
+    for i, (want, got) in enumerate(zip(reference, chaos)):
+        assert got["ids"] == want["ids"], f"stream {i} (served by {got['served_by']})"
+        assert got["text"] == want["text"], f"stream {i} text"
+        assert got["usage"]["completion_tokens"] == MAX_TOKENS
+        assert got["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"]
+    metrics = (await (await client.get(url + "/metrics")).read()).decode()
+    resumed = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                  if line.startswith("xllm_router_migrations_total{")
+                  and 'outcome="resumed"' in line)
+    assert resumed >= 1 and resumed <= len(on_victim)
