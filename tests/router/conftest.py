@@ -145,12 +145,13 @@ def etcd_endpoint() -> Iterator[str]:
 
 # -- real engines -------------------------------------------------------------------------------
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 def router_engines() -> Iterator[list[Any]]:
     """Two real tiny-model ``vllm serve`` (plugin scheduler on one, stock vLLM on the other),
     each publishing KV events and able to act as prefill or decode instance (NixlConnector,
-    ``kv_both``), started once for tests/router and stopped after it: NIXL's progress thread
-    busy-polls a core per engine, which starved engines started by later tests.
+    ``kv_both``), per test module: NIXL's progress thread busy-polls a core per engine, and
+    kept for the whole session they starved every engine later tests started (pytest's
+    "package" scope does not end with a folder that has no ``__init__.py``).
 
     Run engine tests under ``flock /tmp/xllm-vllm.lock`` (two cores, shared machine).
     """

@@ -151,9 +151,16 @@ async def test_dynamic_pd_flips_a_role_under_overload_and_back(router_engines, s
     assert len(results) == len(bodies)  # every request answered (200s asserted inside)
     switches = await _role_switches(client, url)
     assert switches.get(("engine-1", "decode", "both", "ttft_slo")) == 1, (queued, budget, switches)
-    # Load gone: after the quiet period the instance returns to its home role.
-    await wait_for(lambda: router.load.instances["engine-1"].role == "decode", 20,
-                   "engine-1 back to decode")
+    # Load gone: after the quiet period, under light traffic without SLOs (which keeps the
+    # predictors learning from fast requests, as a real cluster's would), the instance returns
+    # to its home role.
+    deadline = asyncio.get_running_loop().time() + 60
+    while (router.load.instances["engine-1"].role != "decode"
+           and asyncio.get_running_loop().time() < deadline):
+        await _complete(client, url + "/v1/completions",
+                        {"prompt": _prompt(64, 999), "max_tokens": 2}, stream=False)
+        await asyncio.sleep(1)
+    assert router.load.instances["engine-1"].role == "decode", "engine-1 not back to decode"
     switches = await _role_switches(client, url)
     assert switches.get(("engine-1", "both", "decode", "restore")) == 1, switches
     assert router.load.instances["engine-0"].role == "prefill"  # never both roles lost
