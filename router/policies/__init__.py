@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from router.policies.colocation import ColocationPolicy, ColocationSettings
 from router.policies.dynamic_pd import DynamicPDPolicy, DynamicPDSettings
 from router.policies.kv_aware import KVAwarePolicy, KVAwareSettings
 from router.policies.least_load import LeastLoadPolicy
@@ -17,6 +18,8 @@ from router.policies.static_pd import StaticPDPolicy
 from router.policies.types import (
     ClusterView,
     InstanceState,
+    MigratingPolicy,
+    Migration,
     NoInstanceAvailable,
     ObservingPolicy,
     ProfileSample,
@@ -35,6 +38,7 @@ POLICY_FACTORIES: dict[str, Callable[..., RoutingPolicy]] = {
     StaticPDPolicy.name: StaticPDPolicy,
     KVAwarePolicy.name: KVAwarePolicy,
     DynamicPDPolicy.name: DynamicPDPolicy,
+    ColocationPolicy.name: ColocationPolicy,
 }
 
 
@@ -48,8 +52,9 @@ def make_policy(name: str, **settings: Any) -> RoutingPolicy:
 
 
 __all__ = [
-    "POLICY_FACTORIES", "ClusterView", "DynamicPDPolicy", "DynamicPDSettings", "InstanceState",
-    "KVAwarePolicy", "KVAwareSettings", "ProfileSample", "ProfilingPolicy",
-    "NoInstanceAvailable", "ObservingPolicy", "RebalancingPolicy", "RequestInfo", "RequestOutcome", "RoleChange", "RoutingDecision",
-    "RoutingPolicy", "make_policy",
+    "POLICY_FACTORIES", "ClusterView", "ColocationPolicy", "ColocationSettings",
+    "DynamicPDPolicy", "DynamicPDSettings", "InstanceState", "KVAwarePolicy", "KVAwareSettings",
+    "MigratingPolicy", "Migration", "NoInstanceAvailable", "ObservingPolicy", "ProfileSample",
+    "ProfilingPolicy", "RebalancingPolicy", "RequestInfo", "RequestOutcome", "RoleChange",
+    "RoutingDecision", "RoutingPolicy", "make_policy",
 ]

@@ -41,11 +41,26 @@ class InstanceState:
     queued_prefill_tokens: int = 0
     # Context tokens (prompt + generated) held by the requests running here.
     running_tokens: int = 0
+    # The offline share of the above (0 where the driver does not know classes):
+    # offline requests running, waiting, and their part of queued_prefill_tokens.
+    offline_running: int = 0
+    offline_waiting: int = 0
+    offline_queued_prefill_tokens: int = 0
 
     @property
     def load(self) -> int:
         """Requests queued or running, counting the driver's unscraped sends."""
         return max(self.running + self.waiting, self.inflight)
+
+    @property
+    def online_load(self) -> int:
+        """Online requests queued or running (offline work yields to them)."""
+        return self.running + self.waiting - self.offline_running - self.offline_waiting
+
+    @property
+    def online_queued_prefill_tokens(self) -> int:
+        """Prompt tokens of online requests still to prefill (what a new online prompt waits on)."""
+        return self.queued_prefill_tokens - self.offline_queued_prefill_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,3 +244,30 @@ class RebalancingPolicy(Protocol):
     """
 
     def rebalance(self, view: ClusterView) -> tuple[RoleChange, ...]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """A request from a policy to move offline requests between instances.
+
+    The driver takes up to ``count`` offline requests from ``from_instance_id``
+    (waiting ones first, then running ones past their prompt) and resubmits each
+    to ``to_instance_id`` with its prompt + the tokens generated so far, which the
+    target re-prefills (no KV moves). Online requests are never migrated this way.
+    """
+
+    from_instance_id: str
+    to_instance_id: str
+    count: int = 1
+    reason: str = ""
+
+
+@runtime_checkable
+class MigratingPolicy(Protocol):
+    """Optional: a policy that moves offline work between instances between requests.
+
+    Drivers call ``migrations`` on the same timer as ``rebalance`` and carry out
+    the returned moves.
+    """
+
+    def migrations(self, view: ClusterView) -> tuple[Migration, ...]: ...

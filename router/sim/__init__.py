@@ -11,6 +11,7 @@ Layout (entities, time and decisions kept apart, as in vidur):
 - ``workload``    trace readers, synthetic arrivals, rate scaling;
 - ``metrics``     SLO attainment, goodput, percentiles, utilisation;
 - ``sweep``       rate sweeps, max rate at a target attainment, plots;
+- ``encoder``/``epd``  vision-encoder roofline; EPD (encode/prefill/decode) pools per strategy;
 - ``cli``         ``xllm-bench simulate``.
 
 Nothing here imports torch or vllm.

@@ -25,25 +25,38 @@ arrival (``router.sim.profile``), as the live router profiles a new instance.
 Requests without their own SLOs carry the run's default SLOs to the policy,
 as the live router fills in its ``--slo-ttft-ms``/``--slo-tpot-ms``.
 Every role change is logged with its time and reason.
+
+Online/offline co-location (``router.sim.classes``): ``SimConfig.classes`` makes
+every instance follow XLLMScheduler's class rules; ``SimConfig.offline`` adds an
+always-waiting offline backlog, kept at ``concurrency`` routed requests, each
+routed through the same policy with ``request_class="offline"``. Offline
+requests are recorded apart (``SimResult.offline_records``): the summary's SLO
+numbers are the online requests', plus ``offline_*`` throughput keys, and a run
+with a backlog ends when the last online request is done. Policies with
+``migrations(view)`` are asked on the rebalance timer for offline moves.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import numpy as np
 
 from router.kv.index import PrefixIndex
 from router.policies.types import (
     ClusterView,
     InstanceState,
+    Migration,
     NoInstanceAvailable,
     RequestInfo,
     RequestOutcome,
     RoleChange,
     RoutingPolicy,
 )
+from router.sim.classes import ClassScheduling, OfflineBacklog
 from router.sim.events import EventQueue
 from router.sim.instance import SimInstance
 from router.sim.kv_cache import KVEventListener
@@ -72,6 +85,10 @@ class SimConfig:
     """Stop the clock here; requests not finished by then count as failed (sweeps use it)."""
     kv_listener: KVEventListener | None = None
     """Hears every instance's block stored/removed events (e.g. a router-side prefix index)."""
+    classes: ClassScheduling | None = None
+    """Engines follow XLLMScheduler's online/offline rules; None: offline is treated like online."""
+    offline: OfflineBacklog | None = None
+    """An always-waiting offline batch job beside the workload's (online) requests."""
 
     def instance_roles(self, policy: RoutingPolicy) -> list[str]:
         if self.roles is not None:
@@ -100,6 +117,8 @@ class SimResult:
     role_changes: list[tuple[float, str, str, str, str]] = field(default_factory=list)
     wall_s: float = 0.0
     sim_end_s: float = 0.0
+    offline_records: list[RequestRecord] = field(default_factory=list)
+    """Finished or failed offline backlog requests (not in ``records`` or the SLO numbers)."""
 
 
 class _IndexFeed:
@@ -148,12 +167,16 @@ class Cluster:
         roles = config.instance_roles(policy)
         self.prefix_index = PrefixIndex()
         feed = _IndexFeed(self.prefix_index, config.kv_listener)
+        classes = config.classes
+        if classes is not None and classes.tpot_slo_ms is None:
+            classes = replace(classes, tpot_slo_ms=self.slo.tpot_ms)
         self.instances: dict[str, SimInstance] = {}
         for k, role in enumerate(roles):
-            inst = SimInstance(f"i{k}", self.dep, self.events, feed, role=role)
+            inst = SimInstance(f"i{k}", self.dep, self.events, feed, role=role, classes=classes)
             inst.on_finish = self._on_finish
             inst.on_prefill_done = self._on_prefill_done
             inst.on_fail = self._on_fail
+            inst.on_migrate = self._on_migrate
             self.instances[inst.instance_id] = inst
         self._order = list(self.instances.values())
         per_host = self.dep.host_instances
@@ -165,7 +188,21 @@ class Cluster:
         self._nic_free_at: dict[str, float] = {i: 0.0 for i in self.instances}
         self._observe = getattr(policy, "observe", None)
         self._rebalance = getattr(policy, "rebalance", None)
+        self._migrations = getattr(policy, "migrations", None)
         self.records: list[RequestRecord] = []
+        self.offline_records: list[RequestRecord] = []
+        self.migration_log: list[tuple[float, Migration]] = []
+        self._offline_reqs: list[SimRequest] = []
+        self._online_done = 0
+        self._offline_marked: tuple[float, int] = (0.0, 0)  # (time, offline tokens by then)
+        backlog = config.offline
+        if backlog is not None:
+            fits = [(p, o) for p, o in backlog.lengths if p + o <= self.dep.max_model_len]
+            if not fits or backlog.concurrency < 0:
+                raise ValueError("the offline backlog needs lengths that fit max_model_len "
+                                 "and a concurrency >= 0")
+            self._offline_lengths = fits
+            self._offline_rng = np.random.default_rng(backlog.seed)
         self.role_log: list[tuple[float, str, str, str, str]] = []
         self._arrivals_left = len(workload.requests)
         plan = getattr(policy, "profile_plan", None)
@@ -179,10 +216,12 @@ class Cluster:
     # -- views -------------------------------------------------------------------------
     def view(self, block_hashes: tuple[int, ...] = ()) -> ClusterView:
         states = tuple(
-            InstanceState(i.instance_id, i.role, i.healthy, len(i.running), len(i.waiting),
+            InstanceState(i.instance_id, i.role, i.healthy, len(i.running), i.num_waiting,
                           i.kv.usage(), i.inflight, i.inflight_prompt_tokens,
                           queued_prefill_tokens=i.queued_prefill_tokens,
-                          running_tokens=i.running_tokens)
+                          running_tokens=i.running_tokens, offline_running=i.offline_running,
+                          offline_waiting=i.num_offline_waiting,
+                          offline_queued_prefill_tokens=i.offline_queued_prefill_tokens)
             for i in self._order)
         hits = self.prefix_index.prefix_hits(block_hashes) if block_hashes else {}
         return ClusterView(states, self.events.now, hits)
@@ -190,8 +229,21 @@ class Cluster:
     # -- arrivals and routing ------------------------------------------------------------
     def _arrive(self, spec: RequestSpec) -> None:
         self._arrivals_left -= 1
+        self._route(spec)
+
+    def _dispatch_offline(self, _: object = None) -> None:
+        """Route the backlog's next request (it has been waiting since the job began)."""
+        prompt, output = self._offline_lengths[int(self._offline_rng.integers(
+            len(self._offline_lengths)))]
+        spec = RequestSpec(f"offline-{len(self._offline_reqs)}", self.events.now, prompt, output,
+                           request_class="offline")
+        self._route(spec)
+
+    def _route(self, spec: RequestSpec) -> None:
         hashes = block_hashes_for(spec, self.workload.hash_block_tokens, self.dep.block_size)
         req = SimRequest(spec, hashes)
+        if req.offline:
+            self._offline_reqs.append(req)
         if spec.prompt_tokens + spec.output_tokens > self.dep.max_model_len:
             self._fail(req, f"longer than max_model_len {self.dep.max_model_len}")
             return
@@ -243,6 +295,20 @@ class Cluster:
         self._nic_free_at[prefill.instance_id] = end
         self.events.schedule(end, self._on_transfer_done, req)
 
+    # -- offline migration ------------------------------------------------------------------
+    def _on_migrate(self, req: SimRequest, target_id: str) -> None:
+        """Resubmit a migrated offline request on ``target_id`` (re-prefill, no KV moves)."""
+        source = self.instances[req.decode_instance_id]  # type: ignore[index]
+        source.inflight -= 1
+        if req.prefill_instance_id is None:
+            source.inflight_prompt_tokens -= req.prompt
+        target = self.instances[target_id]
+        req.prefill_instance_id = None
+        req.decode_instance_id = target_id
+        target.inflight += 1
+        target.inflight_prompt_tokens += req.prompt
+        target.enqueue(req)
+
     def _on_transfer_done(self, req: SimRequest) -> None:
         self.instances[req.prefill_instance_id].release_transferred(req)  # type: ignore[index]
         req.prefill_only = False
@@ -261,7 +327,14 @@ class Cluster:
                                req.decode_instance_id, req.prefill_instance_id, req.ok, ttft, tpot,
                                req.finish_s, req.cached_tokens, req.preemptions, spec.slo_ttft_ms,
                                spec.slo_tpot_ms, req.error)
-        self.records.append(record)
+        if req.offline and self.config.offline is not None:
+            self.offline_records.append(record)
+            # The next one; after a failure not at once (a policy with no instance would spin).
+            delay = 0.0 if req.ok else self.config.rebalance_interval_s
+            self.events.schedule(self.events.now + delay, self._dispatch_offline)
+        else:
+            self.records.append(record)
+            self._online_done += 1
         return record
 
     def _on_finish(self, req: SimRequest, now: float) -> None:
@@ -298,7 +371,14 @@ class Cluster:
 
     # -- rebalancing -----------------------------------------------------------------------
     def _tick(self, _: object) -> None:
-        self.apply_role_changes(self._rebalance(self.view()))  # type: ignore[misc]
+        if self._rebalance is not None:
+            self.apply_role_changes(self._rebalance(self.view()))
+        if self._migrations is not None:
+            for move in self._migrations(self.view()):
+                if move.from_instance_id != move.to_instance_id:
+                    self.migration_log.append((self.events.now, move))
+                    self.instances[move.from_instance_id].migrate_out(move.count,
+                                                                      move.to_instance_id)
         if self._arrivals_left or any(i.busy for i in self._order):
             self.events.schedule(self.events.now + self.config.rebalance_interval_s, self._tick)
 
@@ -308,10 +388,18 @@ class Cluster:
         arrivals = self.workload.requests
         events = self.events
         stop = self.config.stop_after_s if self.config.stop_after_s is not None else float("inf")
-        if self._rebalance is not None:
+        if self._rebalance is not None or self._migrations is not None:
             events.schedule(self.config.rebalance_interval_s, self._tick)
+        backlog = self.config.offline
+        if backlog is not None:
+            for _ in range(backlog.concurrency):
+                events.schedule(0.0, self._dispatch_offline)
+            if backlog.measure_from_s > 0:
+                events.schedule(backlog.measure_from_s, self._offline_mark)
         k, n = 0, len(arrivals)
         while True:
+            if backlog is not None and k >= n and self._online_done >= n:
+                break  # the offline job never ends; the run is the online workload's
             t_event = events.next_time()
             if k < n and arrivals[k].arrival_s <= t_event:
                 if arrivals[k].arrival_s > stop:
@@ -337,8 +425,34 @@ class Cluster:
         span = self.workload.duration_s or end
         summary = summarize(self.records, self.slo, span, instances, len(self.role_log))
         summary["sim_end_s"] = end
+        if backlog is not None:
+            summary.update(self._offline_summary(end))
         return SimResult(self.records, summary, instances, self.role_log,
-                         time.perf_counter() - began, end)
+                         time.perf_counter() - began, end, self.offline_records)
+
+    def _offline_generated(self) -> int:
+        return sum(r.generated for r in self._offline_reqs if r.ok)
+
+    def _offline_mark(self, _: object) -> None:
+        self._offline_marked = (self.events.now, self._offline_generated())
+
+    def _offline_summary(self, end: float) -> dict[str, Any]:
+        """Offline throughput: every token generated from ``measure_from_s`` to the end,
+        finished request or not."""
+        generated = self._offline_generated()
+        start, before = self._offline_marked
+        span = end - start
+        return {
+            "offline_dispatched": len(self._offline_reqs),
+            "offline_finished": sum(1 for r in self.offline_records if r.ok),
+            "offline_output_tokens": generated - before,
+            "offline_output_tok_per_s": (generated - before) / span if span > 0 else 0.0,
+            "offline_preemptions": sum(r.preemptions for r in self._offline_reqs),
+            "offline_preempted_for_online": sum(i.preempted_for_online for i in self._order),
+            "offline_migrations": sum(r.migrations for r in self._offline_reqs),
+            "migration_moves": len(self.migration_log),
+            "budget_constrained_steps": sum(i.budget_constrained_steps for i in self._order),
+        }
 
 
 def simulate(workload: Workload, policy: RoutingPolicy, config: SimConfig) -> SimResult:

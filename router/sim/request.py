@@ -17,7 +17,7 @@ class SimRequest:
         "spec", "prompt", "output", "block_hashes", "computed", "generated", "pinned",
         "private_blocks", "instance_id", "prefill_instance_id", "prefill_only", "first_token_s",
         "finish_s", "queued_since", "prefill_start_s", "prefill_end_s", "cached_tokens",
-        "preemptions", "ok", "error", "decode_instance_id",
+        "preemptions", "ok", "error", "decode_instance_id", "offline", "migrations",
     )
 
     def __init__(self, spec: RequestSpec, block_hashes: tuple[int, ...]) -> None:
@@ -42,6 +42,8 @@ class SimRequest:
         self.ok = True
         self.error = ""
         self.decode_instance_id: str | None = None
+        self.offline = spec.request_class == "offline"
+        self.migrations = 0  # times moved to another instance (re-prefill of prompt + generated)
 
     @property
     def remaining(self) -> int:
