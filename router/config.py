@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from router.discovery.records import InstanceRecord, RecordError, parse_instances
 from router.discovery.registrar import DEFAULT_PREFIX
+from router.server.instance_state import StateRules
 
 
 class ConfigError(ValueError):
@@ -52,8 +53,23 @@ class RouterConfig(BaseModel):
                                      "scrapes of each instance.")
     scrape_timeout_s: float = Field(2.0, gt=0, le=60, description="Timeout of one scrape "
                                     "request.")
-    unhealthy_after: int = Field(3, ge=1, le=100, description="Consecutive failures that mark "
-                                 "an instance unhealthy.")
+    unhealthy_after: int = Field(3, ge=1, le=100, description="Consecutive failures (scrapes, "
+                                 "connection errors, broken or stalled streams) that move an "
+                                 "instance from suspect (no new requests while another "
+                                 "instance is healthy) to failed.")
+    recover_after: int = Field(2, ge=1, le=100, description="Consecutive successful scrapes a "
+                               "failed instance needs to become healthy again.")
+    failed_hold_s: float = Field(2.0, ge=0, le=3600, description="Least time a failed instance "
+                                 "stays out of rotation; doubles each time it fails again "
+                                 "within --flap-window-s of recovering.")
+    failed_hold_max_s: float = Field(60.0, ge=0, le=86400, description="Cap of the doubling "
+                                     "hold of a flapping instance.")
+    flap_window_s: float = Field(30.0, ge=0, le=86400, description="Failing again this soon "
+                                 "after recovering counts as flapping.")
+    remove_after_s: float | None = Field(None, gt=0, description="Failed this long: the "
+                                         "instance is removed (no longer scraped) until it "
+                                         "registers with a new incarnation or is added again; "
+                                         "unset: never.")
     connect_timeout_s: float = Field(5.0, gt=0, description="Upstream connect timeout.")
     first_byte_timeout_s: float = Field(60.0, gt=0, description="Streaming: longest wait for "
                                         "the upstream's first chunk.")
@@ -61,10 +77,17 @@ class RouterConfig(BaseModel):
                                   "two upstream chunks.")
     request_timeout_s: float = Field(600.0, gt=0, description="Non-streaming: longest wait "
                                      "for the whole upstream response.")
-    migration_limit: int = Field(3, ge=0, le=100, description="Streaming: times one request "
-                                 "may move to another instance when its instance fails "
-                                 "mid-stream (prompt + generated tokens are resubmitted); 0 "
-                                 "turns migration off.")
+    migration_limit: int = Field(3, ge=0, le=100, description="Times one request (streamed "
+                                 "or not) may move to another instance when its instance "
+                                 "fails mid-generation (prompt + generated tokens are "
+                                 "resubmitted); 0 turns migration off.")
+    kv_bytes_per_token: float = Field(131072.0, gt=0, description="KV cache bytes per token "
+                                      "of the served model (layers x 2 x KV heads x head dim "
+                                      "x dtype bytes; default: Llama-3-8B in bf16), for "
+                                      "choosing KV transfer vs recomputation on migration.")
+    kv_transfer_gbps: float = Field(10.0, gt=0, description="Bandwidth, Gbit/s, at which an "
+                                    "instance fetches KV blocks from a lower tier or the "
+                                    "global store (migration cost estimate).")
     stall_timeout_multiple: float | None = Field(None, gt=1, le=10000, description="Streaming: "
                                                  "a silence longer than this many times the "
                                                  "instance's median TPOT (at least 1 s) counts "
@@ -139,7 +162,16 @@ class RouterConfig(BaseModel):
                              "block size)")
         if self.tokenizer is not None and not self.tokenizer.is_dir():
             raise ValueError(f"--tokenizer {self.tokenizer} is not a directory")
+        if self.failed_hold_max_s < self.failed_hold_s:
+            raise ValueError(f"--failed-hold-max-s ({self.failed_hold_max_s:g}) must be at "
+                             f"least --failed-hold-s ({self.failed_hold_s:g})")
         return self
+
+    def state_rules(self) -> StateRules:
+        """Thresholds of the per-instance health state machine (router/server/instance_state.py)."""
+        return StateRules(fail_after=self.unhealthy_after, recover_after=self.recover_after,
+                          base_hold_s=self.failed_hold_s, max_hold_s=self.failed_hold_max_s,
+                          flap_window_s=self.flap_window_s, remove_after_s=self.remove_after_s)
 
     def policy_settings(self, name: str) -> dict[str, Any]:
         """Constructor settings the flags give policy ``name`` (``make_policy(name, **...)``)."""

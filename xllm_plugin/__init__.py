@@ -51,3 +51,6 @@ def register() -> None:
 
     if wants_loader(sys.argv[1:]):  # --load-format xllm; engine children inherit the argv
         register_loader()
+    from xllm_plugin.compat import alias_pixtral_image_processing
+
+    alias_pixtral_image_processing()  # vision models without torchvision (xllm_plugin/compat.py)

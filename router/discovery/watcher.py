@@ -18,11 +18,16 @@ log = logging.getLogger("xllm.router.discovery")
 
 
 class EtcdWatcher:
-    """Calls ``on_upsert(record)`` / ``on_remove(instance_id)`` as etcd changes."""
+    """Calls ``on_upsert(record)`` / ``on_remove(instance_id, reason)`` as etcd changes.
+
+    A broken watch or an unreachable etcd removes nothing: the instances last seen stay
+    (their health is the router's own business) until etcd answers again and says
+    otherwise.
+    """
 
     def __init__(self, etcd: EtcdClient, prefix: str,
                  on_upsert: Callable[[InstanceRecord], None],
-                 on_remove: Callable[[str], None], retry_s: float = 1.0) -> None:
+                 on_remove: Callable[[str, str], None], retry_s: float = 1.0) -> None:
         self.etcd = etcd
         self.prefix = prefix
         self.on_upsert = on_upsert
@@ -50,23 +55,23 @@ class EtcdWatcher:
             record = InstanceRecord.from_etcd_value(instance_id, value)
         except RecordError as exc:
             log.warning("ignoring etcd key %s: %s", key, exc)
-            self._apply_delete(key)
+            self._apply_delete(key, "etcd value malformed")
             return
         self.known.add(instance_id)
         self.on_upsert(record)
 
-    def _apply_delete(self, key: str) -> None:
+    def _apply_delete(self, key: str, reason: str) -> None:
         instance_id = key[len(self.prefix):]
         if instance_id in self.known:
             self.known.discard(instance_id)
-            self.on_remove(instance_id)
+            self.on_remove(instance_id, reason)
 
     async def resync(self) -> int:
         """List the prefix, report the difference, return the revision read at."""
         kvs, revision = await self.etcd.get_prefix(self.prefix)
         present = {kv.key[len(self.prefix):] for kv in kvs}
         for gone in sorted(self.known - present):
-            self._apply_delete(self.prefix + gone)
+            self._apply_delete(self.prefix + gone, "etcd key gone when re-listed")
         for kv in kvs:
             self._apply_put(kv.key, kv.value)
         self.synced.set()
@@ -78,7 +83,8 @@ class EtcdWatcher:
                 revision = await self.resync()
                 async for event in self.etcd.watch_prefix(self.prefix, revision + 1):
                     if event.kind == "DELETE":
-                        self._apply_delete(event.key)
+                        self._apply_delete(event.key, "etcd key deleted (deregistered or "
+                                           "lease expired)")
                     else:
                         self._apply_put(event.key, event.value)
                 log.warning("etcd watch ended; re-listing")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import statistics
 import time
 from typing import Any
 
@@ -43,7 +44,10 @@ from router.discovery.etcd import EtcdClient
 from router.discovery.records import RecordError, parse_instance_spec
 from router.discovery.watcher import EtcdWatcher
 from router.policies import POLICY_FACTORIES, make_policy
+from router.policies.recovery import ResumeCandidate, plan_resume
 from router.policies.types import (
+    MigratingPolicy,
+    Migration,
     NoInstanceAvailable,
     ObservingPolicy,
     RebalancingPolicy,
@@ -51,10 +55,15 @@ from router.policies.types import (
     RoutingDecision,
     RoutingPolicy,
 )
+from router.server.assemble import CollectedResponse
 from router.server.errors import RouterError, error_body
+from router.server.instance_state import Transition
 from router.server.load_view import InstanceLoad, LoadTicket, LoadView
 from router.server.metrics import RouterMetrics
 from router.server.migration import SSESplitter, StreamLedger, migratable, start_ledger
+from router.server.moves import LiveRequests, MoveHandle
+from router.server.epd import (EncodeResult, EncodeStage, encode_instance, encode_instance_ids,
+                               wants_encode)
 from router.server.pd import Handoff, PrefillStage, supports_handoff
 from router.server.prefix import PrefixLookup, policy_uses_prefix_hits
 from router.server.profiler import InstanceProfiler
@@ -66,10 +75,17 @@ HEADER_INSTANCE = "x-xllm-instance"  # response header: which instance served th
 HEADER_POLICY_USED = "x-xllm-policy"
 HEADER_PREFILL_INSTANCE = "x-xllm-prefill-instance"  # set when P prefilled for D
 HEADER_PD = "x-xllm-pd"  # "handoff" or "fallback_<reason>" for disaggregated requests
+HEADER_ENCODE_INSTANCE = "x-xllm-encode-instance"  # set when E encoded the images for PD
+HEADER_EPD = "x-xllm-epd"  # "loaded" or "fallback_<reason>" for requests with an encode stage
+HEADER_MIGRATIONS = "x-xllm-migrations"  # non-streamed answers: times the request moved
 REBALANCE_INTERVAL_S = 1.0
 _PATHS: dict[Kind, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 _CLIENT_CLOSED = 499  # nginx's convention for "client closed the request", metrics only
 _NOT_FORWARDED = frozenset({HEADER_POLICY, "x-forwarded-for"})
+
+
+class _MalformedEvent(Exception):
+    """The upstream sent an SSE event that is neither JSON nor ``[DONE]``."""
 
 
 class UpstreamFailure(Exception):
@@ -93,11 +109,15 @@ class Router:
                             if config.upstream_api_key else {})
         self.load = LoadView(scrape_interval_s=config.scrape_interval_s,
                              scrape_timeout_s=config.scrape_timeout_s,
-                             unhealthy_after=config.unhealthy_after,
+                             rules=config.state_rules(),
                              upstream_headers=upstream_headers)
         self.upstream_headers = upstream_headers
         self.policies: dict[str, RoutingPolicy] = {}
         self._policy(config.policy)
+        self.live_requests = LiveRequests()  # what a policy's move or a failover may cut
+        # Per instance: EWMA of first-token time per prompt token (queueing included), the
+        # prefill cost estimate for choosing where a failed request resumes.
+        self._prefill_ms_per_token: dict[str, float] = {}
         self.prefix: PrefixLookup | None = None
         if config.block_size is not None:
             try:
@@ -114,6 +134,10 @@ class Router:
         self.prefill_stage = PrefillStage(self.load, self.metrics, lambda: self.session,
                                           connect_timeout_s=config.connect_timeout_s,
                                           timeout_s=config.first_byte_timeout_s)
+        # E->PD: images encoded on an encode instance first (router/server/epd.py).
+        self.encode_stage = EncodeStage(self.load, self.metrics, lambda: self.session,
+                                        connect_timeout_s=config.connect_timeout_s,
+                                        timeout_s=config.first_byte_timeout_s)
         self.profiler = InstanceProfiler(lambda: self.session, upstream_headers,
                                          enabled=config.profile_instances)
         # Batch lines go through this router's own front door at offline class;
@@ -126,6 +150,7 @@ class Router:
         self.load.on_added.append(self._instance_added)
         self.load.on_removed.append(self._instance_removed)
         self.load.on_scraped.append(self._instance_scraped)
+        self.load.on_transition.append(self._instance_transition)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -147,7 +172,10 @@ class Router:
         return app
 
     async def _startup(self, app: web.Application) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        # Idle upstream connections are dropped before vLLM's own keep-alive timeout
+        # (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s): reusing one the engine is closing fails
+        # before the first byte, and with no other instance to retry on that loses the request.
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=4)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         for record in self.config.instances:
             self.load.upsert(record)
@@ -218,6 +246,18 @@ class Router:
             self.prefix.unsubscribe(load.instance_id)
         self.metrics.forget_instance(load.instance_id)
 
+    def _instance_transition(self, change: Transition) -> None:
+        self.metrics.instance_transitions.labels(change.before, change.after).inc()
+        load = self.load.instances.get(change.instance_id)
+        if load is not None and load.health.incarnation == change.incarnation:
+            self.metrics.instance_healthy.labels(change.instance_id).set(
+                1 if load.healthy else 0)
+        if change.after in ("failed", "removed"):
+            cut = self.live_requests.cut_all(change.instance_id)
+            if cut:
+                log.warning("instance %s %s: moving its %d live requests now", change.instance_id,
+                            change.after, cut)
+
     def _instance_scraped(self, load: InstanceLoad) -> None:
         if self.load.instances.get(load.instance_id) is not load:
             return
@@ -238,6 +278,24 @@ class Router:
                 models = self.load.models()
                 for model in models:
                     self._apply_role_changes(policy.rebalance(self.load.view(model)))
+            if isinstance(policy, MigratingPolicy) and self.load.instances:
+                for model in self.load.models():
+                    self._order_moves(policy.migrations(self.load.view(model)))
+
+    def _order_moves(self, moves: tuple[Migration, ...]) -> None:
+        """Carry out a policy's offline moves (router/server/moves.py)."""
+        for move in moves:
+            target = self.load.instances.get(move.to_instance_id)
+            if target is None or not target.healthy:
+                continue
+            ordered = sum(h.order_move(move.to_instance_id, move.reason or "rebalance")
+                          for h in self.live_requests.pick(move.from_instance_id, move.count,
+                                                           self.config.migration_limit))
+            if ordered:
+                log.info("moving %d offline requests %s -> %s (%s)", ordered,
+                         move.from_instance_id, move.to_instance_id, move.reason)
+                self.metrics.offline_moves.labels(move.from_instance_id, move.to_instance_id,
+                                                  move.reason or "rebalance").inc(ordered)
 
     def _apply_role_changes(self, changes: Any) -> None:
         for change in changes:
@@ -356,6 +414,13 @@ class Router:
             raise RouterError(404, f"model '{parsed.model}' does not exist here; available: "
                               f"{available}", param="model", code="model_not_found")
         policy = self._policy(policy_name)
+        encoders = encode_instance_ids(self.load, parsed.model)  # never generation targets
+        encode_id = encode_instance(self.load, parsed.model) if wants_encode(parsed) else None
+        if encode_id is not None:  # E first; PD then loads E's output (router/server/epd.py)
+            encoded = await self.encode_stage.run(parsed, encode_id, _PATHS[parsed.kind],
+                                                  self._forward_headers(request, parsed))
+            encoded.apply(parsed)
+            ctx["encode"] = encoded
 
         decision_began = time.perf_counter()
         prompt_tokens, hashes, hits, tiers = None, (), {}, {}
@@ -374,7 +439,8 @@ class Router:
         for attempt in range(2):
             began = time.perf_counter()
             try:
-                decision = policy.route(info, self.load.view(parsed.model, frozenset(tried), hits,
+                decision = policy.route(info, self.load.view(parsed.model,
+                                                             frozenset(tried) | encoders, hits,
                                                              tiers))
             except NoInstanceAvailable as exc:
                 if failure is not None:
@@ -387,6 +453,7 @@ class Router:
             instance_id = decision.instance_id
             ctx["instance"] = instance_id
             ctx["hits"] = hits.get(instance_id, 0)
+            ctx["prefix_hits"], ctx["tier_hits"] = hits, tiers  # where the prompt's KV lives
             self.metrics.decisions.labels(policy_name, instance_id, decision.reason).inc()
             if ctx["hits"]:
                 self.metrics.prefix_hit_blocks.labels(instance_id).inc(ctx["hits"])
@@ -395,7 +462,8 @@ class Router:
             if prefill_id == instance_id or not supports_handoff(parsed):
                 prefill_id = None
             ticket = self.load.begin(instance_id, info.prompt_tokens,
-                                     phase="waiting" if prefill_id else "prefill")
+                                     phase="waiting" if prefill_id else "prefill",
+                                     offline=parsed.request_class == "offline")
             ctx["handoff"] = None
             try:
                 body = None
@@ -413,9 +481,11 @@ class Router:
                 failure = exc
                 tried.add(instance_id)
                 self.metrics.upstream_errors.labels(instance_id, exc.reason).inc()
-                if exc.connect:
-                    self.load.report_failure(instance_id, exc.message)
+                if exc.connect or exc.reason in ("error", "empty", "malformed"):
+                    self.load.report_failure(instance_id, exc.message)  # not 5xx, timeouts
                 log.warning("request %s: %s", parsed.request_id, exc.message)
+                if ctx.get("ledger") is not None:
+                    ctx["ledger"].restart()  # the retry starts the answer afresh
                 if attempt == 0:
                     self.metrics.retries.labels(instance_id).inc()
             finally:
@@ -448,7 +518,10 @@ class Router:
         cfg = self.config
         url = load.record.url + _PATHS[parsed.kind]
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s)
-        wait_s = cfg.first_byte_timeout_s if parsed.stream else cfg.request_timeout_s
+        ledger: StreamLedger | None = ctx.get("ledger")
+        collect = ledger is not None and ledger.collect  # streamed upstream for a JSON client
+        streamed = parsed.stream or collect
+        wait_s = cfg.first_byte_timeout_s if streamed else cfg.request_timeout_s
         deadline = time.monotonic() + wait_s
         upstream: aiohttp.ClientResponse | None = None
         done = False
@@ -480,8 +553,12 @@ class Router:
             if handoff is not None:
                 extra[HEADER_PREFILL_INSTANCE] = handoff.prefill_instance_id
                 extra[HEADER_PD] = "handoff" if handoff.ok else f"fallback_{handoff.failure}"
+            encoded: EncodeResult | None = ctx.get("encode")
+            if encoded is not None:
+                extra[HEADER_ENCODE_INSTANCE] = encoded.encode_instance_id
+                extra[HEADER_EPD] = encoded.outcome
             content_type = upstream.headers.get("Content-Type", "application/json")
-            if not (parsed.stream and upstream.status == 200
+            if not (streamed and upstream.status == 200
                     and content_type.startswith("text/event-stream")):
                 try:
                     async with asyncio.timeout_at(self._loop_deadline(deadline)):
@@ -492,7 +569,18 @@ class Router:
                 except aiohttp.ClientError as exc:
                     raise UpstreamFailure("error", 502, f"instance {instance_id} broke off: "
                                           f"{exc!r}") from None
+                if not _is_json_object(body):  # an OpenAI server always answers an object
+                    snippet = body[:200].decode(errors="replace").strip() or "(empty body)"
+                    if upstream.status < 400:
+                        raise UpstreamFailure("malformed", 502, f"instance {instance_id} "
+                                              f"answered {upstream.status} with a body that "
+                                              f"is not a JSON object: {snippet!r}")
+                    # A 4xx error page (e.g. from a proxy): the status holds, the shape is ours.
+                    body = _json_bytes(error_body(upstream.status, f"instance {instance_id} "
+                                                  f"answered {upstream.status}: {snippet!r}"))
+                    content_type = "application/json"
                 done = True
+                load.last_progress_at = time.monotonic()
                 self.metrics.e2e.observe(time.perf_counter() - started)
                 self._observe(policy, parsed, instance_id, prompt_tokens, ctx, started, None, 0,
                               upstream.status < 400)
@@ -515,19 +603,33 @@ class Router:
                 raise UpstreamFailure("empty", 502, f"instance {instance_id} closed the stream "
                                       "without data")
             t_first = time.perf_counter()
+            load.last_progress_at = time.monotonic()
             if ticket is not None:
                 ticket.to("decode")
             ttft_ms = (t_first - started) * 1000
             ctx["ttft_ms"] = ttft_ms
             self.metrics.ttft.observe(ttft_ms / 1000)
+            self._observe_prefill_rate(instance_id, ttft_ms, prompt_tokens)
             self.load.observe_ttft(instance_id, ttft_ms)
 
-            response = web.StreamResponse(status=200, headers={
-                "Content-Type": content_type, "Cache-Control": "no-cache", **extra})
+            response: web.StreamResponse | CollectedResponse
+            if collect:
+                assert ledger is not None
+                response = CollectedResponse(parsed.kind,
+                                             client_wants_ids=ledger.client_wants_ids)
+            else:
+                response = web.StreamResponse(status=200, headers={
+                    "Content-Type": content_type, "Cache-Control": "no-cache", **extra})
             await response.prepare(request)
-            ledger: StreamLedger | None = ctx.get("ledger")
             splitter = SSESplitter()
-            await _relay(response, first, splitter, ledger)
+            bad = await _relay(response, first, splitter, ledger)  # a malformed event
+            if ledger is not None:
+                # From now on a failover, and for offline work a co-location policy, may cut
+                # it to move it (router/server/moves.py).
+                ctx["move"] = handle = MoveHandle(parsed.request_id, instance_id, ledger,
+                                                  offline=parsed.request_class == "offline")
+                handle.attach(upstream.close)
+                self.live_requests.register(handle)
             events = first.count(b"data: ")
             t_last = t_first
             silence_s, stall = self._silence_limit(load)
@@ -535,8 +637,13 @@ class Router:
             while True:
                 broke: tuple[str, str] | None = None
                 try:
+                    if bad is not None:
+                        raise _MalformedEvent(bad)
                     async with asyncio.timeout(silence_s):
                         chunk = await upstream.content.readany()
+                except _MalformedEvent as exc:
+                    broke = ("malformed", f"instance {instance_id} sent a malformed event "
+                             f"mid-stream: {exc}")
                 except TimeoutError:
                     broke = ("stall" if stall else "idle",
                              f"instance {instance_id} was silent for {silence_s:g}s")
@@ -550,21 +657,31 @@ class Router:
                         broke = ("eof", f"instance {instance_id} ended the stream before "
                                  "[DONE]")
                 if broke is not None:
-                    log.warning("request %s: %s", parsed.request_id, broke[1])
-                    self.metrics.upstream_errors.labels(instance_id, "midstream").inc()
-                    if broke[0] in ("error", "eof"):
+                    move: MoveHandle | None = ctx.get("move")
+                    prefer = move.move_to if move is not None else None
+                    if prefer is not None:  # the rebalance loop cut it: resume on its target
+                        assert move is not None
+                        broke = ("rebalance", f"{move.reason}: moved to {prefer}")
+                    else:
+                        log.warning("request %s: %s", parsed.request_id, broke[1])
+                        self.metrics.upstream_errors.labels(instance_id, "midstream").inc()
+                    if broke[0] in ("error", "eof", "stall", "idle", "malformed"):
                         self.load.report_failure(instance_id, broke[1])
                     if ledger is not None:
-                        migrated = await self._migrate(request, parsed, response, ledger,
-                                                       policy, instance_id, *broke)
+                        migrated = await self._migrate(request, parsed, response, ledger, ctx,
+                                                       instance_id, *broke, prefer=prefer)
                     if not migrated:
+                        if isinstance(response, CollectedResponse):
+                            # The client has seen nothing yet: the whole request may retry.
+                            raise UpstreamFailure("midstream", 502, broke[1])
                         ctx["stream_status"] = 502
                         await response.write(b"data: " + _json_bytes(error_body(502, broke[1]))
                                              + b"\n\n")
                     break
                 events += chunk.count(b"data: ")
                 t_last = time.perf_counter()
-                await _relay(response, chunk, splitter, ledger)
+                load.last_progress_at = time.monotonic()
+                bad = await _relay(response, chunk, splitter, ledger)
             tokens = max(0, events - 1)  # minus the closing [DONE]
             if tokens >= 3:
                 tpot_ms = (t_last - t_first) * 1000 / (tokens - 1)
@@ -574,9 +691,16 @@ class Router:
             self._observe(policy, parsed, instance_id, prompt_tokens, ctx, started,
                           (t_last - t_first) * 1000 / (tokens - 1) if tokens >= 2 else None,
                           tokens, done or migrated)
+            if isinstance(response, CollectedResponse):
+                assert ledger is not None
+                extra[HEADER_MIGRATIONS] = str(ledger.migrations)
+                return web.Response(body=_json_bytes(response.body()), status=200,
+                                    headers=extra, content_type="application/json")
             await response.write_eof()
             return response
         finally:
+            if ctx.get("move") is not None:
+                self.live_requests.unregister(ctx["move"])
             if upstream is not None:
                 if done:
                     upstream.release()
@@ -595,12 +719,14 @@ class Router:
         return stall_s, True
 
     async def _migrate(self, request: web.Request, parsed: ParsedRequest,
-                       response: web.StreamResponse, ledger: StreamLedger,
-                       policy: RoutingPolicy, failed_id: str, reason: str, detail: str) -> bool:
+                       response: web.StreamResponse | CollectedResponse, ledger: StreamLedger,
+                       ctx: dict[str, Any], failed_id: str, reason: str, detail: str,
+                       *, prefer: str | None = None) -> bool:
         """Continue the client's stream on other instances; True when it finished there.
 
         Each attempt resubmits prompt + generated token ids as a completions request
         (router/server/migration.py); at most ``--migration-limit`` attempts per request.
+        ``prefer``: the first target (a policy's move), when it is still healthy.
         """
         tried = {failed_id}
         while True:
@@ -613,9 +739,11 @@ class Router:
                             why_not or f"--migration-limit {self.config.migration_limit}")
                 return False
             body = ledger.resume_body(parsed.body)
+            preferred = self.load.instances.get(prefer) if prefer is not None else None
+            prefer = None
             try:
-                target = policy.route(parsed.request_info(len(body["prompt"])),
-                                      self.load.view(parsed.model, frozenset(tried))).instance_id
+                target = (preferred.instance_id if preferred is not None and preferred.healthy
+                          else self._resume_target(parsed, ledger, ctx, tried))
             except NoInstanceAvailable:
                 self.metrics.migrations.labels(reason, "no_instance").inc()
                 log.warning("request %s: not migrated (no other healthy instance)",
@@ -623,10 +751,11 @@ class Router:
                 return False
             tried.add(target)
             began = time.perf_counter()
-            log.warning("request %s: migrating from %s to %s after %d generated tokens (%s: %s)",
-                        parsed.request_id, failed_id, target, len(ledger.generated), reason,
-                        detail)
-            ticket = self.load.begin(target, len(body["prompt"]), phase="prefill")
+            log.log(logging.INFO if reason == "rebalance" else logging.WARNING,
+                    "request %s: migrating from %s to %s after %d generated tokens (%s: %s)",
+                    parsed.request_id, failed_id, target, len(ledger.generated), reason, detail)
+            ticket = self.load.begin(target, len(body["prompt"]), phase="prefill",
+                                     offline=parsed.request_class == "offline")
             try:
                 failure = await self._resume_on(target, request, parsed, response, ledger, body)
             finally:
@@ -639,8 +768,49 @@ class Router:
             self.metrics.migrations.labels(reason, "failed").inc()
             failed_id, (reason, detail) = target, failure
 
+    def _observe_prefill_rate(self, instance_id: str, ttft_ms: float, prompt_tokens: int) -> None:
+        rate = ttft_ms / max(prompt_tokens, 1)
+        old = self._prefill_ms_per_token.get(instance_id)
+        self._prefill_ms_per_token[instance_id] = rate if old is None else 0.8 * old + 0.2 * rate
+
+    def _resume_target(self, parsed: ParsedRequest, ledger: StreamLedger, ctx: dict[str, Any],
+                       tried: set[str]) -> str:
+        """Where a failed request resumes: KV reuse vs recomputation by estimated cost."""
+        view = self.load.view(parsed.model, frozenset(tried))
+        healthy = view.healthy("both", "decode", "prefill")
+        if not healthy:
+            raise NoInstanceAvailable("no other healthy instance")
+        assert ledger.prompt_token_ids is not None
+        prompt = len(ledger.prompt_token_ids)
+        block = self.prefix.block_size if self.prefix is not None else 0
+        hits: dict[str, int] = ctx.get("prefix_hits") or {}
+        tiers: dict[str, Any] = ctx.get("tier_hits") or {}
+        handoff: Handoff | None = ctx.get("handoff")
+        rates = self._prefill_ms_per_token
+        default_rate = statistics.median(rates.values()) if rates else 1.0
+        candidates = []
+        for state in healthy:
+            iid = state.instance_id
+            tier = tiers.get(iid)
+            local = max(hits.get(iid, 0), tier.hbm if tier else 0) * block
+            if handoff is not None and handoff.ok and handoff.prefill_instance_id == iid:
+                local = prompt  # P kept the prompt's blocks in its prefix cache
+            remote = (tier.dram + tier.ssd + tier.store) * block if tier else 0
+            candidates.append(ResumeCandidate(
+                iid, rates.get(iid, default_rate), state.queued_prefill_tokens, local, remote))
+        plan = plan_resume(candidates, prompt_tokens=prompt,
+                           generated_tokens=len(ledger.generated),
+                           kv_bytes_per_token=self.config.kv_bytes_per_token,
+                           transfer_bytes_per_ms=self.config.kv_transfer_gbps * 1e9 / 8 / 1e3)
+        self.metrics.resume_plans.labels(plan.mode).inc()
+        log.info("request %s: resume on %s by %s (est. %.0f ms; recompute anywhere: %.0f ms; "
+                 "%d tokens fetched)", parsed.request_id, plan.instance_id, plan.mode,
+                 plan.estimate_ms, plan.recompute_estimate_ms, plan.transfer_tokens)
+        return plan.instance_id
+
     async def _resume_on(self, target: str, request: web.Request, parsed: ParsedRequest,
-                         response: web.StreamResponse, ledger: StreamLedger,
+                         response: web.StreamResponse | CollectedResponse,
+                         ledger: StreamLedger,
                          body: dict[str, Any]) -> tuple[str, str] | None:
         """Stream ``body`` from ``target`` into the client's stream; the failure, if any."""
         assert self.session is not None
@@ -791,7 +961,7 @@ class Router:
         if current.record.source != "static":
             raise RouterError(409, f"instance {instance_id} comes from etcd; it leaves when it "
                               "deregisters or its lease expires")
-        self.load.remove(instance_id)
+        self.load.remove(instance_id, "admin removal")
         return web.json_response({"removed": instance_id})
 
 
@@ -804,15 +974,37 @@ def _loopback(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def _relay(response: web.StreamResponse, chunk: bytes, splitter: SSESplitter,
-                 ledger: StreamLedger | None) -> None:
-    """Pass upstream bytes on; through the ledger (whole events) when migration is on."""
+async def _relay(response: web.StreamResponse | CollectedResponse, chunk: bytes,
+                 splitter: SSESplitter,
+                 ledger: StreamLedger | None) -> str | None:
+    """Pass upstream bytes on; through the ledger (whole events) when migration is on.
+
+    With the ledger, an event that is neither ``[DONE]`` nor a JSON object (an upstream
+    or a proxy in between gone wrong) is not passed on: the events before it are, and
+    its start is returned so the caller can treat the stream as broken (and migrate it).
+    """
     if ledger is None:
         await response.write(chunk)
-        return
-    out = b"".join(e for e in map(ledger.event, splitter.feed(chunk)) if e is not None)
+        return None
+    out: list[bytes] = []
+    bad = None
+    for payload in splitter.feed(chunk):
+        if payload != b"[DONE]" and not _is_json_object(payload):
+            bad = repr(payload[:80])
+            break
+        event = ledger.event(payload)
+        if event is not None:
+            out.append(event)
     if out:
-        await response.write(out)
+        await response.write(b"".join(out))
+    return bad
+
+
+def _is_json_object(payload: bytes) -> bool:
+    try:
+        return isinstance(_json_loads(payload), dict)
+    except msgspec.DecodeError:
+        return False
 
 
 def _json_bytes(obj: Any) -> bytes:

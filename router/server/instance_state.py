@@ -159,11 +159,17 @@ class HealthBook:
         current = self.instances.get(instance_id)
         if current is not None and current.incarnation == incarnation:
             return None
-        fresh = InstanceHealth(instance_id, incarnation, self.rules)
+        reason = "new incarnation" if current is not None else "registered"
+        fresh = InstanceHealth(instance_id, incarnation, self.rules, last_reason=reason)
         self.instances[instance_id] = fresh
         before: State = current.state if current is not None else "removed"
-        return Transition(instance_id, incarnation, before, "suspect",
-                          "new incarnation" if current is not None else "registered")
+        return Transition(instance_id, incarnation, before, "suspect", reason)
+
+    def forget(self, instance_id: str) -> None:
+        """Drop an instance that left discovery, so that registering it again (even with
+        the same incarnation, e.g. a registrar re-registering after its engine recovered)
+        starts a fresh machine."""
+        self.instances.pop(instance_id, None)
 
     def get(self, instance_id: str) -> InstanceHealth | None:
         return self.instances.get(instance_id)

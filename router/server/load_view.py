@@ -11,9 +11,15 @@ Three sources meet here:
   request and instance: prompt tokens still to prefill there, prompt tokens
   decoding there), and recent TTFT/TPOT it measured itself.
 
-Health rule: an instance is routable once one scrape succeeded and until
-``unhealthy_after`` consecutive failures (scrapes, or connection failures the
-proxy reports); one successful scrape makes it routable again.
+Health: each instance incarnation runs the state machine of
+``router/server/instance_state.py`` (healthy -> suspect -> failed -> removed).
+Scrapes feed it successes and failures, the proxy feeds it failures
+(``report_failure``: connection errors, broken, stalled or malformed streams),
+discovery feeds it registrations (a new incarnation starts over) and
+deregistrations (etcd delete or lease expiry, admin removal). Policies see
+``healthy`` only for the ``healthy`` state, except that suspect instances are
+offered when no healthy one serves the model (one lost probe must not take the
+only instance out). Every transition is logged and passed to ``on_transition``.
 """
 
 from __future__ import annotations
@@ -25,13 +31,14 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import aiohttp
 
 from router.discovery.records import InstanceRecord
 from router.policies.types import ClusterView, InstanceState, Role
+from router.server.instance_state import HealthBook, InstanceHealth, StateRules, Transition
 
 log = logging.getLogger("xllm.router.load")
 
@@ -60,10 +67,13 @@ class InstanceLoad:
     """Mutable per-instance state; ``state()`` freezes it into what a policy sees."""
 
     record: InstanceRecord
-    healthy: bool = False
-    consecutive_failures: int = 0
+    health: InstanceHealth  # this incarnation's state machine
     last_error: str | None = None
     last_scrape_at: float | None = None
+    # When a request on this instance last made progress (a streamed chunk, a stage answer):
+    # a scrape that times out while requests still progress means busy, not failed.
+    last_progress_at: float | None = None
+    busy_scrapes: int = 0  # scrape timeouts forgiven for that reason
     scrapes: int = 0
     running: int = 0
     waiting: int = 0
@@ -75,6 +85,7 @@ class InstanceLoad:
     inflight: int = 0
     inflight_prompt_tokens: int = 0
     prefill_tokens: int = 0  # prompt tokens sent here whose prefill has not ended
+    offline_prefill_tokens: int = 0  # the offline requests' share of prefill_tokens
     decode_tokens: int = 0  # prompt tokens of requests decoding here
     ttft_ms: deque[float] = field(default_factory=lambda: deque(maxlen=32))
     tpot_ms: deque[float] = field(default_factory=lambda: deque(maxlen=32))
@@ -83,6 +94,11 @@ class InstanceLoad:
     @property
     def role(self) -> Role:
         return self.role_override or self.record.role
+
+    @property
+    def healthy(self) -> bool:
+        """True when the instance gets new requests (state ``healthy``)."""
+        return self.health.routable
 
     @property
     def instance_id(self) -> str:
@@ -98,7 +114,10 @@ class InstanceLoad:
             inflight=self.inflight, inflight_prompt_tokens=self.inflight_prompt_tokens,
             ttft_ms=statistics.median(self.ttft_ms) if self.ttft_ms else None,
             tpot_ms=statistics.median(self.tpot_ms) if self.tpot_ms else None,
-            queued_prefill_tokens=self.prefill_tokens, running_tokens=self.decode_tokens)
+            queued_prefill_tokens=self.prefill_tokens, running_tokens=self.decode_tokens,
+            offline_running=int(self.by_class.get("running", {}).get("offline", 0)),
+            offline_waiting=int(self.by_class.get("waiting", {}).get("offline", 0)),
+            offline_queued_prefill_tokens=self.offline_prefill_tokens)
 
     def describe(self) -> dict[str, Any]:
         """The admin view of this instance (GET /admin/instances)."""
@@ -107,14 +126,18 @@ class InstanceLoad:
             "instance_id": self.instance_id, "url": self.record.url, "role": self.role,
             "source": self.record.source, "incarnation": self.record.incarnation,
             "models": list(self.models) or ([self.record.model] if self.record.model else []),
-            "healthy": self.healthy, "consecutive_failures": self.consecutive_failures,
+            "healthy": self.healthy, "state": self.health.state,
+            "state_reason": self.health.last_reason,
+            "consecutive_failures": self.health.failures,
             "last_error": self.last_error, "load_source": self.load_source,
             "last_scrape_age_s": (time.monotonic() - self.last_scrape_at
                                   if self.last_scrape_at else None),
+            "busy_scrapes": self.busy_scrapes,
             "running": self.running, "waiting": self.waiting, "by_class": self.by_class,
             "kv_usage": self.kv_usage, "inflight": self.inflight,
             "inflight_prompt_tokens": self.inflight_prompt_tokens,
             "prefill_tokens": self.prefill_tokens, "decode_tokens": self.decode_tokens,
+            "offline_prefill_tokens": self.offline_prefill_tokens,
             "home_role": self.record.role,
             "ttft_ms": s.ttft_ms, "tpot_ms": s.tpot_ms,
             "kv_events_endpoint": self.record.kv_events_endpoint,
@@ -135,11 +158,13 @@ class LoadTicket:
     ``finish`` (idempotent) removes everything.
     """
 
-    __slots__ = ("load", "tokens", "phase", "done")
+    __slots__ = ("load", "tokens", "offline", "phase", "done")
 
-    def __init__(self, load: InstanceLoad | None, tokens: int, phase: Phase) -> None:
+    def __init__(self, load: InstanceLoad | None, tokens: int, phase: Phase,
+                 offline: bool = False) -> None:
         self.load = load
         self.tokens = tokens
+        self.offline = offline
         self.phase: Phase = "waiting"
         self.done = False
         if load is not None:
@@ -155,6 +180,8 @@ class LoadTicket:
             self._leave(load)
             if phase == "prefill":
                 load.prefill_tokens += self.tokens
+                if self.offline:
+                    load.offline_prefill_tokens += self.tokens
             elif phase == "decode":
                 load.decode_tokens += self.tokens
         self.phase = phase
@@ -162,6 +189,8 @@ class LoadTicket:
     def _leave(self, load: InstanceLoad) -> None:
         if self.phase == "prefill":
             load.prefill_tokens = max(0, load.prefill_tokens - self.tokens)
+            if self.offline:
+                load.offline_prefill_tokens = max(0, load.offline_prefill_tokens - self.tokens)
         elif self.phase == "decode":
             load.decode_tokens = max(0, load.decode_tokens - self.tokens)
 
@@ -180,17 +209,18 @@ class LoadView:
     """All instances by id; scrapes them in the background."""
 
     def __init__(self, *, scrape_interval_s: float = 0.5, scrape_timeout_s: float = 2.0,
-                 unhealthy_after: int = 3, models_every: int = 10,
+                 rules: StateRules | None = None, models_every: int = 10,
                  upstream_headers: dict[str, str] | None = None) -> None:
         self.instances: dict[str, InstanceLoad] = {}
+        self.book = HealthBook(rules)
         self.scrape_interval_s = scrape_interval_s
         self.scrape_timeout = aiohttp.ClientTimeout(total=scrape_timeout_s)
-        self.unhealthy_after = unhealthy_after
         self.models_every = models_every
         self.upstream_headers = upstream_headers or {}
         self.on_added: list[Callable[[InstanceLoad], None]] = []
         self.on_removed: list[Callable[[InstanceLoad], None]] = []
         self.on_scraped: list[Callable[[InstanceLoad], None]] = []
+        self.on_transition: list[Callable[[Transition], None]] = []
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
@@ -198,17 +228,25 @@ class LoadView:
     # -- discovery -------------------------------------------------------------------------
 
     def upsert(self, record: InstanceRecord) -> InstanceLoad:
-        """Add or update an instance; a new incarnation or URL starts from a clean state."""
+        """Add or update an instance. The same URL and incarnation keep their state (a
+        re-put of the etcd key, or a re-list after a broken watch, heals nothing); a new
+        incarnation or URL starts from a clean state in ``suspect``."""
         current = self.instances.get(record.instance_id)
         if current is not None and (current.record.url, current.record.incarnation) == (
                 record.url, record.incarnation):
             current.record = record
             return current
         if current is not None:
-            self.remove(record.instance_id)
-        load = InstanceLoad(record)
+            self._detach(current)
+            if current.record.url != record.url:
+                self.book.forget(record.instance_id)  # another server: nothing carries over
+        change = self.book.registered(record.instance_id, record.incarnation)
+        health = self.book.get(record.instance_id)
+        assert health is not None
+        load = InstanceLoad(record, health)
         self.instances[record.instance_id] = load
         log.info("instance %s added (%s, %s)", record.instance_id, record.url, record.source)
+        self._note(change)
         for callback in self.on_added:
             callback(load)
         if self._session is not None:  # scrape at once so it becomes routable quickly
@@ -217,13 +255,31 @@ class LoadView:
             task.add_done_callback(self._pending.discard)
         return load
 
-    def remove(self, instance_id: str) -> InstanceLoad | None:
+    def remove(self, instance_id: str, reason: str = "removed") -> InstanceLoad | None:
+        """The instance left discovery (etcd delete or lease expiry, admin removal)."""
         load = self.instances.pop(instance_id, None)
         if load is not None:
-            log.info("instance %s removed", instance_id)
-            for callback in self.on_removed:
-                callback(load)
+            change = load.health.deregistered(reason)
+            self.book.forget(instance_id)  # a later registration starts afresh
+            self._note(change)
+            self._detach(load)
         return load
+
+    def _detach(self, load: InstanceLoad) -> None:
+        log.info("instance %s (incarnation %s) left", load.instance_id, load.record.incarnation)
+        for callback in self.on_removed:
+            callback(load)
+
+    def _note(self, change: Transition | None) -> None:
+        """Log and announce one state change."""
+        if change is None:
+            return
+        level = (logging.INFO if change.after == "healthy" or change.before == "removed"
+                 else logging.WARNING)
+        log.log(level, "instance %s (incarnation %s): %s -> %s (%s)", change.instance_id,
+                change.incarnation, change.before, change.after, change.reason)
+        for callback in self.on_transition:
+            callback(change)
 
     # -- what policies and handlers read ---------------------------------------------------
 
@@ -239,17 +295,23 @@ class LoadView:
     def view(self, model: str, exclude: frozenset[str] = frozenset(),
              prefix_hits: dict[str, int] | None = None,
              tier_hits: dict[str, Any] | None = None) -> ClusterView:
-        states = tuple(load.state() for load in self.serving(model)
-                       if load.instance_id not in exclude)
+        loads = [load for load in self.serving(model) if load.instance_id not in exclude]
+        states = tuple(load.state() for load in loads)
+        if not any(state.healthy for state in states):
+            # No healthy instance: rather than refuse the request, offer the suspect ones
+            # that answered before (one lost probe must not take the only instance out).
+            states = tuple(replace(state, healthy=True)
+                           if load.health.state == "suspect" and load.scrapes else state
+                           for load, state in zip(loads, states, strict=True))
         return ClusterView(instances=states, now=time.monotonic(), prefix_hits=prefix_hits or {},
                            tier_hits=tier_hits or {})
 
     # -- the router's own accounting -------------------------------------------------------
 
     def begin(self, instance_id: str, prompt_tokens: int,
-              phase: Phase = "prefill") -> LoadTicket:
+              phase: Phase = "prefill", *, offline: bool = False) -> LoadTicket:
         """Count a request dispatched to ``instance_id``; ``finish()`` the ticket when done."""
-        return LoadTicket(self.instances.get(instance_id), prompt_tokens, phase)
+        return LoadTicket(self.instances.get(instance_id), prompt_tokens, phase, offline)
 
     def observe_ttft(self, instance_id: str, ttft_ms: float) -> None:
         load = self.instances.get(instance_id)
@@ -261,19 +323,24 @@ class LoadView:
         if load is not None:
             load.tpot_ms.append(tpot_ms)
 
+    def busy(self, load: InstanceLoad, now: float) -> bool:
+        """Did a request on ``load`` make progress within the last scrape period? On two
+        loaded CPU cores an engine's API server can answer /metrics late while its streams
+        flow; failing it then would migrate healthy work (and flip dynamic-PD roles)."""
+        window = self.scrape_timeout.total or 0.0
+        return (load.last_progress_at is not None
+                and now - load.last_progress_at <= window + self.scrape_interval_s)
+
     def report_failure(self, instance_id: str, reason: str) -> None:
-        """A failure seen outside scraping (e.g. the proxy could not connect)."""
+        """A failure seen outside scraping (connection error, broken, stalled or malformed
+        stream): the instance becomes suspect at once, failed after enough in a row."""
         load = self.instances.get(instance_id)
         if load is not None:
             self._failed(load, reason)
 
     def _failed(self, load: InstanceLoad, reason: str) -> None:
-        load.consecutive_failures += 1
         load.last_error = reason
-        if load.healthy and load.consecutive_failures >= self.unhealthy_after:
-            load.healthy = False
-            log.warning("instance %s unhealthy after %d failures: %s", load.instance_id,
-                        load.consecutive_failures, reason)
+        self._note(load.health.failure(time.monotonic(), reason))
 
     # -- scraping ---------------------------------------------------------------------------
 
@@ -285,6 +352,8 @@ class LoadView:
 
     async def scrape(self, load: InstanceLoad) -> None:
         """One scrape of one instance; updates health and load in place."""
+        if load.health.state == "removed":
+            return  # terminal for this incarnation: nothing to learn
         try:
             status, _ = await self._get(load, "/health")
             if status != 200:
@@ -318,16 +387,21 @@ class LoadView:
                 if status == 200:
                     load.models = tuple(m["id"] for m in json.loads(body).get("data", []))
         except Exception as exc:  # noqa: BLE001 (any failure counts against health)
-            if self.instances.get(load.instance_id) is load:
-                self._failed(load, f"scrape: {exc!r}"[:300])
+            if self.instances.get(load.instance_id) is not load:
+                return  # replaced or removed meanwhile
+            if isinstance(exc, TimeoutError) and self.busy(load, time.monotonic()):
+                load.busy_scrapes += 1  # keep the last numbers; its requests still move
+                log.debug("scrape of %s timed out while its requests progress: busy",
+                          load.instance_id)
+                return
+            self._failed(load, f"scrape: {exc!r}"[:300])
         else:
+            if self.instances.get(load.instance_id) is not load:
+                return
             load.scrapes += 1
             load.last_scrape_at = time.monotonic()
-            load.consecutive_failures = 0
             load.last_error = None
-            if not load.healthy:
-                log.info("instance %s healthy (%s)", load.instance_id, load.load_source)
-            load.healthy = True
+            self._note(load.health.success(load.last_scrape_at))
         for callback in self.on_scraped:
             callback(load)
 
@@ -338,6 +412,8 @@ class LoadView:
         while True:
             began = time.monotonic()
             await self.scrape_all()
+            for change in self.book.tick(time.monotonic()):  # long-failed -> removed
+                self._note(change)
             await asyncio.sleep(max(0.0, self.scrape_interval_s - (time.monotonic() - began)))
 
     async def start(self, session: aiohttp.ClientSession) -> None:

@@ -33,6 +33,15 @@ class RouterMetrics:
             "xllm_router_migrations", "Streams moved to another instance mid-stream, by what "
             "broke (error, eof, idle, stall) and outcome (resumed, no_instance, failed, "
             "limit, not_resumable).", ["reason", "outcome"], registry=r)
+        self.resume_plans = Counter(
+            "xllm_router_resume_plans", "Where failed requests resumed: 'move' reused KV that "
+            "outlived the failed instance (a prefix cache, a tier, the global store), "
+            "'recompute' prefilled prompt + generated tokens afresh; by estimated cost.",
+            ["mode"], registry=r)
+        self.offline_moves = Counter(
+            "xllm_router_offline_moves", "Offline requests a co-location policy moved to an "
+            "idle instance (re-prefill of prompt + generated tokens), by source, target and "
+            "reason.", ["from_instance", "to_instance", "reason"], registry=r)
         self.upstream_errors = Counter(
             "xllm_router_upstream_errors", "Upstream failures by instance and reason.",
             ["instance", "reason"], registry=r)
@@ -60,6 +69,10 @@ class RouterMetrics:
         self.instance_healthy = Gauge(
             "xllm_router_instance_healthy", "1 if the instance takes requests, else 0.",
             ["instance"], registry=r)
+        self.instance_transitions = Counter(
+            "xllm_router_instance_transitions", "Changes of an instance's health state "
+            "(healthy, suspect, failed, removed; 'removed' -> 'suspect' is a registration).",
+            ["from_state", "to_state"], registry=r)
         self.instance_inflight = Gauge(
             "xllm_router_instance_inflight", "Requests the router has in flight on the instance.",
             ["instance"], registry=r)
@@ -77,6 +90,15 @@ class RouterMetrics:
         self.pd_prefill = Histogram(
             "xllm_router_pd_prefill_seconds", "Prefill stage of disaggregated requests "
             "(request sent to the prefill instance to its kv_transfer_params back).",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.epd_encodes = Counter(
+            "xllm_router_epd_encodes", "Encode stages of multimodal requests by encode instance "
+            "and outcome: 'loaded' (the prefill instance loads the encoder output) or "
+            "'fallback_<reason>' (it encodes the images itself).",
+            ["instance", "outcome"], registry=r)
+        self.epd_encode = Histogram(
+            "xllm_router_epd_encode_seconds", "Encode stage of multimodal requests (request sent "
+            "to the encode instance to its ec_transfer_params back).",
             buckets=_LATENCY_BUCKETS, registry=r)
         self.role_switches = Counter(
             "xllm_router_role_switches", "Instance role changes asked for by the policy, by "

@@ -11,6 +11,10 @@ client's format (chat or completions, the original id and model), so the client 
 one stream with no token twice and none missing. Greedy continuations are therefore
 identical to an uninterrupted run.
 
+A client's non-streamed request moves too: the router asks the engine for a stream
+in its place (``collect``) and hands the events to ``router/server/assemble.py``,
+which builds the one JSON answer the client expects.
+
 Limits (documented in router/README.md): one choice (``n`` = 1); a stop *string*
 that straddles the seam is not seen by the new instance; presence/frequency
 penalties restart counting at the seam (the generated tokens became prompt).
@@ -57,13 +61,13 @@ class SSESplitter:
 def migratable(parsed: ParsedRequest) -> str | None:
     """Why this request cannot be migrated (None: it can)."""
     body = parsed.body
-    if not parsed.stream:
-        return "not streamed"
     if body.get("n", 1) not in (1, None) or body.get("best_of", 1) not in (1, None):
         return "n > 1"
     if body.get("use_beam_search") or body.get("echo") or body.get("logprobs") or body.get(
             "top_logprobs") or body.get("tools"):
         return "beam search, echo, logprobs or tools"
+    if _has_media(body):
+        return "multimodal content"
     prompt = body.get("prompt")
     if parsed.kind == "completions" and not (
             isinstance(prompt, str) or parsed.prompt_token_ids is not None
@@ -72,16 +76,39 @@ def migratable(parsed: ParsedRequest) -> str | None:
     return None
 
 
+def _has_media(body: dict[str, Any]) -> bool:
+    """True when a chat message carries a non-text part (image, audio, video).
+
+    A resume sends prompt token ids only; the engine would see the media placeholder
+    tokens without the media they stand for, so such requests are retried whole instead.
+    """
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(
+                isinstance(part, dict) and part.get("type", "text") != "text"
+                for part in content):
+            return True
+    return False
+
+
 def start_ledger(parsed: ParsedRequest) -> StreamLedger:
-    """A ledger for ``parsed``; makes its upstream body ask for prompt and output token ids."""
+    """A ledger for ``parsed``; makes its upstream body ask for prompt and output token ids.
+
+    A non-streamed request is sent upstream as a stream with usage (``collect``).
+    """
     body = parsed.body
     explicit = any(body.get(k) is not None for k in ("max_tokens", "max_completion_tokens"))
     ledger = StreamLedger(kind=parsed.kind,
                           max_tokens=(parsed.max_tokens if explicit or parsed.kind ==
                                       "completions" else None),
-                          client_wants_ids=bool(body.get("return_token_ids")))
+                          client_wants_ids=bool(body.get("return_token_ids")),
+                          collect=not parsed.stream)
     if not ledger.client_wants_ids:
         body["return_token_ids"] = True
+        parsed.body_changed = True
+    if ledger.collect:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
         parsed.body_changed = True
     return ledger
 
@@ -93,6 +120,7 @@ class StreamLedger:
     kind: str
     max_tokens: int | None  # None: the client left it to the engine (chat)
     client_wants_ids: bool
+    collect: bool = False  # the client asked for one JSON answer; the router streams for it
     prompt_token_ids: list[int] | None = None
     generated: list[int] = field(default_factory=list)
     finished: bool = False  # a finish_reason reached the client
@@ -132,6 +160,12 @@ class StreamLedger:
             chunk.pop("prompt_token_ids", None)
         self._fix_usage(chunk)
         return b"data: " + _encoder.encode(chunk) + b"\n\n"
+
+    def restart(self) -> None:
+        """Forget the answer so far: the whole request is sent again (the client saw none)."""
+        self.prompt_token_ids = None
+        self.generated.clear()
+        self.finished = self.done = False
 
     def can_resume(self) -> str | None:
         """Why the stream cannot continue elsewhere (None: it can)."""

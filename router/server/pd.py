@@ -38,6 +38,7 @@ import msgspec
 from router.server.load_view import LoadView
 from router.server.metrics import RouterMetrics
 from router.server.requests import ParsedRequest
+from router.server.stage_call import StageCaller
 
 log = logging.getLogger("xllm.router.pd")
 
@@ -53,7 +54,6 @@ _PREFILL_DROP = ("stream_options", "min_tokens")
 _UNSUPPORTED = ("n", "best_of", "echo", "prompt_logprobs")
 
 _encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder()
 
 
 def supports_handoff(parsed: ParsedRequest) -> bool:
@@ -108,10 +108,9 @@ class PrefillStage:
                  connect_timeout_s: float, timeout_s: float) -> None:
         self.load = load
         self.metrics = metrics
-        self._session = session
-        self.connect_timeout_s = connect_timeout_s
-        self.timeout_s = timeout_s
-        self._warned_no_params: set[str] = set()
+        self._caller = StageCaller(load, metrics, session, stage='prefill', params_key='kv_transfer_params',
+                                   config_hint='--kv-transfer-config \'{"kv_connector":"NixlConnector","kv_role":"kv_both",...}\'',
+                                   connect_timeout_s=connect_timeout_s, timeout_s=timeout_s)
 
     async def run(self, parsed: ParsedRequest, prefill_id: str, path: str,
                   headers: Mapping[str, str], prompt_tokens: int) -> Handoff:
@@ -119,7 +118,8 @@ class PrefillStage:
         began = time.perf_counter()
         ticket = self.load.begin(prefill_id, prompt_tokens, phase="prefill")
         try:
-            params, failure = await self._call(parsed, prefill_id, path, headers)
+            params, failure = await self._caller.post(prefill_id, path, prefill_body(parsed),
+                                                      headers)
         finally:
             ticket.finish()
         elapsed_ms = (time.perf_counter() - began) * 1000
@@ -132,42 +132,3 @@ class PrefillStage:
             log.warning("request %s: prefill on %s failed (%s); the decode instance "
                         "prefills it", parsed.request_id, prefill_id, failure)
         return Handoff(prefill_id, params, elapsed_ms, failure)
-
-    async def _call(self, parsed: ParsedRequest, prefill_id: str, path: str,
-                    headers: Mapping[str, str]) -> tuple[dict[str, Any] | None, str | None]:
-        load = self.load.instances.get(prefill_id)
-        session = self._session()
-        if load is None or session is None:
-            return None, "gone"
-        timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=self.connect_timeout_s)
-        try:
-            async with session.post(load.record.url + path, data=prefill_body(parsed),
-                                    headers=dict(headers), timeout=timeout) as response:
-                raw = await response.read()
-                status = response.status
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            self.load.report_failure(prefill_id, f"prefill: cannot connect: {exc}")
-            self.metrics.upstream_errors.labels(prefill_id, "prefill_connect").inc()
-            return None, "connect"
-        except TimeoutError:
-            self.metrics.upstream_errors.labels(prefill_id, "prefill_timeout").inc()
-            return None, "timeout"
-        except aiohttp.ClientError as exc:
-            self.metrics.upstream_errors.labels(prefill_id, "prefill_error").inc()
-            log.debug("prefill on %s broke off: %r", prefill_id, exc)
-            return None, "error"
-        if status != 200:
-            self.metrics.upstream_errors.labels(prefill_id, f"prefill_http_{status}").inc()
-            return None, f"http_{status}"
-        try:
-            params = _decoder.decode(raw).get("kv_transfer_params")
-        except (msgspec.DecodeError, AttributeError):
-            return None, "bad_body"
-        if not isinstance(params, dict) or not params:
-            if prefill_id not in self._warned_no_params:
-                self._warned_no_params.add(prefill_id)
-                log.warning("instance %s answered a prefill without kv_transfer_params: start "
-                            "it with --kv-transfer-config '{\"kv_connector\":\"NixlConnector\","
-                            "\"kv_role\":\"kv_both\",...}'", prefill_id)
-            return None, "no_kv_params"
-        return params, None

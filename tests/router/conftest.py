@@ -7,13 +7,8 @@ Async fixtures and tests here share the session event loop (the project sets
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-import signal
 import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +20,7 @@ from aiohttp import web
 
 from router.config import RouterConfig
 from router.server.app import Router
+from etcd_server import EtcdServer
 from router_fakes import FakeEngine, wait_for  # noqa: F401 (re-exported)
 
 # Ports reserved for the router tests (8100-8199, ZMQ 5600-5649) so parallel work
@@ -106,41 +102,16 @@ def etcd_endpoint() -> Iterator[str]:
     exe = shutil.which("etcd")
     if exe is None:
         pytest.skip("etcd not installed (apt-get install etcd-server)")
-    client_port = free_port_in(ETCD_PORTS[0], 8199)
-    peer_port = free_port_in(client_port + 1, 8200)
-    data_dir = tempfile.mkdtemp(prefix="xllm-etcd-")
-    log = open(Path(data_dir) / "etcd.log", "w")  # noqa: SIM115
-    process = subprocess.Popen(
-        [exe, "--name", "router-test", "--data-dir", f"{data_dir}/data",
-         "--listen-client-urls", f"http://127.0.0.1:{client_port}",
-         "--advertise-client-urls", f"http://127.0.0.1:{client_port}",
-         "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
-         "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
-         "--initial-cluster", f"router-test=http://127.0.0.1:{peer_port}"],
-        stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"127.0.0.1:{client_port}"
-    deadline = time.monotonic() + 20
-    import urllib.request
+    server = EtcdServer(exe, *etcd_ports())
+    server.start()
+    yield server.endpoint
+    server.remove()
 
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://{endpoint}/health", timeout=1) as r:  # noqa: S310
-                if b"true" in r.read():
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"etcd did not start: {(Path(data_dir) / 'etcd.log').read_text()}")
-        time.sleep(0.2)
-    yield endpoint
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
-    shutil.rmtree(data_dir, ignore_errors=True)
+
+def etcd_ports() -> tuple[int, int]:
+    """A free client port and peer port in the range reserved for the router tests' etcd."""
+    client_port = free_port_in(ETCD_PORTS[0], 8199)
+    return client_port, free_port_in(client_port + 1, 8200)
 
 
 # -- real engines -------------------------------------------------------------------------------

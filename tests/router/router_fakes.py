@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,14 +30,33 @@ class FakeBehaviour:
     hang_s: float = 0.0  # sleep before answering (headers included)
     close_mid_stream_after: int | None = None  # drop the connection after N tokens
     health_status: int = 200
+    health_delay_s: float = 0.0  # a starved API server: /health answers this late
     with_xllm_status: bool = True
     running: int = 0
     waiting: int = 0
+    offline_waiting: int = 0  # reported by /xllm/status (XLLMScheduler's per-class counts)
     kv_transfer_params: dict[str, Any] | None = None  # returned to a P->D prefill request
     # A deterministic "greedy model" with token ids (for migration tests): the next token is
     # a function of the whole sequence, prompt ids are the characters' code points, and
     # return_token_ids is honoured as vLLM does. ``tokens`` is then the default max_tokens.
     sequence_model: bool = False
+    # Malformed answers (chaos tests): "non_json" (200 with a body that is not JSON),
+    # "html_error" (an HTML page with status ``malformed_status``), "reset" (TCP reset
+    # before any byte), and, with ``sequence_model``, after ``malformed_after`` tokens:
+    # "truncated_sse" (half an event, then the connection closes), "garbage_event" (a
+    # non-JSON event, then the stream goes on) or "reset_mid" (TCP reset).
+    malformed: str | None = None
+    malformed_status: int = 503
+    malformed_after: int = 2
+
+
+def reset_connection(request: web.Request) -> None:
+    """Abort the connection with a TCP RST (SO_LINGER 0), as a crashed peer or a proxy would."""
+    transport = request.transport
+    assert transport is not None
+    transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                  struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def fake_next_token(sequence: list[int]) -> int:
@@ -88,6 +109,8 @@ class FakeEngine:
             self.runner = None
 
     async def _health(self, request: web.Request) -> web.Response:
+        if self.behaviour.health_delay_s:
+            await asyncio.sleep(self.behaviour.health_delay_s)
         return web.Response(status=self.behaviour.health_status)
 
     async def _models(self, request: web.Request) -> web.Response:
@@ -107,7 +130,8 @@ class FakeEngine:
             raise web.HTTPNotFound()
         return web.json_response({"engine": {
             "running": {"online": b.running, "offline": 0},
-            "waiting": {"online": b.waiting, "offline": 0}, "kv_cache_usage": 0.5}})
+            "waiting": {"online": b.waiting, "offline": b.offline_waiting},
+            "kv_cache_usage": 0.5}})
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -116,6 +140,14 @@ class FakeEngine:
         b = self.behaviour
         if b.hang_s:
             await asyncio.sleep(b.hang_s)
+        if b.malformed == "non_json":
+            return web.Response(text="upstream says hello {", content_type="application/json")
+        if b.malformed == "html_error":
+            return web.Response(text="<html><body><h1>Bad Gateway</h1></body></html>",
+                                status=b.malformed_status, content_type="text/html")
+        if b.malformed == "reset":
+            reset_connection(request)
+            return web.Response()
         if b.fail_status is not None:
             return web.json_response({"error": {"message": f"fake failure {b.fail_status}",
                                                 "type": "x", "param": None,
@@ -147,12 +179,16 @@ class FakeEngine:
                     request.transport.close()
                     return response
                 await asyncio.sleep(b.token_delay_s)
-                delta = {"delta": {"content": f"t{i}"}} if chat else {"text": f"t{i}"}
+                piece = f" t{i}" if i else "t0"  # the pieces join to the non-streamed text
+                delta = {"delta": {"content": piece}} if chat else {"text": piece}
                 chunk = {"id": "x", "model": b.model, "served_by": self.name,
-                         "choices": [{"index": 0, **delta, "finish_reason": None}]}
+                         "choices": [{"index": 0, **delta, "finish_reason":
+                                      "length" if i == b.tokens - 1 else None}]}
                 await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
             if (body.get("stream_options") or {}).get("include_usage"):
-                usage = {"id": "x", "choices": [], "usage": {"completion_tokens": b.tokens}}
+                usage = {"id": "x", "choices": [], "usage": {
+                    "prompt_tokens": 3, "completion_tokens": b.tokens,
+                    "total_tokens": 3 + b.tokens}}
                 await response.write(f"data: {json.dumps(usage)}\n\n".encode())
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
@@ -186,6 +222,17 @@ class FakeEngine:
                     assert request.transport is not None
                     request.transport.close()
                     return response
+                if b.malformed is not None and i == b.malformed_after:
+                    if b.malformed == "truncated_sse":
+                        await response.write(b'data: {"id": "c", "choices": [{"ind')
+                        assert request.transport is not None
+                        request.transport.close()
+                        return response
+                    if b.malformed == "garbage_event":
+                        await response.write(b"data: <html>proxy error</html>\n\n")
+                    if b.malformed == "reset_mid":
+                        reset_connection(request)
+                        return response
                 await asyncio.sleep(b.token_delay_s)
                 token = fake_next_token(sequence)
                 sequence.append(token)

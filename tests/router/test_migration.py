@@ -6,11 +6,13 @@ usage, the limits. Real vLLM engines are covered by test_migration_engines.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
-from router.server.migration import SSESplitter, StreamLedger
+from router.server.migration import SSESplitter, StreamLedger, migratable
+from router.server.requests import parse_request
 from router_fakes import fake_next_token
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -80,6 +82,8 @@ async def test_broken_stream_continues_on_another_instance(fakes, start_router, 
     metrics = (await (await client.get(url + "/metrics")).read()).decode()
     assert (f'xllm_router_migrations_total{{outcome="resumed",reason="error"}} '
             f'{len(resumed)}.0') in metrics
+    # No KV outlived the failed fake (no PD, no prefix index): every resumption recomputes.
+    assert f'xllm_router_resume_plans_total{{mode="recompute"}} {len(resumed)}.0' in metrics
 
 
 async def test_client_asking_for_token_ids_gets_them_across_the_seam(fakes, start_router,
@@ -147,3 +151,126 @@ async def test_ledger_resume_body_and_usage() -> None:
     assert json.loads(usage[6:])["usage"] == {"prompt_tokens": 3, "completion_tokens": 3,
                                               "total_tokens": 6}
     assert ledger.can_resume() == "already finished"
+
+
+async def test_requests_with_media_are_not_migrated() -> None:
+    """A resume sends token ids only, so image/audio parts would be lost: retry whole."""
+    text = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}]}]}
+    image = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}
+    assert migratable(parse_request("chat", json.dumps(text).encode(), {})) is None
+    assert migratable(parse_request("chat", json.dumps(image).encode(), {})) == (
+        "multimodal content")
+
+
+async def _whole(client, url: str, kind: str, max_tokens: int = 8, **extra):
+    path = "/v1/completions" if kind == "completions" else "/v1/chat/completions"
+    body = ({"prompt": PROMPT} if kind == "completions"
+            else {"messages": [{"role": "user", "content": PROMPT}]})
+    body.update(model="tiny", max_tokens=max_tokens, **extra)
+    async with client.post(url + path, json=body) as r:
+        return r.status, dict(r.headers), await r.json()
+
+
+@pytest.mark.parametrize("kind", ["completions", "chat"])
+async def test_non_streamed_request_moves_and_answers_once(fakes, start_router, client, kind):
+    """The router streams in the client's place, so a broken instance costs no tokens."""
+    a, b = _sequence_fakes(fakes)
+    _, url = await start_router(instances=[a.url, b.url])
+    expected = _expected([ord(c) for c in PROMPT], 8)
+    migrations = []
+    for _ in range(2):  # round robin: one starts on the failing instance
+        status, headers, answer = await _whole(client, url, kind)
+        assert status == 200, answer
+        assert headers["Content-Type"].startswith("application/json")
+        migrations.append(int(headers["x-xllm-migrations"]))
+        assert answer["object"] == ("chat.completion" if kind == "chat" else "text_completion")
+        choice = answer["choices"][0]
+        text = choice["message"]["content"] if kind == "chat" else choice["text"]
+        assert text == "".join(f"<{t}>" for t in expected)
+        assert choice["finish_reason"] == "length" and "token_ids" not in choice
+        assert answer["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 8,
+                                   "total_tokens": len(PROMPT) + 8}
+    assert sum(migrations) == len(a.requests) >= 1  # every start on a moved once to b
+    assert all(r["stream"] is True for r in a.requests + b.requests)  # streamed upstream
+
+
+async def test_non_streamed_request_returns_token_ids_when_asked(fakes, start_router, client):
+    a, b = _sequence_fakes(fakes)
+    _, url = await start_router(instances=[a.url, b.url])
+    prompt_ids = [ord(c) for c in PROMPT]
+    for _ in range(2):
+        status, _, answer = await _whole(client, url, "completions", return_token_ids=True)
+        assert status == 200
+        assert answer["choices"][0]["token_ids"] == _expected(prompt_ids, 8)
+        assert answer["choices"][0]["prompt_token_ids"] == prompt_ids
+
+
+async def test_non_streamed_request_retries_whole_when_migration_fails(fakes, start_router,
+                                                                       client):
+    """Every resumption breaks too: the client, who saw nothing, gets a clean 502 JSON error."""
+    a, b = _sequence_fakes(fakes)
+    b.behaviour.close_mid_stream_after = 2
+    _, url = await start_router(instances=[a.url, b.url], migration_limit=1)
+    status, _, answer = await _whole(client, url, "chat")
+    assert status == 502
+    assert answer["error"]["code"] == "upstream_error"
+    assert "retried once" in answer["error"]["message"]
+
+
+async def test_collected_response_builds_the_non_streamed_shape() -> None:
+    from router.server.assemble import CollectedResponse
+
+    collected = CollectedResponse("chat", client_wants_ids=True)
+    events = [
+        {"id": "c1", "created": 7, "model": "m", "prompt_token_ids": [1, 2],
+         "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                      "token_ids": []}]},
+        {"id": "c1", "choices": [{"index": 0, "delta": {"content": "Hel"}, "token_ids": [5]}]},
+        {"id": "c1", "choices": [{"index": 0, "delta": {"content": "lo"}, "token_ids": [6],
+                                  "finish_reason": "stop", "stop_reason": None}]},
+        {"id": "c1", "choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 2,
+                                              "total_tokens": 4}},
+    ]
+    wire = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    await collected.write(wire[:17])  # cut anywhere: the splitter reassembles events
+    await collected.write(wire[17:] + b"data: [DONE]\n\n")
+    body = collected.body()
+    assert collected.done and collected.error is None
+    assert body["id"] == "c1" and body["object"] == "chat.completion" and body["created"] == 7
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello"}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["choices"][0]["token_ids"] == [5, 6] and body["prompt_token_ids"] == [1, 2]
+    assert body["usage"]["total_tokens"] == 4
+
+
+async def test_streams_leave_an_instance_as_soon_as_it_is_declared_failed(fakes, start_router,
+                                                                          client):
+    """Its health probes fail while the stream is still flowing but slow: the router cuts
+    the stream at the transition to failed and resumes it elsewhere, without waiting for
+    the connection to break or go silent."""
+    a, b = _sequence_fakes(fakes, close_after=None)
+    a.behaviour.token_delay_s = 0.5  # 16 tokens: 8 s on a, far past the failover
+    router, url = await start_router(instances=[f"{a.url};id=a", f"{b.url};id=b"],
+                                     idle_timeout_s=60, policy="least_load")
+    from router_fakes import wait_for
+
+    await wait_for(lambda: all(i.healthy for i in router.load.instances.values()), 10,
+                   "both fakes healthy")
+    b.behaviour.running = 5  # least-load puts the request on a
+
+    async def fail_a_probes() -> None:
+        await wait_for(lambda: router.live_requests.live("a") == 1, 10, "stream live on a")
+        a.behaviour.health_status = 500
+
+    failing = asyncio.ensure_future(fail_a_probes())
+    served, text = await _stream(client, url, "completions", max_tokens=16)
+    await failing
+    assert served == "a" and '"error"' not in text
+    assert _text(_events(text), "completions") == "".join(
+        f"<{t}>" for t in _expected([ord(c) for c in PROMPT], 16))
+    assert router.load.instances["a"].health.state == "failed"
+    resumed = [r for r in b.requests if isinstance(r.get("prompt"), list)]
+    assert len(resumed) == 1 and 0 < len(resumed[0]["prompt"]) - len(PROMPT) < 16

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -205,8 +206,10 @@ async def test_all_upstreams_down_gives_503(fakes, start_router, client):
     router, url = await start_router(instances=[a.url, b.url])
     await a.stop()
     await b.stop()
-    await wait_for(lambda: not any(i.healthy for i in router.load.instances.values()), 5,
-                   "both instances to be marked unhealthy")
+    # Failed, not merely suspect: a suspect instance is still tried when nothing is healthy.
+    await wait_for(lambda: all(i.health.state == "failed"
+                               for i in router.load.instances.values()), 5,
+                   "both instances to be marked failed")
     async with client.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x"}) as r:
         assert r.status == 503
         assert "no healthy instance" in (await r.json())["error"]["message"]
@@ -217,10 +220,14 @@ async def test_all_upstreams_down_gives_503(fakes, start_router, client):
 
 
 async def test_dead_instance_before_scrape_gets_502_after_retry(start_router, client):
-    # Nothing listens there; the instance is still "healthy" because health is forced.
-    router, url = await start_router(instances=["http://127.0.0.1:8198"], unhealthy_after=50)
+    # Nothing listens there; the instance is "healthy" because health is forced (and no
+    # scrape runs before the request to say otherwise).
+    router, url = await start_router(instances=["http://127.0.0.1:8198"], unhealthy_after=50,
+                                     scrape_interval_s=60)
+    await asyncio.sleep(0.3)  # the scrape loop's first round has run
     load = next(iter(router.load.instances.values()))
-    load.healthy, load.models = True, ("tiny",)
+    load.health.success(time.monotonic())
+    load.models = ("tiny",)
     async with client.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x"}) as r:
         assert r.status == 502
         assert "cannot connect" in (await r.json())["error"]["message"]

