@@ -17,7 +17,6 @@ and takes the prefill cost of a block from the simulator's fitted SmolLM2 CPU mo
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import platform

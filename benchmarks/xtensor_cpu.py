@@ -288,7 +288,7 @@ Target was parity or better on CPU (ratios >= 1).
 
 | case | stock paged | xTensor | ratio |
 |---|---|---|---|
-""" + "\n".join(row(t, "attention") for t in att) + f"""
+""" + "\n".join(row(t, "attention") for t in att) + """
 
 ## End to end (output tok/s, `vllm serve` SmolLM2, both engines on core 0, alternated)
 
