@@ -116,6 +116,19 @@ class MoEConfig(_Section):
         description="Rebalance only if max/mean rank load drops by this fraction.")
 
 
+class BatchingConfig(_Section):
+    """Phase-aware batching in XLLMScheduler (xllm_plugin/scheduler/phases.py)."""
+
+    phase_aware: bool = Field(
+        default=False,
+        description="Serve decodes, then unfinished prefills, then new requests' encoder "
+                    "work; a new multimodal request waits while an admitted prefill is "
+                    "unfinished.")
+    max_encode_hold_steps: int = Field(
+        default=8, ge=0, le=10_000,
+        description="Most steps a new multimodal request is held back (starvation cap).")
+
+
 class XTensorConfig(_Section):
     """xTensor KV memory (xllm_plugin/memory); read only when ``xtensor`` is true."""
 
@@ -166,6 +179,7 @@ class XLLMConfig(_Section):
     )
     request_classes: RequestClassConfig = Field(default_factory=RequestClassConfig)
     slo: SLOConfig = Field(default_factory=SLOConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
     registration: RegistrationConfig = Field(default_factory=RegistrationConfig)
     speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
     moe: MoEConfig = Field(default_factory=MoEConfig)

@@ -67,6 +67,33 @@ class ClassAwareQueue(RequestQueue):
             if members:
                 self._queues[request_class].remove_requests(members)
 
+    def withhold(self, requests: list[Request]) -> Callable[[], None]:
+        """Take ``requests`` out of the queue for one scheduling pass; the returned
+        function puts them back where they were (phase-aware batching holds back new
+        multimodal requests). Requests vLLM admitted meanwhile stay out; requests it
+        prepended (preempted ones) stay in front."""
+        if not requests:
+            return lambda: None
+        before = {c: list(q) for c, q in self._queues.items()}
+        self.remove_requests(requests)
+        held = set(map(id, requests))
+
+        def restore() -> None:
+            for request_class, queue in self._queues.items():
+                current = list(queue)
+                if not any(id(r) in held for r in before[request_class]):
+                    continue
+                present = set(map(id, current))
+                known = set(map(id, before[request_class]))
+                order = [r for r in current if id(r) not in known]
+                order += [r for r in before[request_class]
+                          if id(r) in present or id(r) in held]
+                queue.remove_requests(current)
+                for request in order:
+                    queue.add_request(request)
+
+        return restore
+
     def __bool__(self) -> bool:
         return any(self._queues.values())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
@@ -23,6 +24,7 @@ from xllm_plugin.memory.wiring import check_worker as check_xtensor_worker
 from xllm_plugin.memory.wiring import scheduler_lookahead_tokens
 from xllm_plugin.scheduler.budget import BudgetDecision, plan_step_budget
 from xllm_plugin.scheduler.class_queue import ClassAwareQueue
+from xllm_plugin.scheduler.phases import EncodeHold, running_rank
 from xllm_plugin.scheduler.preemption import OfflineVictimPicker, shortfall
 from xllm_plugin.scheduler.request_class import CLASSES, RequestClass, classify
 from xllm_plugin.scheduler.step_model import StepLatencyModel, StepWork
@@ -67,6 +69,9 @@ class XLLMScheduler(Scheduler):
             arrival_time=lambda r: r.arrival_time,
             blocks_held=lambda r: len(self.kv_cache_manager.get_block_ids(r.request_id)[0]))
         self._preempted_for_online = 0
+        batching = self.xllm_config.batching
+        self._encode_hold = (EncodeHold(batching.max_encode_hold_steps)
+                             if batching.phase_aware else None)
         self._preemptions: Counter[str] = Counter()
         self._finished: Counter[str] = Counter()
         self._steps = 0
@@ -95,9 +100,15 @@ class XLLMScheduler(Scheduler):
         super().add_request(request)
 
     def schedule(self, *args: Any, **kwargs: Any):  # type: ignore[override]
-        # Stable sort: online first, each class keeping its order.
-        self.running.sort(key=lambda r: self.request_class(r) == "offline")
+        if self._encode_hold is None:
+            # Stable sort: online first, each class keeping its order.
+            self.running.sort(key=lambda r: self.request_class(r) == "offline")
+        else:  # and within a class decodes before unfinished prefills
+            self.running.sort(key=lambda r: running_rank(
+                self.request_class(r) == "offline", r.num_computed_tokens,
+                r.num_prompt_tokens))
         self._make_room_for_online()
+        restore_waiting = self._hold_new_encodes()
         self._budget = self._plan_budget()
         self._budget_constrained_steps += self._budget.constrained
         self.max_num_scheduled_tokens = self._budget.tokens
@@ -107,12 +118,40 @@ class XLLMScheduler(Scheduler):
             output = super().schedule(*args, **kwargs)
         finally:
             self.max_num_scheduled_tokens = self._configured_budget
+            restore_waiting()
         if self._spec is not None:
             self._spec.after_schedule(output)
         self._steps += 1
         self._last_step_tokens = output.total_num_scheduled_tokens
         self._step_started = (time.perf_counter(), self._work_of(output.num_scheduled_tokens))
         return output
+
+    def _hold_new_encodes(self) -> Callable[[], None]:
+        """Phase-aware batching: keep new requests whose images need the encoder out of
+        this step while an admitted prefill is unfinished (xllm_plugin/scheduler/phases.py).
+        Returns what puts them back after vLLM's pass."""
+        if self._encode_hold is None or not self.waiting:
+            return _nothing
+        prefill_pending = any(r.num_computed_tokens < r.num_prompt_tokens for r in self.running)
+        held = self._encode_hold.select(self.waiting, prefill_pending=prefill_pending,
+                                        needs_encode=self._needs_encoder,
+                                        key=lambda r: r.request_id)
+        return self.waiting.withhold(held)
+
+    def _needs_encoder(self, request: Request) -> bool:
+        """A request not yet started with a multimodal item neither in the encoder cache
+        nor offered by the EC connector (an E->PD consumer loads, it does not encode)."""
+        if request.num_computed_tokens or not request.has_encoder_inputs:
+            return False
+        cached = getattr(self.encoder_cache_manager, "cached", {})
+        for feature in request.mm_features:
+            if feature.identifier in cached:
+                continue
+            if self.ec_connector is not None and self.ec_connector.has_cache_item(
+                    feature.identifier):
+                continue
+            return True
+        return False
 
     def tpot_slo_ms(self, request: Request) -> float | None:
         """The request's own TPOT SLO (``vllm_xargs.slo_tpot_ms``), else the configured one."""
@@ -213,6 +252,9 @@ class XLLMScheduler(Scheduler):
             "waiting": {c: waiting.get(c, 0) for c in CLASSES},
             "preemptions": {c: self._preemptions.get(c, 0) for c in CLASSES},
             "offline_preempted_for_online": self._preempted_for_online,
+            "phase_aware": None if self._encode_hold is None else {
+                "encode_holds": self._encode_hold.holds,
+                "released_by_cap": self._encode_hold.released_by_cap},
             "budget": {
                 "configured_tokens": self._configured_budget,
                 "last_tokens": self._budget.tokens,
@@ -229,6 +271,10 @@ class XLLMScheduler(Scheduler):
             "finished": {c: self._finished.get(c, 0) for c in CLASSES},
             "speculative": self._spec.status() if self._spec is not None else None,
         }
+
+
+def _nothing() -> None:
+    """Nothing was held back: nothing to restore."""
 
 
 class XLLMAsyncScheduler(XLLMScheduler, AsyncScheduler):
