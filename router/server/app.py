@@ -68,6 +68,7 @@ from router.server.pd import Handoff, PrefillStage, supports_handoff
 from router.server.prefix import PrefixLookup, policy_uses_prefix_hits
 from router.server.profiler import InstanceProfiler
 from router.server.requests import HEADER_POLICY, Kind, ParsedRequest, parse_request
+from router.server.upstream import post as upstream_post
 
 log = logging.getLogger("xllm.router")
 
@@ -528,11 +529,10 @@ class Router:
         try:
             try:
                 async with asyncio.timeout_at(asyncio.get_running_loop().time() + wait_s):
-                    upstream = await self.session.post(url, data=body if body is not None
-                                                       else parsed.upstream_body(),
-                                                       headers=self._forward_headers(request,
-                                                                                     parsed),
-                                                       timeout=timeout)
+                    upstream = await upstream_post(
+                        self.session, url,
+                        data=body if body is not None else parsed.upstream_body(),
+                        headers=self._forward_headers(request, parsed), timeout=timeout)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 raise UpstreamFailure("connect", 502, f"cannot connect to instance "
                                       f"{instance_id} ({load.record.url}): {exc}",
@@ -820,9 +820,9 @@ class Router:
         wait_s = cfg.first_byte_timeout_s  # the resumed prompt is prefilled first
         try:
             async with asyncio.timeout(wait_s):
-                upstream = await self.session.post(
-                    load.record.url + _PATHS["completions"], data=_json_bytes(body),
-                    headers=self._forward_headers(request, parsed),
+                upstream = await upstream_post(
+                    self.session, load.record.url + _PATHS["completions"],
+                    data=_json_bytes(body), headers=self._forward_headers(request, parsed),
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s))
         except TimeoutError:
             return "idle", f"instance {target} sent no response within {wait_s:g}s"

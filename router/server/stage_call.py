@@ -18,6 +18,7 @@ import aiohttp
 import msgspec
 
 from router.server.load_view import LoadView
+from router.server.upstream import post as upstream_post
 from router.server.metrics import RouterMetrics
 
 log = logging.getLogger("xllm.router.stage")
@@ -57,8 +58,8 @@ class StageCaller:
         stage = self.stage
         timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=self.connect_timeout_s)
         try:
-            async with session.post(load.record.url + path, data=body, headers=dict(headers),
-                                    timeout=timeout) as response:
+            async with await upstream_post(session, load.record.url + path, data=body,
+                                           headers=dict(headers), timeout=timeout) as response:
                 raw = await response.read()
                 status = response.status
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:

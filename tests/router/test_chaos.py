@@ -25,6 +25,7 @@ from etcd_server import EtcdServer
 from router.discovery.etcd import EtcdClient
 from router.discovery.records import InstanceRecord
 from router.discovery.registrar import Registrar
+from router.server.upstream import STALE_RETRIES
 from router_fakes import FakeEngine, fake_next_token, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -164,7 +165,10 @@ async def test_malformed_answer_is_retried_on_a_sound_instance(fakes, start_rout
         assert "t0" in text and '"error"' not in text
     if mode != "html_error":  # a 5xx may be overload; garbage or a reset is a broken instance
         assert router.load.instances["a"].health.state == "suspect"
-        assert len(a.requests) == 1  # suspect: no new requests while b is healthy
+        # Suspect: no new requests while b is healthy. A reset before any answer is first
+        # taken for a pooled connection the engine had closed and sent again on another
+        # (router/server/upstream.py).
+        assert len(a.requests) == (1 + STALE_RETRIES if mode == "reset" else 1)
     else:
         assert router.load.instances["a"].healthy and len(a.requests) >= 1
 
