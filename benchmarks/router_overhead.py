@@ -413,12 +413,117 @@ def summarise_throughput(results: dict[str, dict[str, list[list[Level]]]],
     return out
 
 
+# --- part 3: cost of the migration token ledger (fake backends) -----------------------------------
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def fixed_run(url: str, requests: int, concurrency: int, max_tokens: int) -> tuple[float, int]:
+    """``requests`` streamed completions with ``concurrency`` in flight: (wall s, errors)."""
+    body = json.dumps({"model": "fake", "prompt": PROMPT, "max_tokens": max_tokens,
+                       "stream": True}).encode()
+    headers = {"Content-Type": "application/json"}
+    left, errors = requests, 0
+    connector = aiohttp.TCPConnector(limit=0)
+    began = time.perf_counter()
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async def worker() -> None:
+            nonlocal left, errors
+            while left > 0:
+                left -= 1
+                try:
+                    async with session.post(url + "/v1/completions", data=body,
+                                            headers=headers) as resp:
+                        async for _ in resp.content:
+                            pass
+                        errors += resp.status != 200
+                except Exception:  # noqa: BLE001 (counted)
+                    errors += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - began, errors
+
+
+def run_ledger(args: argparse.Namespace) -> dict[str, Any]:
+    """xllm-router with migration on (default ``--migration-limit``: every streamed event is
+    decoded, its token ids recorded and re-encoded) against ``--migration-limit 0`` (bytes
+    relayed as they come), streaming ``--ledger-tokens`` tokens per request from two fake
+    backends. The router's own CPU seconds per request (from /proc) give the ledger's cost
+    whatever the bottleneck of the harness; req/s is reported beside it."""
+    from xllm_plugin.launcher.engine import free_port
+
+    os.sched_setaffinity(0, {1})  # client with the fake backends on core 1, router on core 0
+    backends, urls = [], []
+    samples: dict[str, dict[str, list[float]]] = {}
+    try:
+        for k in range(2):
+            port = free_port()
+            backends.append(managed(
+                f"ledger-fake-backend{k}",
+                [sys.executable, "-m", "router.bench.fake_backend", "--port", str(port),
+                 "--first-token-ms", str(args.fake_first_token_ms),
+                 "--itl-ms", str(args.fake_itl_ms)],
+                f"http://127.0.0.1:{port}/health", cpu="1"))
+            urls.append(f"http://127.0.0.1:{port}")
+        modes = {"migration_on": [], "migration_off": ["--migration-limit", "0"]}
+        for rep in range(args.reps):
+            for mode in (list(modes) if rep % 2 == 0 else list(modes)[::-1]):
+                port = free_port()
+                proc = managed(f"ledger-{mode}-{rep}", xllm_router_cmd(port, urls) + modes[mode],
+                               f"http://127.0.0.1:{port}/health", cpu="0")
+                try:
+                    front = f"http://127.0.0.1:{port}"
+                    wait_routable(front, "fake")
+                    asyncio.run(fixed_run(front, 200, args.ledger_concurrency, args.ledger_tokens))
+                    assert proc.process is not None
+                    cpu0 = process_cpu_s(proc.process.pid)
+                    wall, errors = asyncio.run(fixed_run(front, args.ledger_requests,
+                                                         args.ledger_concurrency,
+                                                         args.ledger_tokens))
+                    cpu = process_cpu_s(proc.process.pid) - cpu0
+                finally:
+                    proc.stop()
+                got = samples.setdefault(mode, {"cpu_us": [], "rps": [], "errors": []})
+                got["cpu_us"].append(cpu / args.ledger_requests * 1e6)
+                got["rps"].append(args.ledger_requests / wall)
+                got["errors"].append(errors)
+                print(f"ledger rep {rep} {mode}: {got['rps'][-1]:.0f} req/s, router "
+                      f"{got['cpu_us'][-1]:.0f} us CPU per request, {errors} errors", flush=True)
+    finally:
+        for proc in backends:
+            proc.stop()
+    import router
+
+    out: dict[str, Any] = {"ledger_router_code": str(Path(router.__file__).parent),
+                           "ledger_tokens": args.ledger_tokens,
+                           "ledger_concurrency": args.ledger_concurrency,
+                           "ledger_requests_per_rep": args.ledger_requests,
+                           "ledger_reps": args.reps}
+    for mode, got in samples.items():
+        for key, digits in (("cpu_us", 0), ("rps", 1)):
+            out[f"ledger_router_{key}_per_request_{mode}" if key == "cpu_us"
+                else f"ledger_rps_stream_{mode}"] = round(statistics.median(got[key]), digits)
+        out[f"ledger_router_cpu_us_per_request_{mode}_min"] = round(min(got["cpu_us"]))
+        out[f"ledger_router_cpu_us_per_request_{mode}_max"] = round(max(got["cpu_us"]))
+        out[f"ledger_errors_{mode}"] = sum(got["errors"])
+    # Streamed events per request: one per token, the usage chunk, [DONE].
+    extra = (out["ledger_router_cpu_us_per_request_migration_on"]
+             - out["ledger_router_cpu_us_per_request_migration_off"])
+    out["ledger_cpu_us_per_request"] = round(extra, 1)
+    out["ledger_cpu_us_per_chunk"] = round(extra / (args.ledger_tokens + 2), 2)
+    return out
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", default="all",
-                    help="all, or a comma list of latency, fake_latency, throughput")
+                    help="all, or a comma list of latency, fake_latency, throughput, ledger")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=300,
                     help="latency: requests per path (of each kind) per repetition")
@@ -432,24 +537,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--window-s", type=float, default=4.0)
     ap.add_argument("--fake-first-token-ms", type=float, default=5.0)
     ap.add_argument("--fake-itl-ms", type=float, default=1.0)
+    ap.add_argument("--ledger-tokens", type=int, default=64,
+                    help="ledger: streamed tokens per request")
+    ap.add_argument("--ledger-concurrency", type=int, default=32)
+    ap.add_argument("--ledger-requests", type=int, default=2000,
+                    help="ledger: measured requests per router per repetition")
     ap.add_argument("--out", default=str(RESULTS / "router_overhead.json"))
     args = ap.parse_args(argv)
-    if not VLLM_ROUTER.exists():
+    parts = ({"latency", "fake_latency", "throughput", "ledger"} if args.part == "all"
+             else set(args.part.split(",")))
+    if parts - {"ledger"} and not VLLM_ROUTER.exists():
         raise SystemExit(f"vllm-router not found at {VLLM_ROUTER}: python3 -m venv "
                          "~/.cache/xllm-bench/vllm-router-venv && ~/.cache/xllm-bench/vllm-router-venv"
                          "/bin/pip install vllm-router (or set VLLM_ROUTER_BIN)")
     LOGS.mkdir(exist_ok=True)
     result: dict[str, Any] = {}
-    parts = {"latency", "fake_latency", "throughput"} if args.part == "all" else set(args.part.split(","))
     if "latency" in parts:
         result.update(run_latency(args))
     if "fake_latency" in parts:
         result.update(run_fake_latency(args))
     if "throughput" in parts:
         result.update(run_throughput(args))
+    if "ledger" in parts:
+        result.update(run_ledger(args))
     result.update(max_tokens=args.max_tokens, fake_first_token_ms=args.fake_first_token_ms,
-                  fake_itl_ms=args.fake_itl_ms, throughput_window_s=args.window_s,
-                  vllm_router_version=vllm_router_version())
+                  fake_itl_ms=args.fake_itl_ms, throughput_window_s=args.window_s)
+    if VLLM_ROUTER.exists():
+        result["vllm_router_version"] = vllm_router_version()
     result["backend_note"] = ("max_rps_*: FakeOpenAIBackend (router/bench/fake_backend.py, no model) "
                               "behind the router so the engine is not the bottleneck; router on core 0, "
                               "load generator and fake backends share core 1")
@@ -540,7 +654,7 @@ repetition.
 | --- | --- | --- | {' | '.join('---' for _ in levels)} | {' | '.join('---' for _ in levels)} |
 {chr(10).join(tp_rows)}
 
-## Reading it
+{ledger_section(r)}## Reading it
 
 {reading(r)}
 
@@ -550,10 +664,44 @@ repetition.
 flock /tmp/xllm-vllm.lock python benchmarks/router_overhead.py   # about 12 minutes
 # vllm-router in its own venv (or point VLLM_ROUTER_BIN at a binary):
 python3 -m venv ~/.cache/xllm-bench/vllm-router-venv && ~/.cache/xllm-bench/vllm-router-venv/bin/pip install vllm-router
-# some parts only: --part latency,fake_latency,throughput; --targets adds xllm_router_uvloop
+# some parts only: --part latency,fake_latency,throughput,ledger; --targets adds xllm_router_uvloop
 ```
 
 This file's numbers: `{r['command']}` ({r['date']}). Logs: `/tmp/xllm-router-overhead/`.
+"""
+
+
+def ledger_section(r: dict[str, Any]) -> str:
+    """Part 3's table (empty when the ledger part has not run)."""
+    if "ledger_cpu_us_per_chunk" not in r:
+        return ""
+    rows = "\n".join(
+        f"| {label} | {r[f'ledger_router_cpu_us_per_request_{mode}']:.0f} "
+        f"[{r[f'ledger_router_cpu_us_per_request_{mode}_min']:.0f}, "
+        f"{r[f'ledger_router_cpu_us_per_request_{mode}_max']:.0f}] "
+        f"| {r[f'ledger_rps_stream_{mode}']:.0f} | {r[f'ledger_errors_{mode}']} |"
+        for mode, label in (("migration_on", "on (default `--migration-limit 3`)"),
+                            ("migration_off", "off (`--migration-limit 0`)")))
+    return f"""## 3. Cost of the migration token ledger (fake backends)
+
+With migration on, the router decodes every streamed event, records its token ids and
+re-encodes it (router/server/migration.py); with `--migration-limit 0` it relays the bytes.
+{r['ledger_requests_per_rep']} streamed requests of {r['ledger_tokens']} tokens per router and
+repetition ({r['ledger_reps']} repetitions, order alternated), {r['ledger_concurrency']} in flight,
+two fake backends (which send no token ids, so the events are a little smaller than vLLM's).
+Router on core 0, client and backends on core 1; the router's own CPU time comes from
+`/proc/PID/stat` over the measured requests, so it does not depend on which core is the
+bottleneck.
+
+| migration | router CPU per request, us (median [min, max]) | req/s | errors |
+| --- | --- | --- | --- |
+{rows}
+
+Ledger cost: **{r['ledger_cpu_us_per_request']:.0f} us of router CPU per request, {r['ledger_cpu_us_per_chunk']:.2f} us per
+streamed event** ({r['ledger_tokens']} tokens + usage chunk + `[DONE]`). The req/s of the two
+are alike because the client's core, not the router's, limits this harness. Router code:
+`{r.get('ledger_router_code', '?')}`.
+
 """
 
 
