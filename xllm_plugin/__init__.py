@@ -43,6 +43,9 @@ def register() -> None:
             from xllm_plugin.spec import check_command_line
 
             check_command_line(sys.argv[1:], config.speculative)
+        from xllm_plugin.nixl_progress import install_from_env as pause_nixl_progress_thread
+
+        pause_nixl_progress_thread()  # XLLM_NIXL_PROGRESS_DELAY_US (xllm_plugin/nixl_progress.py)
     except XLLMConfigError as error:
         print(f"xllm-plugin: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -145,7 +145,9 @@ def router_engines() -> Iterator[list[Any]]:
                                 # greedy output (bf16 rounding differs between the two paths)
                                 extra_args=["--enable-prefix-caching", "--kv-events-config",
                                             kv_events, "--dtype", "float32", *pd_args],
-                                env=pd_env))
+                                # The stock engine loads only the general entry point:
+                                # it pauses NIXL's progress thread (nixl_progress.py).
+                                env=pd_env if i == 0 else {**pd_env, "VLLM_PLUGINS": "xllm"}))
     engines = [EngineProcess(spec, log_path=Path(f"/tmp/xllm-router-test-engine-{spec.port}.log"))
                for spec in specs]
     try:

@@ -22,10 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from xllm_plugin.nixl_progress import ENV as NIXL_PROGRESS_ENV
+
 log = logging.getLogger("xllm.launcher")
 
 PLUGIN_NAMES = "xllm,xllm_status"  # VLLM_PLUGINS filters every group once set: list them all
 XLLM_SCHEDULER = "xllm_plugin.scheduler.XLLMScheduler"
+# The pause of NIXL's progress thread in CPU PD engines (xllm_plugin/nixl_progress.py).
+CPU_NIXL_PROGRESS_DELAY_US = 1000
 
 
 class EngineStartError(RuntimeError):
@@ -212,11 +216,15 @@ def pd_engine_args(side_channel_port: int, device: str = "cpu") -> tuple[list[st
     """``vllm serve`` flags and environment for an instance the router may use as prefill *or*
     decode instance: vLLM's NixlConnector in ``kv_both`` role (so a role is only a routing
     label), KV staged in host memory on CPU, and a failed KV load recomputed on the decode
-    side. Every instance on one host needs its own ``side_channel_port``."""
+    side. Every instance on one host needs its own ``side_channel_port``. On CPU the
+    environment also pauses NIXL's progress thread between polls; that takes effect where
+    the plugin's general entry point loads (``VLLM_PLUGINS`` empty = stock vLLM: it spins)."""
     config = {"kv_connector": "NixlConnector", "kv_role": "kv_both",
               "kv_buffer_device": device, "kv_load_failure_policy": "recompute"}
-    return (["--kv-transfer-config", json.dumps(config)],
-            {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(side_channel_port)})
+    env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(side_channel_port)}
+    if device == "cpu":  # NIXL's progress thread would spin on the engine's core
+        env[NIXL_PROGRESS_ENV] = str(CPU_NIXL_PROGRESS_DELAY_US)
+    return ["--kv-transfer-config", json.dumps(config)], env
 
 
 def free_port() -> int:
