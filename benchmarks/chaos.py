@@ -57,7 +57,6 @@ import random
 import shlex
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -246,33 +245,27 @@ class Engines:
     def instance_specs(self) -> list[str]:
         return [f"{s.url};id=e{i}" for i, s in enumerate(self.specs)]
 
-    def start(self, i: int) -> None:
-        """Start (or restart) engine ``i``; blocks until it answers /health."""
+    def _process(self, i: int) -> Any:
+        """A new process for engine ``i`` (its log file numbered by start)."""
         from xllm_plugin.launcher.engine import EngineProcess
 
         self.starts[i] += 1
-        proc = EngineProcess(self.specs[i], log_path=self.log_dir /
-                             f"engine{i}-start{self.starts[i]}.log")
-        self.procs[i] = proc
+        self.procs[i] = EngineProcess(self.specs[i], log_path=self.log_dir /
+                                      f"engine{i}-start{self.starts[i]}.log")
+        return self.procs[i]
+
+    def start(self, i: int) -> None:
+        """Restart engine ``i``; blocks until it answers /health."""
+        proc = self._process(i)
         proc.start(timeout_s=300)
         self.startup_s.append(proc.startup_s or 0.0)
 
     def start_all(self) -> None:
-        errors: list[BaseException] = []
+        from xllm_plugin.launcher.engine import start_engines
 
-        def run(i: int) -> None:
-            try:
-                self.start(i)
-            except BaseException as exc:  # noqa: BLE001 (re-raised below)
-                errors.append(exc)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        procs = [self._process(i) for i in range(2)]
+        start_engines(procs, timeout_s=300)
+        self.startup_s.extend(p.startup_s or 0.0 for p in procs)
 
     def kill(self, i: int) -> None:
         self.procs[i].kill()  # SIGKILL to the whole process group

@@ -8,7 +8,7 @@ model, two engines pinned to one core each, 64 greedy tokens): idle load 1.0 cor
 engine with NIXL's default, 0.03 with a 1 ms pause; a direct request 1.0-3.3 s vs 0.25 s
 before the first transfer and about 1 s after it; P->D decodes equal to the direct answer
 in both cases. Switching the thread off instead (``enable_prog_thread=False``) hung the
-prefill instance's worker inside NIXL after its first prefill, twice in two tries.
+prefill instance's worker inside NIXL after its first prefill, in two of three tries.
 
 ``XLLM_NIXL_PROGRESS_DELAY_US=N``: the progress thread sleeps N microseconds between
 polls. Read by the plugin's general entry point, so it reaches every vLLM process that

@@ -60,7 +60,8 @@ from router.server.errors import RouterError, error_body
 from router.server.instance_state import Transition
 from router.server.load_view import InstanceLoad, LoadTicket, LoadView
 from router.server.metrics import RouterMetrics
-from router.server.migration import SSESplitter, StreamLedger, migratable, start_ledger
+from router.server.migration import (MalformedEvent, SSESplitter, StreamLedger, migratable,
+                                     start_ledger)
 from router.server.moves import LiveRequests, MoveHandle
 from router.server.epd import (EncodeResult, EncodeStage, encode_instance, encode_instance_ids,
                                wants_encode)
@@ -83,10 +84,6 @@ REBALANCE_INTERVAL_S = 1.0
 _PATHS: dict[Kind, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 _CLIENT_CLOSED = 499  # nginx's convention for "client closed the request", metrics only
 _NOT_FORWARDED = frozenset({HEADER_POLICY, "x-forwarded-for"})
-
-
-class _MalformedEvent(Exception):
-    """The upstream sent an SSE event that is neither JSON nor ``[DONE]``."""
 
 
 class UpstreamFailure(Exception):
@@ -638,10 +635,10 @@ class Router:
                 broke: tuple[str, str] | None = None
                 try:
                     if bad is not None:
-                        raise _MalformedEvent(bad)
+                        raise MalformedEvent(bad)
                     async with asyncio.timeout(silence_s):
                         chunk = await upstream.content.readany()
-                except _MalformedEvent as exc:
+                except MalformedEvent as exc:
                     broke = ("malformed", f"instance {instance_id} sent a malformed event "
                              f"mid-stream: {exc}")
                 except TimeoutError:
@@ -989,12 +986,11 @@ async def _relay(response: web.StreamResponse | CollectedResponse, chunk: bytes,
     out: list[bytes] = []
     bad = None
     for payload in splitter.feed(chunk):
-        if payload != b"[DONE]" and not _is_json_object(payload):
-            bad = repr(payload[:80])
+        try:
+            out.append(ledger.event(payload))
+        except MalformedEvent as exc:
+            bad = str(exc)
             break
-        event = ledger.event(payload)
-        if event is not None:
-            out.append(event)
     if out:
         await response.write(b"".join(out))
     return bad

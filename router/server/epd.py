@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -151,24 +150,19 @@ class EncodeStage:
     def __init__(self, load: LoadView, metrics: RouterMetrics,
                  session: Callable[[], aiohttp.ClientSession | None], *,
                  connect_timeout_s: float, timeout_s: float) -> None:
-        self.load = load
         self.metrics = metrics
-        self._caller = StageCaller(load, metrics, session, stage='encode', params_key='ec_transfer_params',
-                                   config_hint='--mm-encoder-only --ec-transfer-config \'{"ec_connector":...,"ec_role":"ec_producer"}\'',
-                                   connect_timeout_s=connect_timeout_s, timeout_s=timeout_s)
+        self._caller = StageCaller(
+            load, metrics, session, stage="encode", params_key="ec_transfer_params",
+            config_hint=("--mm-encoder-only --ec-transfer-config "
+                         "'{\"ec_connector\":...,\"ec_role\":\"ec_producer\"}'"),
+            connect_timeout_s=connect_timeout_s, timeout_s=timeout_s)
 
     async def run(self, parsed: ParsedRequest, encode_id: str, path: str,
                   headers: Mapping[str, str]) -> EncodeResult:
         """Encode ``parsed``'s images on ``encode_id``; never raises for an instance failure."""
-        began = time.perf_counter()
         pinned = pin_media_uuids(parsed.body, parsed.model)
-        ticket = self.load.begin(encode_id, 0, phase="prefill")
-        try:
-            params, failure = await self._caller.post(encode_id, path, encode_body(pinned),
-                                                      headers)
-        finally:
-            ticket.finish()
-        elapsed_ms = (time.perf_counter() - began) * 1000
+        params, failure, elapsed_ms = await self._caller.timed_post(
+            encode_id, path, encode_body(pinned), headers, prompt_tokens=0)
         result = EncodeResult(encode_id, pinned, params, elapsed_ms, failure)
         self.metrics.epd_encodes.labels(encode_id, result.outcome).inc()
         if result.ok:

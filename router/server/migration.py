@@ -33,6 +33,10 @@ _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 DONE = b"[DONE]"
 
+
+class MalformedEvent(Exception):
+    """An upstream SSE event that is neither ``[DONE]`` nor a JSON object."""
+
 # Sampling settings carried over to the resumed completions request.
 _CARRIED = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
             "ignore_eos", "repetition_penalty", "presence_penalty", "frequency_penalty",
@@ -130,17 +134,18 @@ class StreamLedger:
     created: int | None = None
     migrations: int = 0
 
-    def event(self, payload: bytes) -> bytes | None:
-        """Record an event of the original upstream; return the SSE bytes for the client."""
+    def event(self, payload: bytes) -> bytes:
+        """Record an event of the original upstream; return the SSE bytes for the client.
+        Raises ``MalformedEvent`` for an event that is neither ``[DONE]`` nor a JSON object."""
         if payload == DONE:
             self.done = True
             return b"data: [DONE]\n\n"
         try:
             chunk = _decoder.decode(payload)
         except msgspec.DecodeError:
-            return b"data: " + payload + b"\n\n"
-        if not isinstance(chunk, dict):
-            return b"data: " + payload + b"\n\n"
+            chunk = None
+        if not isinstance(chunk, dict):  # an upstream, or a proxy in between, gone wrong
+            raise MalformedEvent(repr(payload[:80]))
         self.stream_id = self.stream_id or chunk.get("id")
         self.model = self.model or chunk.get("model")
         self.created = self.created or chunk.get("created")

@@ -27,7 +27,6 @@ later stage (e.g. migrating a request off a failing D) can wrap the same pieces.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -108,21 +107,17 @@ class PrefillStage:
                  connect_timeout_s: float, timeout_s: float) -> None:
         self.load = load
         self.metrics = metrics
-        self._caller = StageCaller(load, metrics, session, stage='prefill', params_key='kv_transfer_params',
-                                   config_hint='--kv-transfer-config \'{"kv_connector":"NixlConnector","kv_role":"kv_both",...}\'',
-                                   connect_timeout_s=connect_timeout_s, timeout_s=timeout_s)
+        self._caller = StageCaller(
+            load, metrics, session, stage="prefill", params_key="kv_transfer_params",
+            config_hint=("--kv-transfer-config "
+                         "'{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_both\",...}'"),
+            connect_timeout_s=connect_timeout_s, timeout_s=timeout_s)
 
     async def run(self, parsed: ParsedRequest, prefill_id: str, path: str,
                   headers: Mapping[str, str], prompt_tokens: int) -> Handoff:
         """Prefill ``parsed`` on ``prefill_id``; never raises for an instance failure."""
-        began = time.perf_counter()
-        ticket = self.load.begin(prefill_id, prompt_tokens, phase="prefill")
-        try:
-            params, failure = await self._caller.post(prefill_id, path, prefill_body(parsed),
-                                                      headers)
-        finally:
-            ticket.finish()
-        elapsed_ms = (time.perf_counter() - began) * 1000
+        params, failure, elapsed_ms = await self._caller.timed_post(
+            prefill_id, path, prefill_body(parsed), headers, prompt_tokens)
         outcome = "handoff" if failure is None else f"fallback_{failure}"
         self.metrics.pd_prefills.labels(prefill_id, outcome).inc()
         if failure is None:

@@ -18,8 +18,8 @@ import aiohttp
 import msgspec
 
 from router.server.load_view import LoadView
-from router.server.upstream import post as upstream_post
 from router.server.metrics import RouterMetrics
+from router.server.upstream import post as upstream_post
 
 log = logging.getLogger("xllm.router.stage")
 
@@ -48,6 +48,19 @@ class StageCaller:
         self.connect_timeout_s = connect_timeout_s
         self.timeout_s = timeout_s
         self._warned_no_params: set[str] = set()
+
+    async def timed_post(self, instance_id: str, path: str, body: bytes,
+                         headers: Mapping[str, str], prompt_tokens: int
+                         ) -> tuple[dict[str, Any] | None, str | None, float]:
+        """``post``, counted as prefill work on the instance while it runs; with its time
+        in ms."""
+        began = time.perf_counter()
+        ticket = self.load.begin(instance_id, prompt_tokens, phase="prefill")
+        try:
+            params, failure = await self.post(instance_id, path, body, headers)
+        finally:
+            ticket.finish()
+        return params, failure, (time.perf_counter() - began) * 1000
 
     async def post(self, instance_id: str, path: str, body: bytes,
                    headers: Mapping[str, str]) -> tuple[dict[str, Any] | None, str | None]:

@@ -5,8 +5,6 @@ feed counts it), and every answer equals the one the request gets alone (greedy,
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ import httpx
 import pytest
 
 from xllm_plugin.launcher.engine import EngineProcess, EngineSpec, free_port
+from xllm_plugin.models.tiny_mm import sample_image_url
 
 pytestmark = pytest.mark.engine
 
@@ -43,21 +42,10 @@ def phase_engine() -> Iterator[EngineProcess]:
         engine.stop()
 
 
-def _image_url(seed: int) -> str:
-    from PIL import Image
-
-    image = Image.new("RGB", (32, 32))
-    image.putdata([((x * 8 + seed * 40) % 256, (y * 8 + seed * 16) % 256, (x * y + seed) % 256)
-                   for y in range(32) for x in range(32)])
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def _image_chat(seed: int) -> dict[str, Any]:
     return {"model": MODEL, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
             "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": _image_url(seed)}},
+                {"type": "image_url", "image_url": {"url": sample_image_url(seed)}},
                 {"type": "text", "text": "Describe the image."}]}]}
 
 

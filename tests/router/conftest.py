@@ -126,7 +126,8 @@ def router_engines() -> Iterator[list[Any]]:
 
     Run engine tests under ``flock /tmp/xllm-vllm.lock`` (two cores, shared machine).
     """
-    from xllm_plugin.launcher.engine import EngineProcess, EngineSpec, pd_engine_args
+    from xllm_plugin.launcher.engine import (EngineProcess, EngineSpec, pd_engine_args,
+                                             start_engines)
     from xllm_plugin.models import model_path
 
     model = model_path("tiny")
@@ -151,24 +152,7 @@ def router_engines() -> Iterator[list[Any]]:
     engines = [EngineProcess(spec, log_path=Path(f"/tmp/xllm-router-test-engine-{spec.port}.log"))
                for spec in specs]
     try:
-        # Start both at once: startup is mostly waiting.
-        import threading
-
-        errors: list[BaseException] = []
-
-        def start(engine: Any) -> None:
-            try:
-                engine.start(timeout_s=240)
-            except BaseException as exc:  # noqa: BLE001
-                errors.append(exc)
-
-        threads = [threading.Thread(target=start, args=(e,)) for e in engines]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        start_engines(engines, timeout_s=240)
         yield engines
     finally:
         for engine in engines:

@@ -13,10 +13,7 @@ shared).
 
 from __future__ import annotations
 
-import base64
-import io
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +22,7 @@ import pytest
 from router_fakes import wait_for
 
 from router.server.epd import media_uuid
+from xllm_plugin.models.tiny_mm import sample_image_url
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session")]
 
@@ -52,7 +50,7 @@ def epd_engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     """E (``--mm-encoder-only``, ``ec_producer``) and PD (``ec_consumer``) on one storage
     path. Stock vLLM plus only the plugin's general entry point (its Pixtral import alias
     lets vLLM size SigLIP images without torchvision)."""
-    from xllm_plugin.launcher.engine import EngineProcess, EngineSpec, free_port
+    from xllm_plugin.launcher.engine import EngineProcess, EngineSpec, free_port, start_engines
     from xllm_plugin.models import build_model
 
     model = build_model(MODEL)
@@ -81,37 +79,12 @@ def epd_engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     }
     engines = {name: EngineProcess(spec, log_path=Path(f"/tmp/xllm-epd-test-{name}.log"))
                for name, spec in specs.items()}
-    errors: list[BaseException] = []
-
-    def start(engine: Any) -> None:
-        try:
-            engine.start(timeout_s=240)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start, args=(e,)) for e in engines.values()]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        start_engines(list(engines.values()), timeout_s=240)
         yield {**engines, "storage": storage}
     finally:
         for engine in engines.values():
             engine.stop()
-
-
-def _image_url(seed: int) -> str:
-    from PIL import Image
-
-    image = Image.new("RGB", (32, 32))
-    image.putdata([((x * 8 + seed * 40) % 256, (y * 8 + seed * 16) % 256, (x * y + seed) % 256)
-                   for y in range(32) for x in range(32)])
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def _body(url: str, text: str = "Describe the image.") -> dict[str, Any]:
@@ -138,7 +111,7 @@ def _loads(log: Path, key: str) -> int:
 async def test_e_to_pd_equals_aggregated_and_pd_loads_the_encoder_output(
         epd_engines, start_router, client):
     e, pd, storage = epd_engines["e"], epd_engines["pd"], epd_engines["storage"]
-    image = _image_url(1)
+    image = sample_image_url(1)
     key = media_uuid(MODEL, image)
     # Aggregated: PD alone, no media id, so it hashes the pixels and encodes them itself.
     want_ids, want_text, _ = await _chat(client, pd.url, _body(image))
@@ -164,7 +137,7 @@ async def test_e_to_pd_equals_aggregated_and_pd_loads_the_encoder_output(
 async def test_an_encoder_error_falls_back_to_pd_encoding_with_the_same_answer(
         epd_engines, start_router, client):
     e, pd = epd_engines["e"], epd_engines["pd"]
-    image, text = _image_url(2), "Describe the image in detail, please. " * 20
+    image, text = sample_image_url(2), "Describe the image in detail, please. " * 20
     want_ids, want_text, _ = await _chat(client, pd.url, _body(image, text))
     router, url = await start_router(instances=[f"{e.url};id=e;role=encode",
                                                 f"{pd.url};id=pd"],
@@ -183,7 +156,7 @@ async def test_a_killed_encoder_loses_no_request(epd_engines, start_router, clie
     """Last in the module: it kills E. Whether the router's health scrape or the encode
     stage sees it first, PD answers, and as it would alone."""
     e, pd = epd_engines["e"], epd_engines["pd"]
-    image = _image_url(3)
+    image = sample_image_url(3)
     want_ids, want_text, _ = await _chat(client, pd.url, _body(image))
     router, url = await start_router(instances=[f"{e.url};id=e;role=encode",
                                                 f"{pd.url};id=pd"],

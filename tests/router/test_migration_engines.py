@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ KILL_AFTER_TOKENS = 8  # the victim dies once one of its streams has this many t
 def two_engines() -> Iterator[list[Any]]:
     """Two stock tiny-model engines of their own (one gets killed), float32 so that a
     recomputed prefix gives the same greedy choices as step-by-step decoding."""
-    from xllm_plugin.launcher.engine import EngineProcess, EngineSpec, free_port
+    from xllm_plugin.launcher.engine import EngineProcess, EngineSpec, free_port, start_engines
     from xllm_plugin.models import model_path
 
     engines = []
@@ -36,22 +35,8 @@ def two_engines() -> Iterator[list[Any]]:
                           extra_args=["--dtype", "float32", "--enable-prefix-caching"])
         engines.append(EngineProcess(spec, log_path=Path(
             f"/tmp/xllm-migration-test-engine-{spec.port}.log")))
-    errors: list[BaseException] = []
-
-    def start(engine: Any) -> None:
-        try:
-            engine.start(timeout_s=240)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start, args=(e,)) for e in engines]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        start_engines(engines, timeout_s=240)
         yield engines
     finally:
         for engine in engines:

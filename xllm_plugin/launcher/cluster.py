@@ -13,11 +13,10 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xllm_plugin.launcher.engine import EngineProcess, EngineSpec, ManagedProcess
+from xllm_plugin.launcher.engine import EngineProcess, EngineSpec, ManagedProcess, start_engines
 
 KV_EVENTS_BASE_PORT = 5557  # instance i publishes on base + 2i, replays on base + 2i + 1
 
@@ -92,10 +91,11 @@ class LocalCluster:
 
     def start(self, timeout_s: float = 300.0) -> LocalCluster:
         self.engines = [EngineProcess(spec) for spec in self.specs]
-        with ThreadPoolExecutor(len(self.engines)) as pool:
-            failures = [f.exception() for f in
-                        [pool.submit(e.start, timeout_s) for e in self.engines]]
-        errors = [f for f in failures if f is not None]
+        errors: list[BaseException] = []
+        try:
+            start_engines(self.engines, timeout_s)
+        except Exception as error:  # noqa: BLE001 (reported after cleanup)
+            errors.append(error)
         if not errors and self.router is not None:
             self.router_process = ManagedProcess(
                 "xllm-router", self.router.command(self.specs, self.kv_endpoints),

@@ -227,6 +227,18 @@ def pd_engine_args(side_channel_port: int, device: str = "cpu") -> tuple[list[st
     return ["--kv-transfer-config", json.dumps(config)], env
 
 
+def start_engines(engines: Sequence[EngineProcess], timeout_s: float = 300.0) -> None:
+    """Start ``engines`` side by side (a start is mostly waiting on imports and the model
+    load); raise the first failure once all have finished trying. The caller stops them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, len(engines))) as pool:
+        failures = [f.exception() for f in [pool.submit(e.start, timeout_s) for e in engines]]
+    errors = [f for f in failures if f is not None]
+    if errors:
+        raise errors[0]
+
+
 def free_port() -> int:
     """A TCP port that is free on loopback right now."""
     import socket

@@ -87,3 +87,20 @@ def _nest_vision_keys(out: Path, load_file: Any, save_file: Any) -> None:
                 key = f"{head}{marker}vision_model.{tail}"
             renamed[key] = value
         save_file(renamed, shard, metadata={"format": "pt"})
+
+
+def sample_image_url(seed: int, side: int = 32) -> str:
+    """A small deterministic RGB pattern as a PNG ``data:`` URL: an image chat request for
+    ``tiny-mm`` that needs no file or network (tests, demos). Different seeds give
+    different pixels, hence different encoder-cache keys."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    image = Image.new("RGB", (side, side))
+    image.putdata([((x * 8 + seed * 40) % 256, (y * 8 + seed * 16) % 256, (x * y + seed) % 256)
+                   for y in range(side) for x in range(side)])
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
