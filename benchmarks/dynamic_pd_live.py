@@ -326,9 +326,10 @@ def write_md(out: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
               "the two cores, while round-robin and least-load spread prompts over both. The "
               "simulator's `smollm2-cpu` deployment was fitted on engines without a KV "
               "connector; it models neither the transfer nor a slowdown measured on NIXL "
-              "engines after their first transfer (tiny model, 2026-12-03: 64 tokens in about "
-              "1 s instead of 0.25 s, with or without the plugin's pause of NIXL's progress "
-              "thread; not yet explained). Until that cost is understood, a live run on CPU "
+              "engines after their first transfer (tiny model, 2026-12-03, 64 tokens: about "
+              "1 s instead of 0.25 s with the plugin's pause of NIXL's progress thread, "
+              "1.4-3.3 s instead of 1.0 s without it; not yet explained). Until that cost "
+              "is understood, a live run on CPU "
               "measures PD over NIXL more than it measures the policies."]
     path.write_text("\n".join(lines) + "\n")
 
