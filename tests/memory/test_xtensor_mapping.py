@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from xllm_plugin.memory.cpu_mapper import OS_PAGE, CpuMapper, count_vmas
@@ -43,9 +43,12 @@ def _fill_pattern(xt: XTensor, request: str, layer: int, seed: int) -> torch.Ten
 @settings(max_examples=25, deadline=None)
 @given(lengths=st.lists(st.integers(1, 320), min_size=1, max_size=5),
        shuffle_seed=st.integers(0, 2**16))
+@example(lengths=[64, 256, 288, 288, 289], shuffle_seed=1)
 def test_paged_writes_are_read_through_contiguous_views(lengths: list[int],
                                                         shuffle_seed: int) -> None:
-    g = _geometry()
+    # Room for the worst case drawn here: five requests of 10 pages and one warm request
+    # still holding 7 (48 pages ran out at lengths [64, 256, 288, 288, 289]).
+    g = _geometry(num_pages=64)
     with CpuMapper(g.store_bytes) as mapper:
         xt = XTensor(g, mapper, torch.bfloat16)
         # Finish a few requests first so that pages are handed out out of order.
