@@ -78,6 +78,10 @@ class LiveRequests:
     def live(self, instance_id: str) -> int:
         return len(self._by_instance.get(instance_id, {}))
 
+    def on(self, instance_id: str) -> list[MoveHandle]:
+        """The live requests on one instance (a snapshot)."""
+        return list(self._by_instance.get(instance_id, {}).values())
+
     def cut_all(self, instance_id: str) -> int:
         """Cut every live request on a failed instance; how many were cut."""
         return sum(h.cut() for h in list(self._by_instance.get(instance_id, {}).values()))

@@ -106,13 +106,23 @@ async def test_kill_one_engine_mid_stream_every_stream_completes_identically(
 
     progress.clear()
 
+    def collected_midway_on_victim() -> bool:
+        """A non-streamed request (the router streams it upstream) has tokens on the victim."""
+        return any(h.ledger.collect and h.ledger.generated and not h.ledger.finished
+                   for h in router.live_requests.on("victim"))
+
     async def kill_when_streaming() -> int:
-        """Kill once a victim stream has KILL_AFTER_TOKENS; return how many victim streams
-        were unfinished then. (A loaded client may read a buffered stream whole without
-        yielding, so one stream's count can jump; other streams are still mid-way.)"""
+        """Kill once a victim stream has KILL_AFTER_TOKENS and a non-streamed request is
+        mid-way there too (bounded wait: the assertions below say which was missing); return
+        how many victim streams were unfinished then. (A loaded client may read a buffered
+        stream whole without yielding, so one stream's count can jump; other streams are
+        still mid-way.)"""
+        give_up = asyncio.get_running_loop().time() + 120
         while True:
             on_victim = [n for (who, _), n in progress.items() if who == "victim"]
-            if any(n >= KILL_AFTER_TOKENS for n in on_victim):
+            if any(n >= KILL_AFTER_TOKENS for n in on_victim) and collected_midway_on_victim():
+                break
+            if asyncio.get_running_loop().time() > give_up:
                 break
             await asyncio.sleep(0.005)
         victim.kill()  # SIGKILL to the engine's whole process group
