@@ -46,6 +46,9 @@ def register() -> None:
         from xllm_plugin.nixl_progress import install_from_env as pause_nixl_progress_thread
 
         pause_nixl_progress_thread()  # XLLM_NIXL_PROGRESS_DELAY_US (xllm_plugin/nixl_progress.py)
+        from xllm_plugin.nixl_affinity import install_from_env as keep_nixl_affinity
+
+        keep_nixl_affinity()  # the engine's compute thread stays on its cores (nixl_affinity.py)
     except XLLMConfigError as error:
         print(f"xllm-plugin: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

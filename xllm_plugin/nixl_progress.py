@@ -13,21 +13,18 @@ prefill instance's worker inside NIXL after its first prefill, in two of three t
 ``XLLM_NIXL_PROGRESS_DELAY_US=N``: the progress thread sleeps N microseconds between
 polls. Read by the plugin's general entry point, so it reaches every vLLM process that
 loads the plugin; ``xllm_plugin.launcher.engine.pd_engine_args`` sets it for CPU
-engines. Unset: NIXL's own behaviour. The patch waits for nixl to be imported (an
-import hook; importing nixl costs about a second, which processes without a connector
-should not pay).
+engines. Unset: NIXL's own behaviour. The patch waits for nixl to be imported
+(``xllm_plugin/import_hooks.py``).
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import os
-import sys
 from types import ModuleType
 from typing import Any
 
 from xllm_plugin.config import XLLMConfigError
+from xllm_plugin.import_hooks import patch_on_import
 
 ENV = "XLLM_NIXL_PROGRESS_DELAY_US"
 MAX_DELAY_US = 1_000_000
@@ -67,48 +64,12 @@ def pause_progress_thread(api: ModuleType, delay_us: int) -> None:
     bindings.nixlAgent = create_with_pause
 
 
-class _AfterImport(importlib.abc.Loader):
-    """Runs the real loader, then patches the module it loaded."""
-
-    def __init__(self, loader: importlib.abc.Loader, delay_us: int) -> None:
-        self._loader = loader
-        self._delay_us = delay_us
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module: ModuleType) -> None:
-        self._loader.exec_module(module)
-        pause_progress_thread(module, self._delay_us)
-
-
-class _NixlImportHook(importlib.abc.MetaPathFinder):
-    def __init__(self, delay_us: int) -> None:
-        self.delay_us = delay_us
-
-    def find_spec(self, fullname: str, path: Any = None,
-                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in NIXL_API_MODULES:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None and spec.loader is not None:
-                spec.loader = _AfterImport(spec.loader, self.delay_us)
-                return spec
-        return None
-
-
 def install_from_env() -> int | None:
     """Apply ``XLLM_NIXL_PROGRESS_DELAY_US`` to nixl, now if it is imported, else when it
     is. Idempotent. Returns the delay, or None when unset."""
     delay = delay_from_env()
     if delay is None:
         return None
-    for name in NIXL_API_MODULES:
-        if name in sys.modules:
-            pause_progress_thread(sys.modules[name], delay)
-    if not any(isinstance(f, _NixlImportHook) for f in sys.meta_path):
-        sys.meta_path.insert(0, _NixlImportHook(delay))
+    patch_on_import(NIXL_API_MODULES, "nixl-progress-delay",
+                    lambda api: pause_progress_thread(api, delay))
     return delay

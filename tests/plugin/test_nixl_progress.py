@@ -13,6 +13,7 @@ import pytest
 
 from xllm_plugin import nixl_progress
 from xllm_plugin.config import XLLMConfigError
+from xllm_plugin.import_hooks import ImportPatcher
 
 
 def _fake_api() -> tuple[ModuleType, list[tuple[str, int]]]:
@@ -59,7 +60,7 @@ def test_the_hook_patches_nixl_when_it_is_imported_later(tmp_path: Path,
         monkeypatch.delitem(sys.modules, name, raising=False)
     assert nixl_progress.install_from_env() == 500
     assert nixl_progress.install_from_env() == 500  # idempotent: one hook
-    assert sum(isinstance(f, nixl_progress._NixlImportHook) for f in sys.meta_path) == 1
+    assert sum(isinstance(f, ImportPatcher) for f in sys.meta_path) == 1
     try:
         import nixl_cu12._api as api  # noqa: PLC0415
 
