@@ -24,6 +24,7 @@ same roles and SLOs) at the same rates and by bisection.
 Writes ``benchmarks/results/dynamic_pd_live.{json,md,png}``:
 
     flock /tmp/xllm-vllm.lock python benchmarks/dynamic_pd_live.py     # about 30 minutes
+    python benchmarks/dynamic_pd_live.py --report-only   # page and plot from the JSON files
 """
 
 from __future__ import annotations
@@ -271,6 +272,34 @@ def plot(out: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
     plt.close(fig)
 
 
+def sim_vs_live(out: dict[str, Any]) -> str:
+    """How far the simulator's limits are from the live ones (a sentence)."""
+    ratios = [out[f"sim_rate_{p}"] / out[f"rate_{p}"] for p in POLICIES
+              if out.get(f"rate_{p}") and out.get(f"sim_rate_{p}")]
+    if not ratios:
+        return ""
+    return (f"The simulator's limits are {min(ratios):.1f}-{max(ratios):.1f}x the live ones: "
+            "its `smollm2-cpu` deployment was fitted on single engines without a KV connector "
+            "(no NIXL transfer, no router or client on the same two cores), so the ranking "
+            "and the sign carry over, not the rates.")
+
+
+def report_only(parser: argparse.ArgumentParser, path: Path) -> int:
+    """Rewrite the page and the plot from ``path`` and its ``_runs`` file, with the options
+    of the command that wrote them."""
+    flat = json.loads(path.read_text())
+    runs = json.loads(path.with_name(path.stem + "_runs.json").read_text())
+    words = shlex.split(flat["command"])
+    script = next(k for k, w in enumerate(words) if w.endswith("dynamic_pd_live.py"))
+    args = parser.parse_args(words[script + 1:])
+    args.rates = [float(r) for r in args.rates.split(",")]
+    out = {**flat, "curves": runs["curves"],
+           **{f"sim_curve_{p}": curve for p, curve in runs["sim_curves"].items()}}
+    plot(out, args, path.with_suffix(".png"))
+    write_md(out, args, path.with_suffix(".md"))
+    return 0
+
+
 def attainment_ranges(out: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """Per PD policy, the range over runs of its TTFT and TPOT attainment (which SLO it
     misses is the first question when live and simulated results disagree)."""
@@ -317,20 +346,23 @@ def write_md(out: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
               "(`dynamic_pd_sim.md`) is the statement about that regime. Two instances also leave "
               "dynamic PD little room: keeping one instance per role, its only move is letting "
               "the decode instance take prefill too (`both`) while it decodes little.", "",
-              "## Why the live run disagrees with the simulator", "",
-              "Where live and simulated disagree, look at the PD runs' two SLOs apart: "
-              f"static PD met the TPOT SLO for {out['static_pd_tpot_attainment_min']:.0%}-"
+              "## Live vs the simulator", "",
+              f"The sign {'agrees' if out['sign_agrees'] else 'disagrees'}. The PD runs' two "
+              f"SLOs apart: static PD met the TPOT SLO for {out['static_pd_tpot_attainment_min']:.0%}-"
               f"{out['static_pd_tpot_attainment_max']:.0%} of requests per run and the TTFT SLO "
               f"for {out['static_pd_ttft_attainment_min']:.0%}-"
-              f"{out['static_pd_ttft_attainment_max']:.0%}: every prompt is prefilled on one of "
-              "the two cores, while round-robin and least-load spread prompts over both. The "
-              "simulator's `smollm2-cpu` deployment was fitted on engines without a KV "
-              "connector; it models neither the transfer nor a slowdown measured on NIXL "
-              "engines after their first transfer (tiny model, 2026-12-03, 64 tokens: about "
-              "1 s instead of 0.25 s with the plugin's pause of NIXL's progress thread, "
-              "1.4-3.3 s instead of 1.0 s without it; not yet explained). Until that cost "
-              "is understood, a live run on CPU "
-              "measures PD over NIXL more than it measures the policies."]
+              f"{out['static_pd_ttft_attainment_max']:.0%} (one core prefills every prompt; "
+              "round-robin and least-load spread prompts over both but mix prefill chunks into "
+              "decode steps, which is what the TPOT SLO sees). " + sim_vs_live(out)
+              + " Dynamic PD switched roles "
+              f"{out['dynamic_pd_role_switches']:.0f} times: where it made no switch it ran "
+              "static PD's placement, and the two differ by run-to-run spread only.", "",
+              "Runs before 2026-12-03 10:00 UTC were measured with both engines computing on "
+              "one core: vLLM's NIXL connector worker moves the thread that runs the forward "
+              "pass to the last core of the NUMA node (fixed by `xllm_plugin/nixl_affinity.py`). "
+              "Then no policy reached 90% even at 0.5 req/s (median attainment at 1 req/s: "
+              "least-load 0.81, round-robin 0.64, dynamic PD 0.64, static PD 0.17) and the sign "
+              "disagreed."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -348,7 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sim-only", action="store_true", help="skip the live part")
     parser.add_argument("--out", type=Path, default=RESULTS / "dynamic_pd_live.json")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the .md and .png from the last run's JSON files")
     args = parser.parse_args(argv)
+    if args.report_only:
+        return report_only(parser, args.out)
     args.rates = [float(r) for r in args.rates.split(",")]
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
     trace = trace_slice(args)

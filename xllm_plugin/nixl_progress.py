@@ -5,9 +5,9 @@ API, which starts the agent's progress thread with a poll delay of 0: the thread
 and an idle engine burns a whole core. On a GPU host that is one host core of many; on a
 CPU engine pinned to one core it takes the engine's own compute. Measured here (tiny
 model, two engines pinned to one core each, 64 greedy tokens): idle load 1.0 core per
-engine with NIXL's default, 0.03 with a 1 ms pause; a direct request 1.0-3.3 s vs 0.25 s
-before the first transfer and about 1 s after it; P->D decodes equal to the direct answer
-in both cases. Switching the thread off instead (``enable_prog_thread=False``) hung the
+engine with NIXL's default, 0.03 with a 1 ms pause; P->D decodes equal to the direct
+answer in both cases. (The engines' slow decoding measured beside this was another fault:
+vLLM's connector moved the compute thread off its core, see ``nixl_affinity.py``.) Switching the thread off instead (``enable_prog_thread=False``) hung the
 prefill instance's worker inside NIXL after its first prefill, in two of three tries.
 
 ``XLLM_NIXL_PROGRESS_DELAY_US=N``: the progress thread sleeps N microseconds between

@@ -79,11 +79,16 @@ async def test_online_request_preempts_offline_and_offline_output_is_unchanged(
 
         await _wait_for(preempted_for_online, timeout_s=10)
         outputs = await asyncio.gather(*offline)
+        want_finished = before["finished"]["offline"] + engine_max_num_seqs
+        deadline = time.monotonic() + 5  # status snapshots are rate-limited: wait for a fresh one
         after = await _status(client, url)
+        while after["finished"]["offline"] < want_finished and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            after = await _status(client, url)
 
     assert ttft < ONLINE_TTFT_SLO_S
     assert after["preemptions"]["online"] == before["preemptions"]["online"]
-    assert after["finished"]["offline"] == before["finished"]["offline"] + engine_max_num_seqs
+    assert after["finished"]["offline"] == want_finished
     assert outputs == reference
 
 
