@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session")]
 
 STREAMS = 20
 MAX_TOKENS = 96
-KILL_AFTER_TOKENS = 8  # the victim dies once one of its streams has this many tokens
+KILL_AFTER_TOKENS = 8  # an engine dies once one of its streams has this many tokens
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,7 @@ def _body(i: int) -> tuple[str, dict[str, Any]]:
     return "/v1/completions", {"prompt": words, **common}
 
 
-async def _run(client, url: str, i: int,
-               progress: dict[tuple[str, int], int]) -> dict[str, Any]:
+async def _run(client, url: str, i: int) -> dict[str, Any]:
     path, body = _body(i)
     ids: list[int] = []
     text: list[str] = []
@@ -85,59 +84,48 @@ async def _run(client, url: str, i: int,
                 text.append(choice.get("text") or (choice.get("delta") or {}).get("content")
                             or "")
             usage = event.get("usage") or usage
-            progress[served_by, i] = len(ids)
     return {"ids": ids, "text": "".join(text), "usage": usage, "served_by": served_by}
 
 
 async def test_kill_one_engine_mid_stream_every_stream_completes_identically(
         two_engines, start_router, client):
-    victim, survivor = two_engines
-    router, url = await start_router(instances=[f"{victim.url};id=victim",
-                                                f"{survivor.url};id=survivor"],
+    engines = dict(zip(("e0", "e1"), two_engines))
+    router, url = await start_router(instances=[f"{e.url};id={name}"
+                                                for name, e in engines.items()],
                                      first_byte_timeout_s=120, idle_timeout_s=30)
     from router_fakes import wait_for
 
     await wait_for(lambda: all(i.healthy for i in router.load.instances.values()), 30,
                    "both engines healthy")
-    progress: dict[tuple[str, int], int] = {}
-    reference = await asyncio.gather(*(_run(client, url, i, progress)
-                                       for i in range(STREAMS)))
+    reference = await asyncio.gather(*(_run(client, url, i) for i in range(STREAMS)))
     assert all(len(r["ids"]) == MAX_TOKENS for r in reference)
 
-    progress.clear()
+    def ready_to_kill(name: str) -> bool:
+        """On ``name``: a stream with KILL_AFTER_TOKENS and a non-streamed request (the router
+        streams it upstream) both mid-way."""
+        live = [h for h in router.live_requests.on(name) if not h.ledger.finished]
+        return (any(not h.ledger.collect and len(h.ledger.generated) >= KILL_AFTER_TOKENS
+                    for h in live)
+                and any(h.ledger.collect and h.ledger.generated for h in live))
 
-    def collected_midway_on_victim() -> bool:
-        """A non-streamed request (the router streams it upstream) has tokens on the victim."""
-        return any(h.ledger.collect and h.ledger.generated and not h.ledger.finished
-                   for h in router.live_requests.on("victim"))
-
-    async def kill_when_streaming() -> int:
-        """Kill once a victim stream has KILL_AFTER_TOKENS and a non-streamed request is
-        mid-way there too (bounded wait: the assertions below say which was missing); return
-        how many victim streams were unfinished then. (A loaded client may read a buffered
-        stream whole without yielding, so one stream's count can jump; other streams are
-        still mid-way.)"""
+    async def kill_when_streaming() -> str:
+        """Kill the first engine found with both kinds of request mid-way (which engine gets
+        which request is the router's choice); return its name."""
         give_up = asyncio.get_running_loop().time() + 120
-        while True:
-            on_victim = [n for (who, _), n in progress.items() if who == "victim"]
-            if any(n >= KILL_AFTER_TOKENS for n in on_victim) and collected_midway_on_victim():
-                break
-            if asyncio.get_running_loop().time() > give_up:
-                break
+        while asyncio.get_running_loop().time() < give_up:
+            for name in engines:
+                if ready_to_kill(name):
+                    engines[name].kill()  # SIGKILL to the engine's whole process group
+                    return name
             await asyncio.sleep(0.005)
-        victim.kill()  # SIGKILL to the engine's whole process group
-        return sum(1 for n in on_victim if n < MAX_TOKENS)
+        raise AssertionError("no engine held a stream and a non-streamed request mid-way")
 
     killer = asyncio.ensure_future(kill_when_streaming())
-    chaos = await asyncio.gather(*(_run(client, url, i, progress)
-                                   for i in range(STREAMS)))
-    unfinished_at_kill = await killer
-    assert unfinished_at_kill >= 1, "every victim stream finished before the kill"
-    on_victim = [r for r in chaos if r["served_by"] == "victim"]
-    assert on_victim, "no stream started on the victim"
+    chaos = await asyncio.gather(*(_run(client, url, i) for i in range(STREAMS)))
+    victim = await killer
+    on_victim = [r for r in chaos if r["served_by"] == victim]
     whole_on_victim = [r for i, r in enumerate(chaos)
-                       if r["served_by"] == "victim" and not _streamed(i)]
-    assert whole_on_victim, "no non-streamed request started on the victim"
+                       if r["served_by"] == victim and not _streamed(i)]
     assert any(r["migrations"] >= 1 for r in whole_on_victim), "no non-streamed request moved"
     for i, (want, got) in enumerate(zip(reference, chaos)):
         assert got["ids"] == want["ids"], f"stream {i} (served by {got['served_by']})"

@@ -175,13 +175,18 @@ async def test_dynamic_pd_flips_a_role_under_overload_and_back(router_engines, s
     # noise moves); the test only needs a burst the tiny model clears in seconds.
     assert queued <= 32, f"the profile predicts too little queueing ({queued} prompts to miss)"
     headers = {"x-slo-ttft-ms": f"{budget / policy.settings.ttft_headroom:.1f}"}
-    bodies = [{"prompt": _prompt(length, 100 + k), "max_tokens": 2} for k in range(queued + 3)]
+    # Twice the predicted queue: requests reach the policy over a few hundred milliseconds on a
+    # loaded machine while engine-0 already clears the first ones (once 3 extra were too few).
+    bodies = [{"prompt": _prompt(length, 100 + k), "max_tokens": 2}
+              for k in range(2 * queued + 3)]
     results = await asyncio.gather(*(
         _complete(client, url + "/v1/completions", b, stream=False, headers=headers)
         for b in bodies))
     assert len(results) == len(bodies)  # every request answered (200s asserted inside)
     switches = await _role_switches(client, url)
-    assert switches.get(("engine-1", "decode", "both", "ttft_slo")) == 1, (queued, budget, switches)
+    served = [(h["x-xllm-instance"], h.get("x-xllm-pd")) for _, h in results]
+    assert switches.get(("engine-1", "decode", "both", "ttft_slo")) == 1, (
+        queued, budget, switches, served)
     # Load gone: after the quiet period, under light traffic without SLOs (which keeps the
     # predictors learning from fast requests, as a real cluster's would), the instance returns
     # to its home role.
