@@ -183,6 +183,8 @@ def one_run(policy: str, rate: float, rep: int, engines: list[Any], trace: Workl
         "external_kv_tokens": ext,
         "pd_prefills": counter_lines(metrics, "xllm_router_pd_prefills_total"),
         "role_switches": counter_lines(metrics, "xllm_router_role_switches_total"),
+        # why a policy placed requests where it did (e.g. dynamic PD's dpd_ttft_at_risk)
+        "decisions": counter_lines(metrics, "xllm_router_decisions_total"),
         "errors": sorted({r.error[:120] for r in results if r.error})[:3],
         "per_request": [[round(r.ttft_ms, 1) if r.ttft_ms is not None else None,
                          round(r.tpot_ms, 2) if r.tpot_ms is not None else None,
