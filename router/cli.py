@@ -94,6 +94,7 @@ def build_serve_parser(prog: str = "xllm-router") -> argparse.ArgumentParser:
     add("--slo-tpot-ms", type=float, help=_help("slo_tpot_ms"))
     add("--pd-role-dwell-s", type=float, help=_help("pd_role_dwell_s"))
     add("--pd-restore-quiet-s", type=float, help=_help("pd_restore_quiet_s"))
+    add("--pd-mixed-max-batch", type=int, help=_help("pd_mixed_max_batch"))
     add("--profile-instances", action=argparse.BooleanOptionalAction, default=None,
         help=_help("profile_instances"))
     add("--log-level", help=_help("log_level"))

@@ -112,6 +112,10 @@ class RouterConfig(BaseModel):
     pd_restore_quiet_s: float = Field(30.0, ge=0, le=3600, description="dynamic_pd: an "
                                       "instance returns to its home role only after this long "
                                       "without SLO pressure of the kind that moved it.")
+    pd_mixed_max_batch: int = Field(4, ge=0, le=4096, description="dynamic_pd: the last "
+                                    "decode instance may also take prefills (role both) only "
+                                    "while it holds at most this many decodes, counting those "
+                                    "waiting for their prefill elsewhere.")
     profile_instances: bool = Field(True, description="Measure each new instance with a few "
                                     "isolated requests when the policy predicts latency "
                                     "(dynamic_pd); --no-profile-instances starts from priors.")
@@ -179,7 +183,8 @@ class RouterConfig(BaseModel):
             return {"default_slo_ttft_ms": self.slo_ttft_ms,
                     "default_slo_tpot_ms": self.slo_tpot_ms,
                     "role_dwell_s": self.pd_role_dwell_s,
-                    "restore_quiet_s": self.pd_restore_quiet_s}
+                    "restore_quiet_s": self.pd_restore_quiet_s,
+                    "mixed_max_batch": self.pd_mixed_max_batch}
         return {}
 
     @classmethod

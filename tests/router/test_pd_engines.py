@@ -159,8 +159,12 @@ async def _role_switches(client: aiohttp.ClientSession, url: str) -> dict[tuple[
 
 async def test_dynamic_pd_flips_a_role_under_overload_and_back(router_engines, start_router,
                                                                client):
+    # The burst's requests count as decodes headed to engine-1 from the moment they are routed
+    # (their prefill runs on engine-0), so by the time engine-0's queue is over budget engine-1
+    # holds more than the default 4: the cap must not be what this test measures.
     router, url = await start_router(instances=_pd_instances(router_engines), policy="dynamic_pd",
-                                     pd_role_dwell_s=1, pd_restore_quiet_s=2)
+                                     pd_role_dwell_s=1, pd_restore_quiet_s=2,
+                                     pd_mixed_max_batch=64)
     await wait_for(lambda: all(i.healthy for i in router.load.instances.values()), 10, "health")
     await wait_for(lambda: len(router.profiler.results) == 2, 60, "both instances profiled")
     policy = router.policies["dynamic_pd"]

@@ -93,8 +93,9 @@ def test_slo_defaults_come_from_router_flags_and_headers_override_them():
 
     config = RouterConfig.from_args({"instances": ["http://127.0.0.1:9"], "policy": "dynamic_pd",
                                      "slo_ttft_ms": 1500.0, "slo_tpot_ms": 90.0,
-                                     "pd_role_dwell_s": 3.0})
+                                     "pd_role_dwell_s": 3.0, "pd_mixed_max_batch": 8})
     assert config.policy_settings("dynamic_pd")["role_dwell_s"] == 3.0
+    assert config.policy_settings("dynamic_pd")["mixed_max_batch"] == 8
     assert config.policy_settings("least_load") == {}
     body = b'{"model": "m", "prompt": "hi"}'
     defaults = {"default_slo_ttft_ms": config.slo_ttft_ms,
