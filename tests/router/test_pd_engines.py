@@ -179,8 +179,8 @@ async def test_dynamic_pd_flips_a_role_under_overload_and_back(router_engines, s
     # noise moves); the test only needs a burst the tiny model clears in seconds.
     assert queued <= 32, f"the profile predicts too little queueing ({queued} prompts to miss)"
     headers = {"x-slo-ttft-ms": f"{budget / policy.settings.ttft_headroom:.1f}"}
-    # Twice the predicted queue: requests reach the policy over a few hundred milliseconds on a
-    # loaded machine while engine-0 already clears the first ones (once 3 extra were too few).
+    # Twice the predicted queue: margin for requests that reach the policy over a few hundred
+    # milliseconds on a loaded machine while engine-0 already clears the first ones.
     bodies = [{"prompt": _prompt(length, 100 + k), "max_tokens": 2}
               for k in range(2 * queued + 3)]
     results = await asyncio.gather(*(
