@@ -359,7 +359,7 @@ def write_md(out: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
               + " Dynamic PD switched roles "
               f"{out['dynamic_pd_role_switches']:.0f} times: where it made no switch it ran "
               "static PD's placement, and the two differ by run-to-run spread only.", "",
-              "Runs before 2026-12-03 10:00 UTC were measured with both engines computing on "
+              "The run before this one (2026-12-03 06:33 UTC) had both engines computing on "
               "one core: vLLM's NIXL connector worker moves the thread that runs the forward "
               "pass to the last core of the NUMA node (fixed by `xllm_plugin/nixl_affinity.py`). "
               "Then no policy reached 90% even at 0.5 req/s (median attainment at 1 req/s: "

@@ -6,8 +6,8 @@ transfer work off the cores of the forward pass. But the thread that creates it 
 thread that runs the forward pass (the OpenMP master, already pinned by
 ``VLLM_CPU_OMP_THREADS_BIND``). So every PD engine's model runs on the last core,
 whatever it was pinned to. Measured here with two tiny-model engines pinned to cores 0 and
-1: both computed on core 1, and a 64-token greedy request on an engine whose peer was busy
-took about 1 s instead of 0.25 s. That was the "slower after the first transfer" of
+1: both computed on core 1, and a 64-token greedy request took about 1.1 s instead of
+0.25 s (1.6-1.8 s with NIXL's progress thread spinning as well). That was the "slower after the first transfer" of
 dynamic PD on CPU (benchmarks/results/dynamic_pd_live.md).
 
 This patch wraps that constructor and gives the calling thread back the CPUs it had

@@ -7,8 +7,9 @@ CPU engine pinned to one core it takes the engine's own compute. Measured here (
 model, two engines pinned to one core each, 64 greedy tokens): idle load 1.0 core per
 engine with NIXL's default, 0.03 with a 1 ms pause; P->D decodes equal to the direct
 answer in both cases. (The engines' slow decoding measured beside this was another fault:
-vLLM's connector moved the compute thread off its core, see ``nixl_affinity.py``.) Switching the thread off instead (``enable_prog_thread=False``) hung the
-prefill instance's worker inside NIXL after its first prefill, in two of three tries.
+vLLM's connector moved the compute thread off its core, see ``nixl_affinity.py``.)
+Switching the thread off instead (``enable_prog_thread=False``) hung the prefill
+instance's worker inside NIXL after its first prefill, in two of three tries.
 
 ``XLLM_NIXL_PROGRESS_DELAY_US=N``: the progress thread sleeps N microseconds between
 polls. Read by the plugin's general entry point, so it reaches every vLLM process that

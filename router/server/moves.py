@@ -84,7 +84,7 @@ class LiveRequests:
 
     def cut_all(self, instance_id: str) -> int:
         """Cut every live request on a failed instance; how many were cut."""
-        return sum(h.cut() for h in list(self._by_instance.get(instance_id, {}).values()))
+        return sum(h.cut() for h in self.on(instance_id))
 
     def pick(self, instance_id: str, count: int, migration_limit: int) -> list[MoveHandle]:
         """Up to ``count`` requests to move off ``instance_id``: fewest tokens generated first.

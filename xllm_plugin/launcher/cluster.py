@@ -91,23 +91,17 @@ class LocalCluster:
 
     def start(self, timeout_s: float = 300.0) -> LocalCluster:
         self.engines = [EngineProcess(spec) for spec in self.specs]
-        errors: list[BaseException] = []
         try:
             start_engines(self.engines, timeout_s)
-        except Exception as error:  # noqa: BLE001 (reported after cleanup)
-            errors.append(error)
-        if not errors and self.router is not None:
-            self.router_process = ManagedProcess(
-                "xllm-router", self.router.command(self.specs, self.kv_endpoints),
-                dict(os.environ), self.router.url + "/health",
-                Path(f"/tmp/xllm-router-{self.router.port}.log"))
-            try:
+            if self.router is not None:
+                self.router_process = ManagedProcess(
+                    "xllm-router", self.router.command(self.specs, self.kv_endpoints),
+                    dict(os.environ), self.router.url + "/health",
+                    Path(f"/tmp/xllm-router-{self.router.port}.log"))
                 self.router_process.start(timeout_s)
-            except Exception as error:  # noqa: BLE001 (reported after cleanup)
-                errors.append(error)
-        if errors:
-            self.stop()
-            raise errors[0]
+        except BaseException:
+            self.stop()  # whatever did start
+            raise
         return self
 
     def stop(self) -> None:
