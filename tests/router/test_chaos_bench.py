@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import logging
 
-from benchmarks.chaos import Chaos, Job, MigrationLog, Outcome, build_workload, summarise
+from benchmarks.chaos import (
+    Chaos,
+    Job,
+    MigrationLog,
+    Outcome,
+    build_workload,
+    summarise,
+    ttft_after_seams,
+)
 
 
 def _job(idx: int, tokens: int = 4) -> Job:
@@ -49,13 +57,14 @@ def test_complete_needs_200_done_no_error_and_all_tokens() -> None:
 
 
 def test_summary_counts_lost_wrong_migrated_and_measures_from_the_kill() -> None:
-    jobs = [_job(i) for i in range(3)]
-    ref = {i: _ok(i, [1, 2, 3, 4], 0.0, [0.1, 0.2, 0.3, 0.4]) for i in range(3)}
+    jobs = [_job(i) for i in range(4)]
+    ref = {i: _ok(i, [1, 2, 3, 4], 0.0, [0.1, 0.2, 0.3, 0.4]) for i in range(4)}
     run = {
         0: _ok(0, [1, 2, 3, 4], 100.0, [100.1, 100.2, 100.9, 101.0]),  # migrated at 100.25
         1: _ok(1, [1, 2, 9, 4], 100.0, [100.1, 100.2, 100.3, 100.4]),  # wrong tokens
         2: Outcome(2, 100.0, end=100.3, status=200, done=False, ids=[1, 2],
                    token_times=[100.1, 100.2]),  # lost
+        3: _ok(3, [1, 2, 3, 4], 100.5, [100.8, 100.9, 101.0, 101.1]),  # sent after the seam
     }
     log = MigrationLog()
     log.emit(logging.LogRecord("xllm.router", logging.WARNING, __file__, 1,
@@ -80,5 +89,20 @@ def test_summary_counts_lost_wrong_migrated_and_measures_from_the_kill() -> None
     assert result["migration_start_to_resumed_token_p50_ms"] == 600.0
     assert result["extra_e2e_latency_p50_ms"] == 600.0  # 1.0 s against 0.4 s
     assert result["tokens_before_seam_p50"] == 2
+    assert result["ttft_after_seam_requests"] == 1
+    assert result["ttft_after_seam_p50_ms"] == 300.0  # request 3: sent 100.5, token at 100.8
     assert result["recovery_time_s"] == 21.0 and result["kills"] == 1
     assert chaos.kills[0]["migrated"] == 1
+
+
+def test_ttft_after_seams_takes_requests_sent_within_the_window_after_a_seam() -> None:
+    run = {
+        0: _ok(0, [1], 9.9, [10.5]),  # sent before the seam (met the break itself)
+        1: _ok(1, [1], 10.2, [10.6]),  # sent 0.2 s after: 400 ms
+        2: _ok(2, [1], 10.9, [11.0]),  # sent 0.9 s after: 100 ms
+        3: _ok(3, [1], 11.5, [11.6]),  # too late
+        4: _ok(4, [1], 10.1, [10.3]),  # in the window but skipped (migrated itself)
+        5: Outcome(5, 10.3),  # no token at all
+    }
+    got = ttft_after_seams(run, [10.0], skip={4}, within_s=1.0)
+    assert sorted(round(v) for v in got) == [100, 400]
