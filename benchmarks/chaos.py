@@ -211,6 +211,7 @@ class MigrationLog(logging.Handler):
         self.migrated: dict[str, list[Move]] = {}
         self.not_migrated: dict[str, str] = {}
         self.retried: dict[str, str] = {}  # failed before the first byte: retried whole
+        self.dead_probes: list[tuple[float, str]] = []  # (perf_counter, instance id)
 
     def emit(self, record: logging.LogRecord) -> None:
         msg = str(record.msg)
@@ -218,6 +219,9 @@ class MigrationLog(logging.Handler):
             assert isinstance(record.args, tuple)
             self.migrated.setdefault(str(record.args[0]), []).append(
                 Move(time.perf_counter(), int(record.args[3]), record.getMessage()))
+        elif msg.startswith("instance %s: liveness probe failed"):
+            assert isinstance(record.args, tuple)
+            self.dead_probes.append((time.perf_counter(), str(record.args[0])))
         elif msg.startswith("request %s: not migrated"):
             self.not_migrated[str(record.args[0])] = record.getMessage()
         elif msg == "request %s: %s" and isinstance(record.args, tuple) and not any(
@@ -270,9 +274,11 @@ class Engines:
         start_engines(procs, timeout_s=300)
         self.startup_s.extend(p.startup_s or 0.0 for p in procs)
 
-    def kill(self, i: int) -> None:
-        self.procs[i].kill()  # SIGKILL to the whole process group
+    def kill(self, i: int) -> float:
+        """SIGKILL to the whole process group; returns when (perf_counter) it was reaped."""
+        self.procs[i].kill()
         self.procs[i].process.wait(30)
+        return time.perf_counter()
 
     def stop_all(self) -> None:
         for proc in self.procs:
@@ -281,7 +287,8 @@ class Engines:
 
 
 async def start_router(instances: list[str], migration_limit: int,
-                       stall_multiple: float | None) -> tuple[Any, Any, str]:
+                       stall_multiple: float | None,
+                       liveness_multiple: float | None) -> tuple[Any, Any, str]:
     """An in-process router on a free port (same settings as the migration test)."""
     from aiohttp import web
 
@@ -293,6 +300,8 @@ async def start_router(instances: list[str], migration_limit: int,
                                 "idle_timeout_s": 30, "migration_limit": migration_limit}
     if stall_multiple is not None:
         settings["stall_timeout_multiple"] = stall_multiple
+    if liveness_multiple is not None:
+        settings["liveness_probe_multiple"] = liveness_multiple
     router = Router(RouterConfig.from_args(settings))
     runner = web.AppRunner(router.build_app(), handler_cancellation=True, access_log=None)
     await runner.setup()
@@ -309,14 +318,33 @@ async def start_router(instances: list[str], migration_limit: int,
     return router, runner, url
 
 
-def router_migrations(router: Any) -> dict[str, float]:
-    """xllm_router_migrations_total by outcome, from the router's own metrics."""
+def router_counter(router: Any, name: str, label: str) -> dict[str, float]:
+    """One of the router's own counters (or histogram series), summed by ``label``."""
     counts: dict[str, float] = {}
     for line in router.metrics.render().decode().splitlines():
-        if line.startswith("xllm_router_migrations_total{"):
-            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
-            counts[outcome] = counts.get(outcome, 0.0) + float(line.rsplit(" ", 1)[1])
+        if line.startswith(name + "{"):
+            value = line.split(f'{label}="', 1)[1].split('"', 1)[0]
+            counts[value] = counts.get(value, 0.0) + float(line.rsplit(" ", 1)[1])
     return counts
+
+
+def detection_keys(router: Any) -> dict[str, float | None]:
+    """How the chaos phase's breaks were detected, from the router's metrics: a failed
+    liveness probe of a silent stream, the dead process's connection closing, or the
+    silence limit; and what the probes of live instances cost."""
+    reasons = router_counter(router, "xllm_router_migrations_total", "reason")
+    probes = router_counter(router, "xllm_router_liveness_probes_total", "outcome")
+    seconds = router_counter(router, "xllm_router_liveness_probe_seconds_sum", "outcome")
+    alive = probes.get("alive", 0.0)
+    return {
+        "migrations_after_dead_probe": reasons.get("dead", 0.0),
+        "migrations_after_broken_connection": reasons.get("error", 0.0) + reasons.get("eof", 0.0),
+        "migrations_after_silence_limit": reasons.get("stall", 0.0) + reasons.get("idle", 0.0),
+        "liveness_probes_alive": alive,
+        "liveness_probes_dead": probes.get("dead", 0.0),
+        "liveness_probe_alive_mean_ms": rnd(seconds.get("alive", 0.0) * 1000 / alive)
+        if alive else None,
+    }
 
 
 @dataclass
@@ -352,14 +380,16 @@ async def chaos_loop(chaos: Chaos, engines: Engines, router: Any, t0: float,
             await asyncio.sleep(0.02)  # kill while the engine itself is generating
         inflight, running = instance.inflight, instance.running
         t_kill = time.perf_counter()
-        await asyncio.to_thread(engines.kill, victim)
-        record: dict[str, Any] = {"engine": f"e{victim}", "t_kill": t_kill - t0,
-                                  "reaped_ms": (time.perf_counter() - t_kill) * 1000,
-                                  "inflight_on_victim": inflight,
-                                  "running_on_victim": running}
+        # Watched while the kill runs: the router may see the death before the reaping.
+        killing = asyncio.ensure_future(asyncio.to_thread(engines.kill, victim))
         while instance.healthy:
             await asyncio.sleep(0.02)
-        record["detected_s"] = time.perf_counter() - t_kill
+        detected = time.perf_counter()
+        record: dict[str, Any] = {"engine": f"e{victim}", "t_kill": t_kill - t0,
+                                  "reaped_ms": (await killing - t_kill) * 1000,
+                                  "inflight_on_victim": inflight,
+                                  "running_on_victim": running,
+                                  "detected_s": detected - t_kill}
         await asyncio.to_thread(engines.start, victim)
         record["engine_up_s"] = time.perf_counter() - t_kill
         while not instance.healthy:
@@ -506,6 +536,11 @@ def summarise(jobs: Sequence[Job], ref: dict[int, Outcome], run: dict[int, Outco
     duration_ref = max(o.end for o in ref.values()) - min(o.start for o in ref.values())
     duration_run = max(o.end for o in run.values()) - t0
     recovery = [k["recovery_s"] for k in chaos.kills]
+    # A failed probe outside every kill's outage (kill -> back in rotation) of that engine
+    # took a live instance for dead.
+    false_alarms = sum(1 for at, iid in migrations.dead_probes if not any(
+        k["engine"] == iid and t0 + k["t_kill"] <= at <= t0 + k["t_back"]
+        for k in chaos.kills))
     return {
         "requests_total": len(jobs),
         "requests_lost": len(lost),
@@ -542,6 +577,7 @@ def summarise(jobs: Sequence[Job], ref: dict[int, Outcome], run: dict[int, Outco
         "kills": len(chaos.kills),
         "recovery_time_s": rnd(statistics.median(recovery), 2) if recovery else None,
         "recovery_time_max_s": rnd(max(recovery), 2) if recovery else None,
+        "liveness_false_alarms": false_alarms,
         "marked_unhealthy_p50_ms": rnd(pct([k["detected_s"] * 1000 for k in chaos.kills], 50)),
         "engine_restart_p50_s": rnd(pct([k["engine_up_s"] for k in chaos.kills], 50), 2),
         "reference_requests_lost": ref_lost,
@@ -685,6 +721,19 @@ def other_runs(path: Path) -> str:
 """ + "\n".join(rows) + "\n"
 
 
+def detection(r: dict[str, Any]) -> str:
+    """How the router learnt of the kills, for the latency split."""
+    if r.get("migrations_after_dead_probe") is None:  # runs before liveness probing
+        return ("about the time the killed API server takes to exit, see the kills table: its "
+                "sockets close only at the end of its exit, and the router acts on the first "
+                "read error")
+    return (f"{r['migrations_after_dead_probe']:.0f} migrations began when a liveness probe "
+            "of the silent instance went unanswered, "
+            f"{r['migrations_after_broken_connection']:.0f} when the killed process's "
+            f"connection closed, {r['migrations_after_silence_limit']:.0f} at the silence "
+            "limit")
+
+
 def discussion(r: dict[str, Any]) -> str:
     """Plain-language reading of the numbers in ``r`` (no fixed claims about them)."""
     lines = []
@@ -735,10 +784,8 @@ def discussion(r: dict[str, Any]) -> str:
             f"- **Extra latency p50 {extra:.0f} ms / p99 {r['extra_latency_p99_ms']:.0f} ms vs "
             f"one prefill p50 {prefill:.0f} ms: {verdict} the issue's target** "
             f"({extra / prefill:.1f}x at p50). Split: kill -> migration start p50 "
-            f"{r['kill_to_migration_start_p50_ms']:.0f} ms (about the time the killed API "
-            "server takes to exit, see the kills table: its sockets close only at the end "
-            "of its exit, and the router acts on the first read error), migration start -> "
-            "first resumed token p50 "
+            f"{r['kill_to_migration_start_p50_ms']:.0f} ms ({detection(r)}), migration "
+            "start -> first resumed token p50 "
             f"{r['migration_start_to_resumed_token_p50_ms']:.0f} ms / p99 "
             f"{r['migration_start_to_resumed_token_p99_ms']:.0f} ms (all of a kill's streams "
             "land at once on the survivor, which prefills them on its one core beside the "
@@ -751,8 +798,16 @@ def discussion(r: dict[str, Any]) -> str:
             f"- The migrations come in {r['kills']} bursts, one per kill, and a kill's streams "
             "share one detection time; the percentiles therefore describe a handful of kills "
             "more than many independent events (see `kill_to_migration_start_*` and the kills "
-            "table). The router's stall detection cannot make this faster: "
-            "`--stall-timeout-multiple` is floored at 1 s of silence (`_silence_limit`).")
+            "table).")
+    if r.get("liveness_probes_alive") is not None:
+        mean = r["liveness_probe_alive_mean_ms"]
+        lines.append(
+            f"- Liveness probes: {r['liveness_probes_alive']:.0f} answered (streams that "
+            "paused for a few TPOTs on a live engine"
+            + (f"; {mean:.0f} ms per answer on average" if mean is not None else "")
+            + f"), {r['liveness_probes_dead']:.0f} went unanswered; "
+            f"{r['liveness_false_alarms']} of those fell outside a kill's outage (a live "
+            "engine taken for dead, its streams moved for nothing).")
     if r["extra_e2e_latency_p50_ms"] is not None:
         delta = r["extra_e2e_latency_p50_ms"]
         lines.append(
@@ -844,7 +899,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         print(f"prefill p50 {pct(prefill_ms, 50):.1f} ms", file=sys.stderr)
 
         router, runner, url = await start_router(engines.instance_specs(),
-                                                 args.migration_limit, args.stall_multiple)
+                                                 args.migration_limit, args.stall_multiple,
+                                                 args.liveness_multiple)
         ref, _, _ = await run_phase("reference", url, jobs, args.concurrency, args.timeout_s,
                                     router, None, engines)
         await runner.cleanup()
@@ -853,15 +909,18 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         chaos = Chaos(every_s=args.kill_every_s, first_s=args.first_kill_s,
                       min_running=max(1, args.concurrency // 4))
         router, runner, url = await start_router(engines.instance_specs(),
-                                                 args.migration_limit, args.stall_multiple)
+                                                 args.migration_limit, args.stall_multiple,
+                                                 args.liveness_multiple)
         run, timeline, t0 = await run_phase("chaos", url, jobs, args.concurrency,
                                             args.timeout_s, router, chaos, engines)
-        counts = router_migrations(router)
+        counts = router_counter(router, "xllm_router_migrations_total", "outcome")
+        detection = detection_keys(router)
         await runner.cleanup()
     finally:
         engines.stop_all()
     result, details = summarise(jobs, ref, run, migrations, counts, chaos, t0, prefill_ms,
                                 ref_lost)
+    result.update(detection)
     import router
 
     details.update(router_code=str(Path(router.__file__).parent),
@@ -913,6 +972,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--migration-limit", type=int, default=3)
     p.add_argument("--stall-multiple", type=float, default=None,
                    help="router --stall-timeout-multiple (unset: stalls only by idle timeout)")
+    p.add_argument("--liveness-multiple", type=float, default=None,
+                   help="router --liveness-probe-multiple (unset: the router's default; 0: off)")
     p.add_argument("--timeout-s", type=float, default=300.0, help="client timeout per request")
     p.add_argument("--non-streamed-every", type=int, default=4,
                    help="every Nth request asks for one JSON answer (0: all streamed)")

@@ -93,6 +93,17 @@ class RouterConfig(BaseModel):
                                                  "instance's median TPOT (at least 1 s) counts "
                                                  "as a stall and migrates the request; unset: "
                                                  "only --idle-timeout-s.")
+    liveness_probe_multiple: float = Field(4.0, ge=0, le=10000, description="A stream "
+                                                  "silent this many times the instance's median "
+                                                  "TPOT (at least 50 ms) makes the router probe "
+                                                  "the instance's /health; no answer within "
+                                                  "--liveness-probe-timeout-s migrates its "
+                                                  "streams at once (a killed engine's sockets "
+                                                  "close only when its exit ends); 0 turns "
+                                                  "probing off.")
+    liveness_probe_timeout_s: float = Field(0.25, gt=0, le=60, description="How long a "
+                                            "liveness probe waits for /health (a busy engine's "
+                                            "HTTP server still answers in milliseconds).")
     offline_min_priority: int = Field(1, description="Smallest OpenAI `priority` that makes a "
                                       "request offline (as the engine's xllm config).")
     max_body_mb: float = Field(32.0, gt=0, description="Largest request body accepted, MiB.")

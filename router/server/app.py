@@ -31,7 +31,8 @@ import hmac
 import logging
 import statistics
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
@@ -58,6 +59,8 @@ from router.policies.types import (
 from router.server.assemble import CollectedResponse
 from router.server.errors import RouterError, error_body
 from router.server.instance_state import Transition
+from router.server.liveness import (LivenessProber, ProbeResult, Silence, probe_after_s,
+                                    read_or_probe)
 from router.server.load_view import InstanceLoad, LoadTicket, LoadView
 from router.server.metrics import RouterMetrics
 from router.server.migration import (MalformedEvent, SSESplitter, StreamLedger, migratable,
@@ -84,6 +87,7 @@ REBALANCE_INTERVAL_S = 1.0
 _PATHS: dict[Kind, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 _CLIENT_CLOSED = 499  # nginx's convention for "client closed the request", metrics only
 _NOT_FORWARDED = frozenset({HEADER_POLICY, "x-forwarded-for"})
+T = TypeVar("T")
 
 
 class UpstreamFailure(Exception):
@@ -113,6 +117,8 @@ class Router:
         self.policies: dict[str, RoutingPolicy] = {}
         self._policy(config.policy)
         self.live_requests = LiveRequests()  # what a policy's move or a failover may cut
+        self.liveness = LivenessProber(lambda: self.session, upstream_headers,
+                                       config.liveness_probe_timeout_s, self._probed)
         # Per instance: EWMA of first-token time per prompt token (queueing included), the
         # prefill cost estimate for choosing where a failed request resumes.
         self._prefill_ms_per_token: dict[str, float] = {}
@@ -525,11 +531,15 @@ class Router:
         done = False
         try:
             try:
-                async with asyncio.timeout_at(asyncio.get_running_loop().time() + wait_s):
-                    upstream = await upstream_post(
-                        self.session, url,
-                        data=body if body is not None else parsed.upstream_body(),
-                        headers=self._forward_headers(request, parsed), timeout=timeout)
+                upstream = await self._read(load, lambda: upstream_post(
+                    self.session, url, data=body if body is not None else parsed.upstream_body(),
+                    headers=self._forward_headers(request, parsed), timeout=timeout), wait_s)
+            except Silence as exc:
+                if exc.kind == "dead":
+                    raise UpstreamFailure("dead", 502, f"instance {instance_id} sent no "
+                                          f"response: {exc.detail}", connect=True) from None
+                raise UpstreamFailure("timeout", 504, f"instance {instance_id} sent no response "
+                                      f"within {wait_s:g}s") from None
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 raise UpstreamFailure("connect", 502, f"cannot connect to instance "
                                       f"{instance_id} ({load.record.url}): {exc}",
@@ -588,9 +598,12 @@ class Router:
             # Streaming: hold the client's headers until the first chunk, so that an
             # instance failing before it can still be retried elsewhere.
             try:
-                async with asyncio.timeout_at(self._loop_deadline(deadline)):
-                    first = await upstream.content.readany()
-            except TimeoutError:
+                first = await self._read(load, upstream.content.readany,
+                                         deadline - time.monotonic())
+            except Silence as exc:
+                if exc.kind == "dead":
+                    raise UpstreamFailure("dead", 502, f"instance {instance_id} sent no "
+                                          f"first token: {exc.detail}", connect=True) from None
                 raise UpstreamFailure("timeout", 504, f"instance {instance_id} sent no token "
                                       f"within {wait_s:g}s") from None
             except aiohttp.ClientError as exc:
@@ -636,14 +649,12 @@ class Router:
                 try:
                     if bad is not None:
                         raise MalformedEvent(bad)
-                    async with asyncio.timeout(silence_s):
-                        chunk = await upstream.content.readany()
+                    chunk = await self._read(load, upstream.content.readany, silence_s, stall)
                 except MalformedEvent as exc:
                     broke = ("malformed", f"instance {instance_id} sent a malformed event "
                              f"mid-stream: {exc}")
-                except TimeoutError:
-                    broke = ("stall" if stall else "idle",
-                             f"instance {instance_id} was silent for {silence_s:g}s")
+                except Silence as exc:
+                    broke = (exc.kind, f"instance {instance_id} was {exc.detail}")
                 except aiohttp.ClientError as exc:
                     broke = ("error", f"instance {instance_id} broke off mid-stream: {exc!r}")
                 else:
@@ -662,7 +673,7 @@ class Router:
                     else:
                         log.warning("request %s: %s", parsed.request_id, broke[1])
                         self.metrics.upstream_errors.labels(instance_id, "midstream").inc()
-                    if broke[0] in ("error", "eof", "stall", "idle", "malformed"):
+                    if broke[0] in ("error", "eof", "stall", "idle", "dead", "malformed"):
                         self.load.report_failure(instance_id, broke[1])
                     if ledger is not None:
                         migrated = await self._migrate(request, parsed, response, ledger, ctx,
@@ -703,6 +714,28 @@ class Router:
                     upstream.release()
                 else:
                     upstream.close()  # drop the connection: vLLM aborts the request
+
+    def _read(self, load: InstanceLoad, read: Callable[[], Awaitable[T]], silence_s: float,
+              stall: bool = False) -> Awaitable[T]:
+        """``read()``, given up after ``silence_s`` or as soon as a liveness probe of
+        ``load`` fails (router/server/liveness.py)."""
+        return read_or_probe(
+            read, silence_s=silence_s, stall=stall,
+            probe_after=probe_after_s(load.tpot_ms, self.config.liveness_probe_multiple),
+            probe=lambda: self.liveness.probe(load.instance_id, load.record.url))
+
+    def _silent(self, instance_id: str, silence: Silence) -> tuple[str, str]:
+        """A resumed stream's silence as (reason, message); a dead instance counts a failure."""
+        if silence.kind == "dead":
+            self.load.report_failure(instance_id, silence.detail)
+        return silence.kind, f"instance {instance_id} was {silence.detail}"
+
+    def _probed(self, instance_id: str, result: ProbeResult) -> None:
+        outcome = "alive" if result.alive else "dead"
+        self.metrics.liveness_probes.labels(instance_id, outcome).inc()
+        self.metrics.liveness_probe.labels(outcome).observe(result.seconds)
+        if not result.alive:
+            log.warning("instance %s: liveness probe failed (%s)", instance_id, result.detail)
 
     def _silence_limit(self, load: InstanceLoad) -> tuple[float, bool]:
         """Longest silence allowed mid-stream, and whether it is the TPOT-based stall limit."""
@@ -816,13 +849,13 @@ class Router:
         splitter = SSESplitter()
         wait_s = cfg.first_byte_timeout_s  # the resumed prompt is prefilled first
         try:
-            async with asyncio.timeout(wait_s):
-                upstream = await upstream_post(
-                    self.session, load.record.url + _PATHS["completions"],
-                    data=_json_bytes(body), headers=self._forward_headers(request, parsed),
-                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s))
-        except TimeoutError:
-            return "idle", f"instance {target} sent no response within {wait_s:g}s"
+            upstream = await self._read(load, lambda: upstream_post(
+                self.session, load.record.url + _PATHS["completions"],
+                data=_json_bytes(body), headers=self._forward_headers(request, parsed),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s)),
+                wait_s)
+        except Silence as exc:
+            return self._silent(target, exc)
         except aiohttp.ClientError as exc:
             self.load.report_failure(target, repr(exc))
             return "error", f"instance {target}: {exc!r}"
@@ -832,10 +865,9 @@ class Router:
                 return "error", f"instance {target} answered {upstream.status}: {detail}"
             while True:
                 try:
-                    async with asyncio.timeout(wait_s):
-                        chunk = await upstream.content.readany()
-                except TimeoutError:
-                    return "idle", f"instance {target} was silent for {wait_s:g}s"
+                    chunk = await self._read(load, upstream.content.readany, wait_s)
+                except Silence as exc:
+                    return self._silent(target, exc)
                 except aiohttp.ClientError as exc:
                     self.load.report_failure(target, repr(exc))
                     return "error", f"instance {target} broke off mid-stream: {exc!r}"

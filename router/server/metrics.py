@@ -31,7 +31,7 @@ class RouterMetrics:
             "failure before any byte reached the client.", ["instance"], registry=r)
         self.migrations = Counter(
             "xllm_router_migrations", "Streams moved to another instance mid-stream, by what "
-            "broke (error, eof, idle, stall) and outcome (resumed, no_instance, failed, "
+            "broke (error, eof, idle, stall, dead: silent and its liveness probe failed) and outcome (resumed, no_instance, failed, "
             "limit, not_resumable).", ["reason", "outcome"], registry=r)
         self.resume_plans = Counter(
             "xllm_router_resume_plans", "Where failed requests resumed: 'move' reused KV that "
@@ -42,6 +42,14 @@ class RouterMetrics:
             "xllm_router_offline_moves", "Offline requests a co-location policy moved to an "
             "idle instance (re-prefill of prompt + generated tokens), by source, target and "
             "reason.", ["from_instance", "to_instance", "reason"], registry=r)
+        self.liveness_probes = Counter(
+            "xllm_router_liveness_probes", "/health probes of instances whose streams fell "
+            "silent, by instance and outcome (alive, dead).", ["instance", "outcome"],
+            registry=r)
+        self.liveness_probe = Histogram(
+            "xllm_router_liveness_probe_seconds", "Time a liveness probe took (a dead "
+            "instance's probes end at the timeout).", ["outcome"], buckets=_LATENCY_BUCKETS,
+            registry=r)
         self.upstream_errors = Counter(
             "xllm_router_upstream_errors", "Upstream failures by instance and reason.",
             ["instance", "reason"], registry=r)

@@ -29,6 +29,9 @@ class FakeBehaviour:
     fail_status: int | None = None  # answer every generation request with this status
     hang_s: float = 0.0  # sleep before answering (headers included)
     close_mid_stream_after: int | None = None  # drop the connection after N tokens
+    # Stop sending after N tokens and hold the connection open, as a process being killed
+    # does until its exit closes its sockets (pair it with ``health_delay_s``).
+    freeze_mid_stream_after: int | None = None
     health_status: int = 200
     health_delay_s: float = 0.0  # a starved API server: /health answers this late
     with_xllm_status: bool = True
@@ -222,6 +225,8 @@ class FakeEngine:
                     assert request.transport is not None
                     request.transport.close()
                     return response
+                if b.freeze_mid_stream_after is not None and i == b.freeze_mid_stream_after:
+                    await asyncio.sleep(3600)
                 if b.malformed is not None and i == b.malformed_after:
                     if b.malformed == "truncated_sse":
                         await response.write(b'data: {"id": "c", "choices": [{"ind')

@@ -72,6 +72,8 @@ def test_summary_counts_lost_wrong_migrated_and_measures_from_the_kill() -> None
                                "(%s: %s)", ("chaos-0", "e0", "e1", 2, "error", "x"), None,
                                ))
     log.migrated["chaos-0"][0].at = 100.3  # the router saw the break 50 ms after the kill
+    log.dead_probes += [(100.28, "e0"),  # e0's outage: a true detection
+                        (100.28, "e1"), (130.0, "e0")]  # a live e1, e0 back: false alarms
     chaos = Chaos(every_s=30, first_s=0, min_running=1,
                   kills=[{"engine": "e0", "t_kill": 0.25,
                           "detected_s": 0.1, "engine_up_s": 20.0, "recovery_s": 21.0,
@@ -92,6 +94,7 @@ def test_summary_counts_lost_wrong_migrated_and_measures_from_the_kill() -> None
     assert result["ttft_after_seam_requests"] == 1
     assert result["ttft_after_seam_p50_ms"] == 300.0  # request 3: sent 100.5, token at 100.8
     assert result["recovery_time_s"] == 21.0 and result["kills"] == 1
+    assert result["liveness_false_alarms"] == 2
     assert chaos.kills[0]["migrated"] == 1
 
 

@@ -1,0 +1,144 @@
+"""Telling a dead instance from a slow one while its streams are silent.
+
+A process killed with SIGKILL closes its sockets only at the end of its exit,
+after the kernel has torn down its memory; on a loaded host that took 0.2-1.6 s
+in the chaos benchmark, and until then the router's reads just wait. Meanwhile
+the kernel still completes TCP handshakes on the dead server's listening
+socket, so a new request connects and is never answered.
+
+So when a stream has been silent for a few TPOTs, the router asks the instance
+``GET /health`` with a short timeout. An engine that is merely busy (a long
+prefill chunk, a slow step) answers at once: its HTTP server is a separate
+event loop from the engine core. No answer, or not 200, means its in-flight
+streams should move now rather than after the silence limit. Every stream of
+one instance shares one probe, so a kill that silences 30 streams costs one
+request, not 30.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import aiohttp
+
+# Shortest silence that triggers a probe, whatever the TPOT: token chunks of a
+# healthy stream may bunch up (the relay reads whatever has arrived).
+MIN_PROBE_AFTER_S = 0.05
+# A finished probe's answer is reused this long: streams that fall silent together
+# (every stream of a killed instance) wait on one answer, not one probe each.
+RESULT_REUSE_S = 0.05
+
+T = TypeVar("T")
+
+
+class Silence(Exception):
+    """A stream stayed silent: ``kind`` is "idle", "stall" (TPOT-based limit) or "dead"."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+def probe_after_s(tpot_ms: Sequence[float], multiple: float) -> float | None:
+    """Silence after which the instance is probed: ``multiple`` x its median TPOT.
+
+    None (no probing) when probing is off (``multiple`` 0) or no TPOT has been
+    observed yet: the router cannot tell a silence from a normal gap without one.
+    """
+    if multiple <= 0 or not tpot_ms:
+        return None
+    median_s = sorted(tpot_ms)[len(tpot_ms) // 2] / 1000
+    return max(MIN_PROBE_AFTER_S, multiple * median_s)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    alive: bool
+    detail: str
+    seconds: float
+    finished_at: float  # time.monotonic()
+
+
+class LivenessProber:
+    """One ``/health`` probe at a time per instance, shared by every stream that asks."""
+
+    def __init__(self, session: Callable[[], aiohttp.ClientSession | None],
+                 headers: dict[str, str], timeout_s: float,
+                 on_result: Callable[[str, ProbeResult], None] | None = None) -> None:
+        self._session = session
+        self._headers = headers
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.timeout_s = timeout_s
+        self._on_result = on_result
+        self._running: dict[str, asyncio.Task[ProbeResult]] = {}
+
+    def probe(self, instance_id: str, url: str) -> asyncio.Task[ProbeResult]:
+        """The probe of ``instance_id`` in flight or just finished, or a new one."""
+        task = self._running.get(instance_id)
+        if task is None or (task.done() and (
+                task.cancelled() or task.exception() is not None
+                or time.monotonic() - task.result().finished_at > RESULT_REUSE_S)):
+            task = asyncio.get_running_loop().create_task(self._probe(instance_id, url),
+                                                          name=f"liveness-{instance_id}")
+            self._running[instance_id] = task
+        return task
+
+    async def _probe(self, instance_id: str, url: str) -> ProbeResult:
+        began = time.perf_counter()
+        session = self._session()
+        try:
+            if session is None:
+                raise RuntimeError("router session closed")
+            async with session.get(url + "/health", timeout=self._timeout,
+                                   headers=self._headers) as response:
+                alive = response.status == 200
+                detail = "answered 200" if alive else f"/health answered {response.status}"
+        except TimeoutError:
+            alive, detail = False, f"/health did not answer within {self.timeout_s:g}s"
+        except (aiohttp.ClientError, OSError, RuntimeError) as exc:
+            alive, detail = False, f"/health failed: {exc!r}"[:300]
+        result = ProbeResult(alive, detail, time.perf_counter() - began, time.monotonic())
+        if self._on_result is not None:
+            self._on_result(instance_id, result)
+        return result
+
+
+async def read_or_probe(read: Callable[[], Awaitable[T]], *, silence_s: float,
+                        stall: bool, probe_after: float | None,
+                        probe: Callable[[], asyncio.Task[ProbeResult]]) -> T:
+    """What ``read()`` returns (an upstream's headers, its next chunk), or :class:`Silence`.
+
+    Waits at most ``silence_s``; after each ``probe_after`` of silence asks
+    ``probe()`` whether the instance lives and gives up at once when it does
+    not. The read itself is never cancelled by a probe, so a chunk that arrives
+    while the probe runs is returned as usual.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + silence_s
+    reading = asyncio.ensure_future(read())
+    try:
+        while True:
+            left = deadline - loop.time()
+            wait = left if probe_after is None else min(left, probe_after)
+            done, _ = await asyncio.wait({reading}, timeout=max(wait, 0.0))
+            if reading in done:
+                return reading.result()
+            if loop.time() >= deadline:
+                raise Silence("stall" if stall else "idle", f"silent for {silence_s:g}s")
+            checking = probe()
+            done, _ = await asyncio.wait({reading, checking}, timeout=max(
+                deadline - loop.time(), 0.0), return_when=asyncio.FIRST_COMPLETED)
+            if reading in done:
+                return reading.result()
+            if checking in done and not checking.result().alive:
+                silent_s = silence_s - (deadline - loop.time())
+                raise Silence("dead", f"silent for {silent_s:.2f}s and "
+                              f"{checking.result().detail}")
+    finally:
+        if not reading.done():
+            reading.cancel()

@@ -1,0 +1,209 @@
+"""Liveness probes of silent streams (issue 7, detection): a dead instance's streams move
+after a few TPOTs plus one probe timeout, a merely slow one keeps them.
+
+Fakes stand in for engines here: ``freeze_mid_stream_after`` with a late ``/health`` is a
+killed process whose sockets are still open; the real kill is benchmarks/chaos.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from router.server.liveness import (MIN_PROBE_AFTER_S, LivenessProber, ProbeResult, Silence,
+                                    probe_after_s, read_or_probe)
+from router_fakes import fake_next_token, wait_for
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+PROMPT = "alive?"
+
+
+async def test_probe_after_is_a_multiple_of_the_median_tpot_with_a_floor() -> None:
+    assert probe_after_s([10.0, 30.0, 20.0], 4.0) == pytest.approx(0.08)
+    assert probe_after_s([1.0, 2.0], 4.0) == MIN_PROBE_AFTER_S
+    assert probe_after_s([], 4.0) is None  # no TPOT yet: nothing to compare a silence with
+    assert probe_after_s([20.0], 0.0) is None  # probing off
+
+
+def _result(alive: bool) -> ProbeResult:
+    return ProbeResult(alive, "answered 200" if alive else "/health did not answer", 0.01,
+                       time.monotonic())
+
+
+async def _never() -> bytes:
+    await asyncio.sleep(3600)
+    return b""
+
+
+def _probe_answering(alive: bool, delay_s: float = 0.0, calls: list[float] | None = None):
+    async def answer() -> ProbeResult:
+        await asyncio.sleep(delay_s)
+        return _result(alive)
+
+    def probe() -> asyncio.Task[ProbeResult]:
+        if calls is not None:
+            calls.append(time.monotonic())
+        return asyncio.ensure_future(answer())
+    return probe
+
+
+async def test_a_failed_probe_ends_the_wait_long_before_the_silence_limit() -> None:
+    began = time.monotonic()
+    with pytest.raises(Silence) as caught:
+        await read_or_probe(_never, silence_s=30.0, stall=False, probe_after=0.05,
+                            probe=_probe_answering(False, delay_s=0.05))
+    assert caught.value.kind == "dead" and "did not answer" in caught.value.detail
+    assert time.monotonic() - began < 1.0
+
+
+async def test_a_live_instance_is_probed_again_and_waited_for_until_the_limit() -> None:
+    calls: list[float] = []
+    with pytest.raises(Silence) as caught:
+        await read_or_probe(_never, silence_s=0.5, stall=True, probe_after=0.1,
+                            probe=_probe_answering(True, calls=calls))
+    assert caught.value.kind == "stall" and "0.5s" in caught.value.detail
+    assert 3 <= len(calls) <= 5  # one probe per 0.1 s of silence
+
+
+async def test_a_chunk_that_arrives_during_the_probe_wins() -> None:
+    async def late_chunk() -> bytes:
+        await asyncio.sleep(0.15)
+        return b"data: {}\n\n"
+
+    got = await read_or_probe(late_chunk, silence_s=5.0, stall=False, probe_after=0.05,
+                              probe=_probe_answering(False, delay_s=1.0))
+    assert got == b"data: {}\n\n"
+
+
+async def test_without_probing_a_silence_is_the_plain_timeout() -> None:
+    calls: list[float] = []
+    with pytest.raises(Silence) as caught:
+        await read_or_probe(_never, silence_s=0.2, stall=False, probe_after=None,
+                            probe=_probe_answering(False, calls=calls))
+    assert caught.value.kind == "idle" and calls == []
+
+
+async def _health_server(handler) -> tuple[web.AppRunner, str, list[float]]:
+    hits: list[float] = []
+
+    async def health(request: web.Request) -> web.StreamResponse:
+        hits.append(time.monotonic())
+        return await handler(request)
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}", hits
+
+
+@pytest.mark.parametrize(("case", "alive", "detail"), [
+    ("ok", True, "answered 200"),
+    ("late", False, "did not answer within 0.2s"),
+    ("unhealthy", False, "/health answered 503"),
+])
+async def test_prober_reads_health_and_shares_one_probe_per_instance(case, alive, detail):
+    async def handler(request: web.Request) -> web.Response:
+        if case == "late":
+            await asyncio.sleep(2)
+        return web.Response(status=503 if case == "unhealthy" else 200)
+
+    runner, url, hits = await _health_server(handler)
+    seen: list[tuple[str, bool]] = []
+    try:
+        async with aiohttp.ClientSession() as session:
+            prober = LivenessProber(lambda: session, {}, 0.2,
+                                    lambda iid, r: seen.append((iid, r.alive)))
+            first, second = prober.probe("a", url), prober.probe("a", url)
+            assert first is second  # streams silenced together wait on one request
+            result = await first
+    finally:
+        await runner.cleanup()
+    assert result.alive is alive and detail in result.detail
+    assert len(hits) == 1 and seen == [("a", alive)]
+
+
+async def test_prober_reports_a_refused_connection_as_dead() -> None:
+    runner, url, _ = await _health_server(lambda request: web.Response())
+    await runner.cleanup()  # nothing listens there any more
+    async with aiohttp.ClientSession() as session:
+        result = await LivenessProber(lambda: session, {}, 0.5).probe("a", url)
+    assert not result.alive and "/health failed" in result.detail
+
+
+# -- through the router ------------------------------------------------------------------------
+
+
+def _expected(n: int) -> str:
+    sequence = [ord(c) for c in PROMPT]
+    for _ in range(n):
+        sequence.append(fake_next_token(sequence))
+    return "".join(f"<{t}>" for t in sequence[len(PROMPT):])
+
+
+async def _stream(client: aiohttp.ClientSession, url: str, max_tokens: int) -> tuple[str, str]:
+    async with asyncio.timeout(20), client.post(url + "/v1/completions", json={
+            "model": "tiny", "prompt": PROMPT, "stream": True, "max_tokens": max_tokens}) as r:
+        assert r.status == 200
+        return r.headers["x-xllm-instance"], await r.text()
+
+
+def _text(body: str) -> str:
+    return "".join(json.loads(line[6:])["choices"][0]["text"] for line in body.splitlines()
+                   if line.startswith("data: ") and line != "data: [DONE]"
+                   and json.loads(line[6:]).get("choices"))
+
+
+async def _router_on_a(fakes, start_router, client):
+    """A router over two sequence-model fakes that has seen a's TPOT, with a preferred."""
+    a, b = fakes
+    for fake in fakes:
+        fake.behaviour.sequence_model = True
+        fake.behaviour.token_delay_s = 0.01
+    router, url = await start_router(instances=[f"{a.url};id=a", f"{b.url};id=b"],
+                                     policy="least_load", idle_timeout_s=30,
+                                     liveness_probe_timeout_s=0.2)
+    await wait_for(lambda: all(i.healthy for i in router.load.instances.values()), 10,
+                   "both fakes healthy")
+    b.behaviour.running = 5  # least-load sends the streams to a
+    served, _ = await _stream(client, url, 8)  # teaches the router a's TPOT
+    assert served == "a" and router.load.instances["a"].tpot_ms
+    return router, url
+
+
+async def test_stream_on_a_frozen_instance_moves_after_one_failed_probe(fakes, start_router,
+                                                                        client):
+    a, b = fakes
+    router, url = await _router_on_a(fakes, start_router, client)
+    a.behaviour.freeze_mid_stream_after, a.behaviour.health_delay_s = 3, 5.0
+    began = time.monotonic()
+    served, text = await _stream(client, url, 12)
+    took = time.monotonic() - began
+    assert served == "a" and _text(text) == _expected(12) and '"error"' not in text
+    # 30 s of idle timeout, moved within a few TPOTs plus the 0.2 s probe timeout.
+    assert took < 2.0, took
+    assert router.metrics.migrations.labels("dead", "resumed")._value.get() == 1
+    assert router.metrics.liveness_probes.labels("a", "dead")._value.get() >= 1
+    resumed = [r for r in b.requests if isinstance(r.get("prompt"), list)]
+    assert len(resumed) == 1 and resumed[0]["max_tokens"] == 9
+
+
+async def test_stream_on_a_slow_but_live_instance_stays(fakes, start_router, client):
+    a, _ = fakes
+    router, url = await _router_on_a(fakes, start_router, client)
+    a.behaviour.token_delay_s = 0.3  # silences of 30 TPOTs, /health answers at once
+    served, text = await _stream(client, url, 6)
+    assert served == "a" and _text(text) == _expected(6)
+    assert router.metrics.liveness_probes.labels("a", "alive")._value.get() >= 3
+    assert router.metrics.liveness_probes.labels("a", "dead")._value.get() == 0
+    for reason in ("dead", "idle", "stall"):
+        assert router.metrics.migrations.labels(reason, "resumed")._value.get() == 0
