@@ -60,7 +60,7 @@ from router.server.assemble import CollectedResponse
 from router.server.errors import RouterError, error_body
 from router.server.instance_state import Transition
 from router.server.liveness import (LivenessProber, ProbeResult, Silence, probe_after_s,
-                                    read_or_probe)
+                                    probe_timeout_s, read_or_probe)
 from router.server.load_view import InstanceLoad, LoadTicket, LoadView
 from router.server.metrics import RouterMetrics
 from router.server.migration import (MalformedEvent, SSESplitter, StreamLedger, migratable,
@@ -117,8 +117,7 @@ class Router:
         self.policies: dict[str, RoutingPolicy] = {}
         self._policy(config.policy)
         self.live_requests = LiveRequests()  # what a policy's move or a failover may cut
-        self.liveness = LivenessProber(lambda: self.session, upstream_headers,
-                                       config.liveness_probe_timeout_s, self._probed)
+        self.liveness = LivenessProber(lambda: self.session, upstream_headers, self._probed)
         # Per instance: EWMA of first-token time per prompt token (queueing included), the
         # prefill cost estimate for choosing where a failed request resumes.
         self._prefill_ms_per_token: dict[str, float] = {}
@@ -722,7 +721,8 @@ class Router:
         return read_or_probe(
             read, silence_s=silence_s, stall=stall,
             probe_after=probe_after_s(load.tpot_ms, self.config.liveness_probe_multiple),
-            probe=lambda: self.liveness.probe(load.instance_id, load.record.url))
+            probe=lambda: self.liveness.probe(load.instance_id, load.record.url, probe_timeout_s(
+                load.health_rtt_s, self.config.liveness_probe_timeout_s)))
 
     def _silent(self, instance_id: str, silence: Silence) -> tuple[str, str]:
         """A resumed stream's silence as (reason, message); a dead instance counts a failure."""
@@ -732,6 +732,9 @@ class Router:
 
     def _probed(self, instance_id: str, result: ProbeResult) -> None:
         outcome = "alive" if result.alive else "dead"
+        load = self.load.instances.get(instance_id)
+        if result.alive and load is not None:
+            load.health_rtt_s.append(result.seconds)
         self.metrics.liveness_probes.labels(instance_id, outcome).inc()
         self.metrics.liveness_probe.labels(outcome).observe(result.seconds)
         if not result.alive:

@@ -7,11 +7,13 @@ the kernel still completes TCP handshakes on the dead server's listening
 socket, so a new request connects and is never answered.
 
 So when a stream has been silent for a few TPOTs, the router asks the instance
-``GET /health`` with a short timeout. An engine that is merely busy (a long
-prefill chunk, a slow step) answers at once: its HTTP server is a separate
-event loop from the engine core. No answer, or not 200, means its in-flight
-streams should move now rather than after the silence limit. Every stream of
-one instance shares one probe, so a kill that silences 30 streams costs one
+``GET /health``. An engine that is merely busy (a long prefill chunk, a slow
+step) still answers: its HTTP server is a separate process from the engine
+core. No answer within the probe timeout, or not 200, means its in-flight
+streams should move now rather than after the silence limit. The timeout is
+learnt per instance from its recent /health round trips (``probe_timeout_s``):
+how fast a live instance answers depends on the host. Every stream of one
+instance shares one probe, so a kill that silences 30 streams costs one
 request, not 30.
 """
 
@@ -56,6 +58,15 @@ def probe_after_s(tpot_ms: Sequence[float], multiple: float) -> float | None:
     return max(MIN_PROBE_AFTER_S, multiple * median_s)
 
 
+def probe_timeout_s(health_rtt_s: Sequence[float], floor_s: float,
+                    margin: float = 3.0) -> float:
+    """How long a probe waits: ``margin`` x the slowest recent /health round trip, at least
+    ``floor_s``. On a starved host (two CPU cores shared by engines, their HTTP servers and
+    the router) a live engine took over 0.25 s to answer, and a fixed short timeout
+    failed both engines of the chaos benchmark with no kill at all."""
+    return max(floor_s, margin * max(health_rtt_s, default=0.0))
+
+
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
     alive: bool
@@ -68,38 +79,37 @@ class LivenessProber:
     """One ``/health`` probe at a time per instance, shared by every stream that asks."""
 
     def __init__(self, session: Callable[[], aiohttp.ClientSession | None],
-                 headers: dict[str, str], timeout_s: float,
+                 headers: dict[str, str],
                  on_result: Callable[[str, ProbeResult], None] | None = None) -> None:
         self._session = session
         self._headers = headers
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self.timeout_s = timeout_s
         self._on_result = on_result
         self._running: dict[str, asyncio.Task[ProbeResult]] = {}
 
-    def probe(self, instance_id: str, url: str) -> asyncio.Task[ProbeResult]:
+    def probe(self, instance_id: str, url: str, timeout_s: float) -> asyncio.Task[ProbeResult]:
         """The probe of ``instance_id`` in flight or just finished, or a new one."""
         task = self._running.get(instance_id)
         if task is None or (task.done() and (
                 task.cancelled() or task.exception() is not None
                 or time.monotonic() - task.result().finished_at > RESULT_REUSE_S)):
-            task = asyncio.get_running_loop().create_task(self._probe(instance_id, url),
+            task = asyncio.get_running_loop().create_task(self._probe(instance_id, url,
+                                                                      timeout_s),
                                                           name=f"liveness-{instance_id}")
             self._running[instance_id] = task
         return task
 
-    async def _probe(self, instance_id: str, url: str) -> ProbeResult:
+    async def _probe(self, instance_id: str, url: str, timeout_s: float) -> ProbeResult:
         began = time.perf_counter()
         session = self._session()
         try:
             if session is None:
                 raise RuntimeError("router session closed")
-            async with session.get(url + "/health", timeout=self._timeout,
-                                   headers=self._headers) as response:
+            async with session.get(url + "/health", timeout=aiohttp.ClientTimeout(
+                    total=timeout_s), headers=self._headers) as response:
                 alive = response.status == 200
                 detail = "answered 200" if alive else f"/health answered {response.status}"
         except TimeoutError:
-            alive, detail = False, f"/health did not answer within {self.timeout_s:g}s"
+            alive, detail = False, f"/health did not answer within {timeout_s:.2f}s"
         except (aiohttp.ClientError, OSError, RuntimeError) as exc:
             alive, detail = False, f"/health failed: {exc!r}"[:300]
         result = ProbeResult(alive, detail, time.perf_counter() - began, time.monotonic())

@@ -89,6 +89,9 @@ class InstanceLoad:
     decode_tokens: int = 0  # prompt tokens of requests decoding here
     ttft_ms: deque[float] = field(default_factory=lambda: deque(maxlen=32))
     tpot_ms: deque[float] = field(default_factory=lambda: deque(maxlen=32))
+    # Round trips of its /health (scrapes, live probes; a scrape forgiven as busy counts
+    # its timeout): how long a live instance may take to answer a liveness probe.
+    health_rtt_s: deque[float] = field(default_factory=lambda: deque(maxlen=64))
     role_override: Role | None = None  # set by a policy's RoleChange
 
     @property
@@ -355,7 +358,9 @@ class LoadView:
         if load.health.state == "removed":
             return  # terminal for this incarnation: nothing to learn
         try:
+            began = time.monotonic()
             status, _ = await self._get(load, "/health")
+            load.health_rtt_s.append(time.monotonic() - began)
             if status != 200:
                 raise RuntimeError(f"/health answered {status}")
             engine = None
@@ -391,6 +396,7 @@ class LoadView:
                 return  # replaced or removed meanwhile
             if isinstance(exc, TimeoutError) and self.busy(load, time.monotonic()):
                 load.busy_scrapes += 1  # keep the last numbers; its requests still move
+                load.health_rtt_s.append(self.scrape_timeout.total or 0.0)
                 log.debug("scrape of %s timed out while its requests progress: busy",
                           load.instance_id)
                 return

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from router.server.liveness import (MIN_PROBE_AFTER_S, LivenessProber, ProbeResult, Silence,
-                                    probe_after_s, read_or_probe)
+                                    probe_after_s, probe_timeout_s, read_or_probe)
 from router_fakes import fake_next_token, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -29,6 +29,12 @@ async def test_probe_after_is_a_multiple_of_the_median_tpot_with_a_floor() -> No
     assert probe_after_s([1.0, 2.0], 4.0) == MIN_PROBE_AFTER_S
     assert probe_after_s([], 4.0) is None  # no TPOT yet: nothing to compare a silence with
     assert probe_after_s([20.0], 0.0) is None  # probing off
+
+
+async def test_probe_timeout_follows_the_slowest_recent_health_answer() -> None:
+    assert probe_timeout_s([], 0.25) == 0.25
+    assert probe_timeout_s([0.002, 0.01], 0.25) == 0.25  # a fast host: the floor
+    assert probe_timeout_s([0.01, 0.4, 0.05], 0.25) == pytest.approx(1.2)  # a starved one
 
 
 def _result(alive: bool) -> ProbeResult:
@@ -108,7 +114,7 @@ async def _health_server(handler) -> tuple[web.AppRunner, str, list[float]]:
 
 @pytest.mark.parametrize(("case", "alive", "detail"), [
     ("ok", True, "answered 200"),
-    ("late", False, "did not answer within 0.2s"),
+    ("late", False, "did not answer within 0.20s"),
     ("unhealthy", False, "/health answered 503"),
 ])
 async def test_prober_reads_health_and_shares_one_probe_per_instance(case, alive, detail):
@@ -121,9 +127,9 @@ async def test_prober_reads_health_and_shares_one_probe_per_instance(case, alive
     seen: list[tuple[str, bool]] = []
     try:
         async with aiohttp.ClientSession() as session:
-            prober = LivenessProber(lambda: session, {}, 0.2,
+            prober = LivenessProber(lambda: session, {},
                                     lambda iid, r: seen.append((iid, r.alive)))
-            first, second = prober.probe("a", url), prober.probe("a", url)
+            first, second = prober.probe("a", url, 0.2), prober.probe("a", url, 0.2)
             assert first is second  # streams silenced together wait on one request
             result = await first
     finally:
@@ -136,7 +142,7 @@ async def test_prober_reports_a_refused_connection_as_dead() -> None:
     runner, url, _ = await _health_server(lambda request: web.Response())
     await runner.cleanup()  # nothing listens there any more
     async with aiohttp.ClientSession() as session:
-        result = await LivenessProber(lambda: session, {}, 0.5).probe("a", url)
+        result = await LivenessProber(lambda: session, {}).probe("a", url, 0.5)
     assert not result.alive and "/health failed" in result.detail
 
 
@@ -207,3 +213,19 @@ async def test_stream_on_a_slow_but_live_instance_stays(fakes, start_router, cli
     assert router.metrics.liveness_probes.labels("a", "dead")._value.get() == 0
     for reason in ("dead", "idle", "stall"):
         assert router.metrics.migrations.labels(reason, "resumed")._value.get() == 0
+
+
+async def test_a_host_that_answers_health_late_is_not_taken_for_dead(fakes, start_router,
+                                                                     client):
+    """/health takes 0.4 s on this instance (a starved host), twice the probe's floor: the
+    probes wait for what its scrapes measured, so pauses in its stream move nothing."""
+    a, _ = fakes
+    a.behaviour.health_delay_s = 0.4
+    router, url = await _router_on_a(fakes, start_router, client)
+    await wait_for(lambda: len(router.load.instances["a"].health_rtt_s) >= 2, 10,
+                   "scrapes timed a's /health")
+    a.behaviour.token_delay_s = 0.6
+    served, text = await _stream(client, url, 4)
+    assert served == "a" and _text(text) == _expected(4)
+    assert router.metrics.liveness_probes.labels("a", "alive")._value.get() >= 1
+    assert router.metrics.liveness_probes.labels("a", "dead")._value.get() == 0
