@@ -102,10 +102,11 @@ class RouterConfig(BaseModel):
                                                   "close only when its exit ends); 0 turns "
                                                   "probing off.")
     liveness_probe_timeout_s: float = Field(0.25, gt=0, le=60, description="Least time a "
-                                            "liveness probe waits for /health; it waits 3x "
-                                            "the slowest of the instance's recent /health "
-                                            "answers when that is longer (a starved host "
-                                            "answers late).")
+                                            "liveness probe waits for /health; it waits 2x "
+                                            "the longest pause the instance recently came "
+                                            "back from (a /health answer, a silence within a "
+                                            "stream) when that is longer: a starved host "
+                                            "answers late.")
     offline_min_priority: int = Field(1, description="Smallest OpenAI `priority` that makes a "
                                       "request offline (as the engine's xllm config).")
     max_body_mb: float = Field(32.0, gt=0, description="Largest request body accepted, MiB.")

@@ -686,8 +686,10 @@ class Router:
                                              + b"\n\n")
                     break
                 events += chunk.count(b"data: ")
-                t_last = time.perf_counter()
+                now = time.perf_counter()
                 load.last_progress_at = time.monotonic()
+                load.pauses.observe(now - t_last, load.last_progress_at)
+                t_last = now
                 bad = await _relay(response, chunk, splitter, ledger)
             tokens = max(0, events - 1)  # minus the closing [DONE]
             if tokens >= 3:
@@ -722,7 +724,7 @@ class Router:
             read, silence_s=silence_s, stall=stall,
             probe_after=probe_after_s(load.tpot_ms, self.config.liveness_probe_multiple),
             probe=lambda: self.liveness.probe(load.instance_id, load.record.url, probe_timeout_s(
-                load.health_rtt_s, self.config.liveness_probe_timeout_s)))
+                load.pauses.value(time.monotonic()), self.config.liveness_probe_timeout_s)))
 
     def _silent(self, instance_id: str, silence: Silence) -> tuple[str, str]:
         """A resumed stream's silence as (reason, message); a dead instance counts a failure."""
@@ -734,7 +736,7 @@ class Router:
         outcome = "alive" if result.alive else "dead"
         load = self.load.instances.get(instance_id)
         if result.alive and load is not None:
-            load.health_rtt_s.append(result.seconds)
+            load.pauses.observe(result.seconds, time.monotonic())
         self.metrics.liveness_probes.labels(instance_id, outcome).inc()
         self.metrics.liveness_probe.labels(outcome).observe(result.seconds)
         if not result.alive:
@@ -866,6 +868,7 @@ class Router:
             if upstream.status != 200:
                 detail = await self._read_error(upstream)
                 return "error", f"instance {target} answered {upstream.status}: {detail}"
+            last: float | None = None  # the previous chunk (the first follows a prefill)
             while True:
                 try:
                     chunk = await self._read(load, upstream.content.readany, wait_s)
@@ -877,6 +880,10 @@ class Router:
                 if not chunk:
                     return None if ledger.done else (
                         "eof", f"instance {target} ended the stream before [DONE]")
+                now = time.monotonic()
+                if last is not None:
+                    load.pauses.observe(now - last, now)
+                last = now
                 wait_s = self._silence_limit(load)[0]
                 for payload in splitter.feed(chunk):
                     try:

@@ -58,13 +58,35 @@ def probe_after_s(tpot_ms: Sequence[float], multiple: float) -> float | None:
     return max(MIN_PROBE_AFTER_S, multiple * median_s)
 
 
-def probe_timeout_s(health_rtt_s: Sequence[float], floor_s: float,
-                    margin: float = 3.0) -> float:
-    """How long a probe waits: ``margin`` x the slowest recent /health round trip, at least
-    ``floor_s``. On a starved host (two CPU cores shared by engines, their HTTP servers and
-    the router) a live engine took over 0.25 s to answer, and a fixed short timeout
-    failed both engines of the chaos benchmark with no kill at all."""
-    return max(floor_s, margin * max(health_rtt_s, default=0.0))
+@dataclass(slots=True)
+class LongestPause:
+    """The longest pause a live instance has recently come back from: a /health round trip
+    or a silence between two chunks of one stream. A maximum that halves every
+    ``half_life_s``, so one freak pause is remembered for minutes, not for ever.
+
+    Why it exists: on a starved host (two CPU cores shared by two engines, their HTTP
+    servers, the router and the client) live engines went silent for over a second with
+    /health unanswered, and a fixed 0.25 s probe timeout failed both engines of the chaos
+    benchmark with no kill at all. A probe is only conclusive when it waits longer than
+    the instance has been seen to pause and come back.
+    """
+
+    half_life_s: float = 600.0
+    seconds: float = 0.0
+    at: float = 0.0  # time.monotonic() of ``seconds``
+
+    def value(self, now: float) -> float:
+        return self.seconds * 0.5 ** (max(0.0, now - self.at) / self.half_life_s)
+
+    def observe(self, pause_s: float, now: float) -> None:
+        if pause_s >= self.value(now):
+            self.seconds, self.at = pause_s, now
+
+
+def probe_timeout_s(longest_pause_s: float, floor_s: float, margin: float = 2.0) -> float:
+    """How long a probe waits: ``margin`` x the instance's longest recent pause, at least
+    ``floor_s``."""
+    return max(floor_s, margin * longest_pause_s)
 
 
 @dataclass(frozen=True, slots=True)

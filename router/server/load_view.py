@@ -39,6 +39,7 @@ import aiohttp
 from router.discovery.records import InstanceRecord
 from router.policies.types import ClusterView, InstanceState, Role
 from router.server.instance_state import HealthBook, InstanceHealth, StateRules, Transition
+from router.server.liveness import LongestPause
 
 log = logging.getLogger("xllm.router.load")
 
@@ -89,9 +90,9 @@ class InstanceLoad:
     decode_tokens: int = 0  # prompt tokens of requests decoding here
     ttft_ms: deque[float] = field(default_factory=lambda: deque(maxlen=32))
     tpot_ms: deque[float] = field(default_factory=lambda: deque(maxlen=32))
-    # Round trips of its /health (scrapes, live probes; a scrape forgiven as busy counts
-    # its timeout): how long a live instance may take to answer a liveness probe.
-    health_rtt_s: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    # The longest pause it came back from (/health round trips, a scrape forgiven as busy,
+    # silences within its streams): how long a liveness probe must wait to be conclusive.
+    pauses: LongestPause = field(default_factory=LongestPause)
     role_override: Role | None = None  # set by a policy's RoleChange
 
     @property
@@ -360,7 +361,7 @@ class LoadView:
         try:
             began = time.monotonic()
             status, _ = await self._get(load, "/health")
-            load.health_rtt_s.append(time.monotonic() - began)
+            load.pauses.observe(time.monotonic() - began, time.monotonic())
             if status != 200:
                 raise RuntimeError(f"/health answered {status}")
             engine = None
@@ -396,7 +397,7 @@ class LoadView:
                 return  # replaced or removed meanwhile
             if isinstance(exc, TimeoutError) and self.busy(load, time.monotonic()):
                 load.busy_scrapes += 1  # keep the last numbers; its requests still move
-                load.health_rtt_s.append(self.scrape_timeout.total or 0.0)
+                load.pauses.observe(self.scrape_timeout.total or 0.0, time.monotonic())
                 log.debug("scrape of %s timed out while its requests progress: busy",
                           load.instance_id)
                 return

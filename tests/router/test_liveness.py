@@ -15,8 +15,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from router.server.liveness import (MIN_PROBE_AFTER_S, LivenessProber, ProbeResult, Silence,
-                                    probe_after_s, probe_timeout_s, read_or_probe)
+from router.server.liveness import (MIN_PROBE_AFTER_S, LivenessProber, LongestPause,
+                                    ProbeResult, Silence, probe_after_s, probe_timeout_s,
+                                    read_or_probe)
 from router_fakes import fake_next_token, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -31,10 +32,16 @@ async def test_probe_after_is_a_multiple_of_the_median_tpot_with_a_floor() -> No
     assert probe_after_s([20.0], 0.0) is None  # probing off
 
 
-async def test_probe_timeout_follows_the_slowest_recent_health_answer() -> None:
-    assert probe_timeout_s([], 0.25) == 0.25
-    assert probe_timeout_s([0.002, 0.01], 0.25) == 0.25  # a fast host: the floor
-    assert probe_timeout_s([0.01, 0.4, 0.05], 0.25) == pytest.approx(1.2)  # a starved one
+async def test_probe_timeout_outlasts_the_longest_pause_the_instance_came_back_from() -> None:
+    pauses = LongestPause(half_life_s=100.0)
+    assert probe_timeout_s(pauses.value(0.0), 0.25) == 0.25  # nothing seen yet: the floor
+    pauses.observe(0.01, now=0.0)
+    assert probe_timeout_s(pauses.value(0.0), 0.25) == 0.25  # a fast host: the floor
+    pauses.observe(0.6, now=10.0)  # a starved host's stall, survived
+    pauses.observe(0.2, now=11.0)  # shorter pauses do not lower it
+    assert probe_timeout_s(pauses.value(10.0), 0.25) == pytest.approx(1.2)
+    assert pauses.value(110.0) == pytest.approx(0.3)  # one half-life later
+    assert probe_timeout_s(pauses.value(1e6), 0.25) == 0.25  # long forgotten
 
 
 def _result(alive: bool) -> ProbeResult:
@@ -218,11 +225,11 @@ async def test_stream_on_a_slow_but_live_instance_stays(fakes, start_router, cli
 async def test_a_host_that_answers_health_late_is_not_taken_for_dead(fakes, start_router,
                                                                      client):
     """/health takes 0.4 s on this instance (a starved host), twice the probe's floor: the
-    probes wait for what its scrapes measured, so pauses in its stream move nothing."""
+    probes wait longer than its scrapes' pauses, so pauses in its stream move nothing."""
     a, _ = fakes
     a.behaviour.health_delay_s = 0.4
     router, url = await _router_on_a(fakes, start_router, client)
-    await wait_for(lambda: len(router.load.instances["a"].health_rtt_s) >= 2, 10,
+    await wait_for(lambda: router.load.instances["a"].pauses.seconds >= 0.4, 10,
                    "scrapes timed a's /health")
     a.behaviour.token_delay_s = 0.6
     served, text = await _stream(client, url, 4)
