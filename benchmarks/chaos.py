@@ -58,6 +58,7 @@ import os
 import platform
 import random
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -201,6 +202,8 @@ class Move:
     at: float
     generated: int
     message: str
+    source: str = ""  # the instance it left
+    reason: str = ""  # what broke: error, eof, dead (a liveness probe), ...
 
 
 class MigrationLog(logging.Handler):
@@ -218,7 +221,8 @@ class MigrationLog(logging.Handler):
         if msg.startswith("request %s: migrating from"):
             assert isinstance(record.args, tuple)
             self.migrated.setdefault(str(record.args[0]), []).append(
-                Move(time.perf_counter(), int(record.args[3]), record.getMessage()))
+                Move(time.perf_counter(), int(record.args[3]), record.getMessage(),
+                     source=str(record.args[1]), reason=str(record.args[4])))
         elif msg.startswith("instance %s: liveness probe failed"):
             assert isinstance(record.args, tuple)
             self.dead_probes.append((time.perf_counter(), str(record.args[0])))
@@ -279,6 +283,11 @@ class Engines:
         self.procs[i].kill()
         self.procs[i].process.wait(30)
         return time.perf_counter()
+
+    def freeze(self, i: int) -> None:
+        """SIGSTOP to the whole process group: a hung engine (a deadlock, a stuck device)
+        whose sockets stay open, unlike a killed one's."""
+        self.procs[i].kill(signal.SIGSTOP)
 
     def stop_all(self) -> None:
         for proc in self.procs:
@@ -354,6 +363,7 @@ class Chaos:
     every_s: float
     first_s: float
     min_running: int  # a kill waits (at most aim_s) until the victim reports this many running
+    fault: str = "kill"  # "kill": SIGKILL; "freeze": SIGSTOP, SIGKILL once its streams moved
     aim_s: float = 5.0
     kills: list[dict[str, Any]] = field(default_factory=list)
 
@@ -380,11 +390,17 @@ async def chaos_loop(chaos: Chaos, engines: Engines, router: Any, t0: float,
             await asyncio.sleep(0.02)  # kill while the engine itself is generating
         inflight, running = instance.inflight, instance.running
         t_kill = time.perf_counter()
-        # Watched while the kill runs: the router may see the death before the reaping.
-        killing = asyncio.ensure_future(asyncio.to_thread(engines.kill, victim))
+        if chaos.fault == "freeze":
+            await asyncio.to_thread(engines.freeze, victim)
+        else:  # watched while the kill runs: the router may see the death before the reaping
+            killing = asyncio.ensure_future(asyncio.to_thread(engines.kill, victim))
         while instance.healthy:
             await asyncio.sleep(0.02)
         detected = time.perf_counter()
+        if chaos.fault == "freeze":  # frozen until every stream on it has moved (or 120 s)
+            while instance.inflight and time.perf_counter() - t_kill < 120:
+                await asyncio.sleep(0.05)
+            killing = asyncio.ensure_future(asyncio.to_thread(engines.kill, victim))
         record: dict[str, Any] = {"engine": f"e{victim}", "t_kill": t_kill - t0,
                                   "reaped_ms": (await killing - t_kill) * 1000,
                                   "inflight_on_victim": inflight,
@@ -537,10 +553,13 @@ def summarise(jobs: Sequence[Job], ref: dict[int, Outcome], run: dict[int, Outco
     duration_run = max(o.end for o in run.values()) - t0
     recovery = [k["recovery_s"] for k in chaos.kills]
     # A failed probe outside every kill's outage (kill -> back in rotation) of that engine
-    # took a live instance for dead.
-    false_alarms = sum(1 for at, iid in migrations.dead_probes if not any(
-        k["engine"] == iid and t0 + k["t_kill"] <= at <= t0 + k["t_back"]
-        for k in chaos.kills))
+    # took a live instance for dead; the streams it moved then moved for nothing.
+    def outside_outages(at: float, iid: str) -> bool:
+        return not any(k["engine"] == iid and t0 + k["t_kill"] <= at <= t0 + k["t_back"]
+                       for k in chaos.kills)
+    false_alarms = sum(1 for at, iid in migrations.dead_probes if outside_outages(at, iid))
+    false_moves = sum(1 for moves in migrations.migrated.values() for m in moves
+                      if m.reason == "dead" and outside_outages(m.at, m.source))
     return {
         "requests_total": len(jobs),
         "requests_lost": len(lost),
@@ -578,6 +597,7 @@ def summarise(jobs: Sequence[Job], ref: dict[int, Outcome], run: dict[int, Outco
         "recovery_time_s": rnd(statistics.median(recovery), 2) if recovery else None,
         "recovery_time_max_s": rnd(max(recovery), 2) if recovery else None,
         "liveness_false_alarms": false_alarms,
+        "liveness_false_alarm_moves": false_moves,
         "marked_unhealthy_p50_ms": rnd(pct([k["detected_s"] * 1000 for k in chaos.kills], 50)),
         "engine_restart_p50_s": rnd(pct([k["engine_up_s"] for k in chaos.kills], 50), 2),
         "reference_requests_lost": ref_lost,
@@ -637,6 +657,12 @@ def plot(timeline: Sequence[Sequence[float]], chaos: Chaos, path: Path) -> bool:
     return True
 
 
+FREEZE = """ **Fault: freeze** (`--fault freeze`): the engine's process group is
+stopped (SIGSTOP), so its sockets stay open and nothing closes a connection, as in a hung
+engine; it is killed and restarted only once the router has moved every stream off it. Below,
+"kill" means that freeze, and "reaped" the kill after it."""
+
+
 def write_markdown(result: dict[str, Any], chaos: Chaos, path: Path, png: str | None) -> None:
     rows = "\n".join(f"| `{k}` | {v} |" for k, v in result.items()
                      if k not in ("command", "date", "machine", "lost_ids", "wrong_ids",
@@ -656,7 +682,7 @@ in-process xllm-router with migration on; {result['requests_total']} greedy requ
 {result.get('non_streamed_requests', 0)} that ask for one JSON answer), {result['concurrency']} in
 flight. The same requests run once with no kills (reference: token ids and latency) and once
 with one engine killed (SIGKILL) and restarted at once, a kill at most every {chaos.every_s:g} s and
-only once both engines serve again{actual}.
+only once both engines serve again{actual}.{FREEZE if result.get('fault') == 'freeze' else ''}
 
 Definitions: *lost* = no 200, no `[DONE]`, an error event, or fewer/more than `max_tokens`
 ids; *wrong tokens* = ids differ from the reference run; *migrated* = the router logged the
@@ -807,7 +833,10 @@ def discussion(r: dict[str, Any]) -> str:
             + (f"; {mean:.0f} ms per answer on average" if mean is not None else "")
             + f"), {r['liveness_probes_dead']:.0f} went unanswered; "
             f"{r['liveness_false_alarms']} of those fell outside a kill's outage (a live "
-            "engine taken for dead, its streams moved for nothing).")
+            "engine taken for dead)" + (
+                f" and moved {r['liveness_false_alarm_moves']} streams for nothing (a probe's "
+                "answer counts only while the stream is still silent; a chunk that arrives "
+                "first wins)." if "liveness_false_alarm_moves" in r else "."))
     if r["extra_e2e_latency_p50_ms"] is not None:
         delta = r["extra_e2e_latency_p50_ms"]
         lines.append(
@@ -906,7 +935,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         await runner.cleanup()
         ref_lost = sum(1 for j in jobs if not ref[j.idx].complete(j.max_tokens))
 
-        chaos = Chaos(every_s=args.kill_every_s, first_s=args.first_kill_s,
+        chaos = Chaos(every_s=args.kill_every_s, first_s=args.first_kill_s, fault=args.fault,
                       min_running=max(1, args.concurrency // 4))
         router, runner, url = await start_router(engines.instance_specs(),
                                                  args.migration_limit, args.stall_multiple,
@@ -923,7 +952,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     result.update(detection)
     import router
 
-    details.update(router_code=str(Path(router.__file__).parent),
+    details.update(router_code=str(Path(router.__file__).parent), fault=args.fault,
                    not_migrated_log=list(migrations.not_migrated.values())[:10])
     result.update(concurrency=args.concurrency, kill_every_s=args.kill_every_s,
                   migration_limit=args.migration_limit, min_tokens=args.min_tokens,
@@ -972,6 +1001,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--migration-limit", type=int, default=3)
     p.add_argument("--stall-multiple", type=float, default=None,
                    help="router --stall-timeout-multiple (unset: stalls only by idle timeout)")
+    p.add_argument("--fault", choices=("kill", "freeze"), default="kill",
+                   help="kill: SIGKILL an engine (its sockets close as it exits); freeze: "
+                   "SIGSTOP it (sockets stay open, as in a hang), SIGKILL once its streams moved")
     p.add_argument("--liveness-multiple", type=float, default=None,
                    help="router --liveness-probe-multiple (unset: the router's default; 0: off)")
     p.add_argument("--timeout-s", type=float, default=300.0, help="client timeout per request")

@@ -95,6 +95,7 @@ def test_summary_counts_lost_wrong_migrated_and_measures_from_the_kill() -> None
     assert result["ttft_after_seam_p50_ms"] == 300.0  # request 3: sent 100.5, token at 100.8
     assert result["recovery_time_s"] == 21.0 and result["kills"] == 1
     assert result["liveness_false_alarms"] == 2
+    assert result["liveness_false_alarm_moves"] == 0  # the one move was an "error" in e0's outage
     assert chaos.kills[0]["migrated"] == 1
 
 

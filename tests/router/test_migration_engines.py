@@ -1,13 +1,18 @@
-"""Kill -9 one of two real vLLM engines while 20 greedy requests run through the router.
+"""Kill -9 (or freeze) one of two real vLLM engines while 20 greedy requests run through
+the router.
 
 Every request (streamed, and every fourth one non-streamed) must complete, and its
-token ids and text must equal the uninterrupted run of the same requests. Run under ``flock /tmp/xllm-vllm.lock`` (two cores, shared).
+token ids and text must equal the uninterrupted run of the same requests. A killed
+engine's connections break when its exit ends; a frozen one (SIGSTOP, as in a hang) keeps
+them open, and the router's liveness probe finds it. Run under ``flock
+/tmp/xllm-vllm.lock`` (two cores, shared).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +46,15 @@ def two_engines() -> Iterator[list[Any]]:
     finally:
         for engine in engines:
             engine.stop()
+
+
+def _restarted(engine: Any) -> Any:
+    """A new process for the spec of a stopped engine."""
+    from xllm_plugin.launcher.engine import EngineProcess
+
+    fresh = EngineProcess(engine.spec, log_path=engine.log_path)
+    fresh.start(timeout_s=240)
+    return fresh
 
 
 def _streamed(i: int) -> bool:
@@ -87,8 +101,9 @@ async def _run(client, url: str, i: int) -> dict[str, Any]:
     return {"ids": ids, "text": "".join(text), "usage": usage, "served_by": served_by}
 
 
+@pytest.mark.parametrize("fault", ["freeze", "kill"])
 async def test_kill_one_engine_mid_stream_every_stream_completes_identically(
-        two_engines, start_router, client):
+        two_engines, start_router, client, fault):
     engines = dict(zip(("e0", "e1"), two_engines))
     router, url = await start_router(instances=[f"{e.url};id={name}"
                                                 for name, e in engines.items()],
@@ -115,7 +130,8 @@ async def test_kill_one_engine_mid_stream_every_stream_completes_identically(
         while asyncio.get_running_loop().time() < give_up:
             for name in engines:
                 if ready_to_kill(name):
-                    engines[name].kill()  # SIGKILL to the engine's whole process group
+                    # SIGKILL or SIGSTOP to the engine's whole process group
+                    engines[name].kill(signal.SIGSTOP if fault == "freeze" else signal.SIGKILL)
                     return name
             await asyncio.sleep(0.005)
         raise AssertionError("no engine held a stream and a non-streamed request mid-way")
@@ -123,6 +139,9 @@ async def test_kill_one_engine_mid_stream_every_stream_completes_identically(
     killer = asyncio.ensure_future(kill_when_streaming())
     chaos = await asyncio.gather(*(_run(client, url, i) for i in range(STREAMS)))
     victim = await killer
+    index = list(engines).index(victim)
+    two_engines[index].stop(grace_s=0)  # a frozen one dies too; the next case gets a new one
+    two_engines[index] = _restarted(two_engines[index])
     on_victim = [r for r in chaos if r["served_by"] == victim]
     whole_on_victim = [r for i, r in enumerate(chaos)
                        if r["served_by"] == victim and not _streamed(i)]
@@ -137,3 +156,8 @@ async def test_kill_one_engine_mid_stream_every_stream_completes_identically(
                   if line.startswith("xllm_router_migrations_total{")
                   and 'outcome="resumed"' in line)
     assert resumed >= 1 and resumed <= len(on_victim)
+    if fault == "freeze":  # no connection broke: a probe that went unanswered found it
+        dead = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                   if line.startswith("xllm_router_liveness_probes_total{")
+                   and 'outcome="dead"' in line)
+        assert dead >= 1
