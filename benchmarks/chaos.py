@@ -755,9 +755,10 @@ def detection(r: dict[str, Any]) -> str:
                 "read error")
     return (f"{r['migrations_after_dead_probe']:.0f} migrations began when a liveness probe "
             "of the silent instance went unanswered, "
-            f"{r['migrations_after_broken_connection']:.0f} when the killed process's "
-            f"connection closed, {r['migrations_after_silence_limit']:.0f} at the silence "
-            "limit")
+            f"{r['migrations_after_broken_connection']:.0f} when the connection broke (a "
+            "killed process's exit closing it, or the router cutting the streams of an "
+            "instance its scrapes had failed), "
+            f"{r['migrations_after_silence_limit']:.0f} at the silence limit")
 
 
 def discussion(r: dict[str, Any]) -> str:
@@ -899,7 +900,7 @@ def discussion(r: dict[str, Any]) -> str:
             f"{r['ttft_under_load_p50_ms_reference']:.0f} ms, p99 "
             f"{r['ttft_under_load_p99_ms_reference']:.0f} ms; migration start -> first "
             f"resumed token (p50 {r['migration_start_to_resumed_token_p50_ms'] or 0:.0f} ms) "
-            "compares with it, the kill -> migration start part is the dead process's exit.")
+            "compares with it; the kill -> migration start part is detection.")
     lines.append(
         "- Two cores for two engines, their API servers, the router and the client: "
         "the engines are pinned (worker threads) to one core each, everything else floats. "
