@@ -279,3 +279,16 @@ def test_colocation_in_the_simulator_keeps_counts_and_migrates_to_idle_relaxed_i
     assert result.summary["offline_migrations"] > 0
     migrated = [r for r in cluster._offline_reqs if r.migrations]
     assert all(r.decode_instance_id in ("i0", "i1") for r in migrated if r.finish_s is None)
+
+
+def test_offline_capacity_run_measures_the_offline_job_alone():
+    """benchmarks/colocation_sim.py's bound: offline tok/s with only a one-token marker
+    request, which ends the run at the end of the measured window."""
+    from benchmarks.colocation_sim import CONFIGS, capacity_run
+
+    cfg = next(c for c in CONFIGS if c.label == "online_priority")
+    base = SimConfig(tiny_deployment(), 2)
+    lengths = [(300, 20), (50, 60)]
+    few, many = (capacity_run(cfg, base, lengths, level, 0, warmup_s=1.0, span_s=10.0)
+                 for level in (1, 8))
+    assert 0 < few < many  # one request at a time leaves the instances mostly idle
