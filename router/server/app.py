@@ -101,6 +101,16 @@ class UpstreamFailure(Exception):
         self.connect = connect
 
 
+def _unanswered(instance_id: str, what: str, silence: Silence, wait_s: float) -> UpstreamFailure:
+    """No response or first token yet: a failed liveness probe (retried elsewhere, and it
+    counts against the instance) or the plain timeout."""
+    if silence.kind == "dead":
+        return UpstreamFailure("dead", 502, f"instance {instance_id} sent no {what}: "
+                               f"{silence.detail}", connect=True)
+    return UpstreamFailure("timeout", 504, f"instance {instance_id} sent no {what} within "
+                           f"{wait_s:g}s")
+
+
 class Router:
     """One router: configuration, load view, policies, metrics and the aiohttp app."""
 
@@ -220,6 +230,7 @@ class Router:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.profiler.stop()
+        await self.liveness.stop()
         if self.watcher is not None:
             await self.watcher.stop()
         await self.load.stop()
@@ -534,11 +545,7 @@ class Router:
                     self.session, url, data=body if body is not None else parsed.upstream_body(),
                     headers=self._forward_headers(request, parsed), timeout=timeout), wait_s)
             except Silence as exc:
-                if exc.kind == "dead":
-                    raise UpstreamFailure("dead", 502, f"instance {instance_id} sent no "
-                                          f"response: {exc.detail}", connect=True) from None
-                raise UpstreamFailure("timeout", 504, f"instance {instance_id} sent no response "
-                                      f"within {wait_s:g}s") from None
+                raise _unanswered(instance_id, "response", exc, wait_s) from None
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 raise UpstreamFailure("connect", 502, f"cannot connect to instance "
                                       f"{instance_id} ({load.record.url}): {exc}",
@@ -600,11 +607,7 @@ class Router:
                 first = await self._read(load, upstream.content.readany,
                                          deadline - time.monotonic())
             except Silence as exc:
-                if exc.kind == "dead":
-                    raise UpstreamFailure("dead", 502, f"instance {instance_id} sent no "
-                                          f"first token: {exc.detail}", connect=True) from None
-                raise UpstreamFailure("timeout", 504, f"instance {instance_id} sent no token "
-                                      f"within {wait_s:g}s") from None
+                raise _unanswered(instance_id, "token", exc, wait_s) from None
             except aiohttp.ClientError as exc:
                 raise UpstreamFailure("error", 502, f"instance {instance_id} broke off before "
                                       f"the first token: {exc!r}") from None
