@@ -397,7 +397,7 @@ async def chaos_loop(chaos: Chaos, engines: Engines, router: Any, t0: float,
         while instance.healthy:
             await asyncio.sleep(0.02)
         detected = time.perf_counter()
-        if chaos.fault == "freeze":  # frozen until every stream on it has moved (or 120 s)
+        if chaos.fault == "freeze":  # frozen until the router holds no request on it (or 120 s)
             while instance.inflight and time.perf_counter() - t_kill < 120:
                 await asyncio.sleep(0.05)
             killing = asyncio.ensure_future(asyncio.to_thread(engines.kill, victim))
