@@ -284,10 +284,18 @@ class Engines:
         self.procs[i].process.wait(30)
         return time.perf_counter()
 
-    def freeze(self, i: int) -> None:
+    def freeze(self, i: int, core_only: bool = False) -> None:
         """SIGSTOP to the whole process group: a hung engine (a deadlock, a stuck device)
-        whose sockets stay open, unlike a killed one's."""
-        self.procs[i].kill(signal.SIGSTOP)
+        whose sockets stay open, unlike a killed one's. ``core_only``: to the EngineCore
+        and its worker only, so the HTTP server still answers (a hung engine core)."""
+        if not core_only:
+            self.procs[i].kill(signal.SIGSTOP)
+            return
+        import psutil
+
+        for child in psutil.Process(self.procs[i].process.pid).children(recursive=True):
+            if child.name().startswith(("VLLM::EngineCore", "VLLM::Worker")):
+                child.suspend()
 
     def stop_all(self) -> None:
         for proc in self.procs:
@@ -347,6 +355,7 @@ def detection_keys(router: Any) -> dict[str, float | None]:
     alive = probes.get("alive", 0.0)
     return {
         "migrations_after_dead_probe": reasons.get("dead", 0.0),
+        "migrations_after_no_progress": reasons.get("stuck", 0.0),
         "migrations_after_broken_connection": reasons.get("error", 0.0) + reasons.get("eof", 0.0),
         "migrations_after_silence_limit": reasons.get("stall", 0.0) + reasons.get("idle", 0.0),
         "liveness_probes_alive": alive,
@@ -363,7 +372,7 @@ class Chaos:
     every_s: float
     first_s: float
     min_running: int  # a kill waits (at most aim_s) until the victim reports this many running
-    fault: str = "kill"  # "kill": SIGKILL; "freeze": SIGSTOP, SIGKILL once its streams moved
+    fault: str = "kill"  # "kill": SIGKILL; "freeze"/"hang_core": SIGSTOP, later SIGKILL
     aim_s: float = 5.0
     kills: list[dict[str, Any]] = field(default_factory=list)
 
@@ -390,14 +399,14 @@ async def chaos_loop(chaos: Chaos, engines: Engines, router: Any, t0: float,
             await asyncio.sleep(0.02)  # kill while the engine itself is generating
         inflight, running = instance.inflight, instance.running
         t_kill = time.perf_counter()
-        if chaos.fault == "freeze":
-            await asyncio.to_thread(engines.freeze, victim)
+        if chaos.fault in ("freeze", "hang_core"):
+            await asyncio.to_thread(engines.freeze, victim, chaos.fault == "hang_core")
         else:  # watched while the kill runs: the router may see the death before the reaping
             killing = asyncio.ensure_future(asyncio.to_thread(engines.kill, victim))
         while instance.healthy:
             await asyncio.sleep(0.02)
         detected = time.perf_counter()
-        if chaos.fault == "freeze":  # frozen until the router holds no request on it (or 120 s)
+        if chaos.fault != "kill":  # frozen until the router holds no request on it (or 120 s)
             while instance.inflight and time.perf_counter() - t_kill < 120:
                 await asyncio.sleep(0.05)
             killing = asyncio.ensure_future(asyncio.to_thread(engines.kill, victim))
@@ -559,7 +568,7 @@ def summarise(jobs: Sequence[Job], ref: dict[int, Outcome], run: dict[int, Outco
                        for k in chaos.kills)
     false_alarms = sum(1 for at, iid in migrations.dead_probes if outside_outages(at, iid))
     false_moves = sum(1 for moves in migrations.migrated.values() for m in moves
-                      if m.reason == "dead" and outside_outages(m.at, m.source))
+                      if m.reason in ("dead", "stuck") and outside_outages(m.at, m.source))
     return {
         "requests_total": len(jobs),
         "requests_lost": len(lost),
@@ -657,10 +666,16 @@ def plot(timeline: Sequence[Sequence[float]], chaos: Chaos, path: Path) -> bool:
     return True
 
 
-FREEZE = """ **Fault: freeze** (`--fault freeze`): the engine's process group is
+FAULTS = {
+    "freeze": """ **Fault: freeze** (`--fault freeze`): the engine's process group is
 stopped (SIGSTOP), so its sockets stay open and nothing closes a connection, as in a hung
-engine; it is killed and restarted only once the router has moved every stream off it. Below,
-"kill" means that freeze, and "reaped" the kill after it."""
+engine; it is killed and restarted only once the router holds no request on it. Below,
+"kill" means that freeze, and "reaped" the kill after it.""",
+    "hang_core": """ **Fault: hung engine core** (`--fault hang_core`): the engine's
+EngineCore and worker processes are stopped (SIGSTOP) while its HTTP server runs on and
+answers `/health`; it is killed and restarted only once the router holds no request on it.
+Below, "kill" means that hang, and "reaped" the kill after it.""",
+}
 
 
 def write_markdown(result: dict[str, Any], chaos: Chaos, path: Path, png: str | None) -> None:
@@ -682,7 +697,7 @@ in-process xllm-router with migration on; {result['requests_total']} greedy requ
 {result.get('non_streamed_requests', 0)} that ask for one JSON answer), {result['concurrency']} in
 flight. The same requests run once with no kills (reference: token ids and latency) and once
 with one engine killed (SIGKILL) and restarted at once, a kill at most every {chaos.every_s:g} s and
-only once both engines serve again{actual}.{FREEZE if result.get('fault') == 'freeze' else ''}
+only once both engines serve again{actual}.{FAULTS.get(result.get('fault', 'kill'), '')}
 
 Definitions: *lost* = no 200, no `[DONE]`, an error event, or fewer/more than `max_tokens`
 ids; *wrong tokens* = ids differ from the reference run; *migrated* = the router logged the
@@ -753,9 +768,12 @@ def detection(r: dict[str, Any]) -> str:
         return ("about the time the killed API server takes to exit, see the kills table: its "
                 "sockets close only at the end of its exit, and the router acts on the first "
                 "read error")
+    stuck = r.get("migrations_after_no_progress")
     return (f"{r['migrations_after_dead_probe']:.0f} migrations began when a liveness probe "
             "of the silent instance went unanswered, "
-            f"{r['migrations_after_broken_connection']:.0f} when the connection broke (a "
+            + (f"{stuck:.0f} when it answered but its engine's token counters stood still, "
+               if stuck is not None else "")
+            + f"{r['migrations_after_broken_connection']:.0f} when the connection broke (a "
             "killed process's exit closing it, or the router cutting the streams of an "
             "instance its scrapes had failed), "
             f"{r['migrations_after_silence_limit']:.0f} at the silence limit")
@@ -1002,9 +1020,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--migration-limit", type=int, default=3)
     p.add_argument("--stall-multiple", type=float, default=None,
                    help="router --stall-timeout-multiple (unset: stalls only by idle timeout)")
-    p.add_argument("--fault", choices=("kill", "freeze"), default="kill",
+    p.add_argument("--fault", choices=("kill", "freeze", "hang_core"), default="kill",
                    help="kill: SIGKILL an engine (its sockets close as it exits); freeze: "
-                   "SIGSTOP it (sockets stay open, as in a hang), SIGKILL once its streams moved")
+                   "SIGSTOP it (sockets stay open, as in a hang), SIGKILL once its streams "
+                   "moved; hang_core: SIGSTOP its EngineCore and worker only (its HTTP server "
+                   "still answers /health)")
     p.add_argument("--liveness-multiple", type=float, default=None,
                    help="router --liveness-probe-multiple (unset: the router's default; 0: off)")
     p.add_argument("--timeout-s", type=float, default=300.0, help="client timeout per request")

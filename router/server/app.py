@@ -59,8 +59,8 @@ from router.policies.types import (
 from router.server.assemble import CollectedResponse
 from router.server.errors import RouterError, error_body
 from router.server.instance_state import Transition
-from router.server.liveness import (LivenessProber, ProbeResult, Silence, probe_after_s,
-                                    probe_timeout_s, read_or_probe)
+from router.server.liveness import (MIN_STUCK_S, LivenessProber, ProbeResult, Silence,
+                                    probe_after_s, probe_timeout_s, read_or_probe)
 from router.server.load_view import InstanceLoad, LoadTicket, LoadView
 from router.server.metrics import RouterMetrics
 from router.server.migration import (MalformedEvent, SSESplitter, StreamLedger, migratable,
@@ -104,8 +104,8 @@ class UpstreamFailure(Exception):
 def _unanswered(instance_id: str, what: str, silence: Silence, wait_s: float) -> UpstreamFailure:
     """No response or first token yet: a failed liveness probe (retried elsewhere, and it
     counts against the instance) or the plain timeout."""
-    if silence.kind == "dead":
-        return UpstreamFailure("dead", 502, f"instance {instance_id} sent no {what}: "
+    if silence.kind in ("dead", "stuck"):
+        return UpstreamFailure(silence.kind, 502, f"instance {instance_id} sent no {what}: "
                                f"{silence.detail}", connect=True)
     return UpstreamFailure("timeout", 504, f"instance {instance_id} sent no {what} within "
                            f"{wait_s:g}s")
@@ -675,7 +675,8 @@ class Router:
                     else:
                         log.warning("request %s: %s", parsed.request_id, broke[1])
                         self.metrics.upstream_errors.labels(instance_id, "midstream").inc()
-                    if broke[0] in ("error", "eof", "stall", "idle", "dead", "malformed"):
+                    if broke[0] in ("error", "eof", "stall", "idle", "dead", "stuck",
+                                    "malformed"):
                         self.load.report_failure(instance_id, broke[1])
                     if ledger is not None:
                         migrated = await self._migrate(request, parsed, response, ledger, ctx,
@@ -722,16 +723,18 @@ class Router:
     def _read(self, load: InstanceLoad, read: Callable[[], Awaitable[T]], silence_s: float,
               stall: bool = False) -> Awaitable[T]:
         """``read()``, given up after ``silence_s`` or as soon as a liveness probe of
-        ``load`` fails (router/server/liveness.py)."""
+        ``load`` fails or finds its engine computing nothing (router/server/liveness.py)."""
+        patience = probe_timeout_s(load.pauses.value(time.monotonic()),
+                                   self.config.liveness_probe_timeout_s)
         return read_or_probe(
             read, silence_s=silence_s, stall=stall,
             probe_after=probe_after_s(load.tpot_ms, self.config.liveness_probe_multiple),
-            probe=lambda: self.liveness.probe(load.instance_id, load.record.url, probe_timeout_s(
-                load.pauses.value(time.monotonic()), self.config.liveness_probe_timeout_s)))
+            probe=lambda: self.liveness.probe(load.instance_id, load.record.url, patience),
+            stuck_after=max(MIN_STUCK_S, patience))
 
     def _silent(self, instance_id: str, silence: Silence) -> tuple[str, str]:
         """A resumed stream's silence as (reason, message); a dead instance counts a failure."""
-        if silence.kind == "dead":
+        if silence.kind in ("dead", "stuck"):
             self.load.report_failure(instance_id, silence.detail)
         return silence.kind, f"instance {instance_id} was {silence.detail}"
 

@@ -36,6 +36,10 @@ import aiohttp
 # Shortest silence that triggers a probe, whatever the TPOT: token chunks of a
 # healthy stream may bunch up (the relay reads whatever has arrived).
 MIN_PROBE_AFTER_S = 0.05
+# Least time an engine that answers /health must compute no token before its streams move:
+# one long step (a big prefill chunk) also leaves the counters still, and at start-up the
+# instance has no pause history to say how long its steps get.
+MIN_STUCK_S = 2.0
 # A finished probe's answer is reused this long: streams that fall silent together
 # (every stream of a killed instance) wait on one answer, not one probe each.
 RESULT_REUSE_S = 0.05
@@ -44,7 +48,8 @@ T = TypeVar("T")
 
 
 class Silence(Exception):
-    """A stream stayed silent: ``kind`` is "idle", "stall" (TPOT-based limit) or "dead"."""
+    """A stream stayed silent: ``kind`` is "idle", "stall" (TPOT-based limit), "dead" (a
+    failed probe) or "stuck" (a live HTTP server, an engine that computes nothing)."""
 
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(detail)
@@ -95,12 +100,33 @@ def probe_timeout_s(longest_pause_s: float, floor_s: float, margin: float = 2.0)
     return max(floor_s, margin * longest_pause_s)
 
 
+# vLLM counters that grow with every engine step that computes tokens: a hung engine core
+# behind a live HTTP server (which still answers /health) stops them.
+PROGRESS_METRICS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
+
+
+def engine_progress(metrics_text: str) -> float | None:
+    """Sum of the PROGRESS_METRICS over their label sets; None when the engine has none."""
+    total, seen = 0.0, False
+    for line in metrics_text.splitlines():
+        if line.startswith(PROGRESS_METRICS):
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in PROGRESS_METRICS:
+                try:
+                    total += float(line.rsplit(" ", 1)[1])
+                    seen = True
+                except (IndexError, ValueError):
+                    continue
+    return total if seen else None
+
+
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
     alive: bool
     detail: str
     seconds: float
     finished_at: float  # time.monotonic()
+    progress: float | None = None  # engine_progress() of its /metrics, when it answered
 
 
 class LivenessProber:
@@ -134,9 +160,23 @@ class LivenessProber:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._running.clear()
 
+    async def _progress(self, session: aiohttp.ClientSession, url: str,
+                        timeout_s: float) -> float | None:
+        """The engine's token counters from /metrics (None when it has no such counters or
+        does not answer in time: then only /health decides)."""
+        try:
+            async with session.get(url + "/metrics", timeout=aiohttp.ClientTimeout(
+                    total=timeout_s), headers=self._headers) as response:
+                if response.status != 200:
+                    return None
+                return engine_progress(await response.text())
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return None
+
     async def _probe(self, instance_id: str, url: str, timeout_s: float) -> ProbeResult:
         began = time.perf_counter()
         session = self._session()
+        progress = None
         try:
             if session is None:
                 raise RuntimeError("router session closed")
@@ -148,7 +188,10 @@ class LivenessProber:
             alive, detail = False, f"/health did not answer within {timeout_s:.2f}s"
         except (aiohttp.ClientError, OSError, RuntimeError) as exc:
             alive, detail = False, f"/health failed: {exc!r}"[:300]
-        result = ProbeResult(alive, detail, time.perf_counter() - began, time.monotonic())
+        seconds = time.perf_counter() - began
+        if alive and session is not None:
+            progress = await self._progress(session, url, timeout_s)
+        result = ProbeResult(alive, detail, seconds, time.monotonic(), progress)
         if self._on_result is not None:
             self._on_result(instance_id, result)
         return result
@@ -156,17 +199,21 @@ class LivenessProber:
 
 async def read_or_probe(read: Callable[[], Awaitable[T]], *, silence_s: float,
                         stall: bool, probe_after: float | None,
-                        probe: Callable[[], asyncio.Task[ProbeResult]]) -> T:
+                        probe: Callable[[], asyncio.Task[ProbeResult]],
+                        stuck_after: float = float("inf")) -> T:
     """What ``read()`` returns (an upstream's headers, its next chunk), or :class:`Silence`.
 
     Waits at most ``silence_s``; after each ``probe_after`` of silence asks
     ``probe()`` whether the instance lives and gives up at once when it does
-    not. The read itself is never cancelled by a probe, so a chunk that arrives
-    while the probe runs is returned as usual.
+    not ("dead"), or when it answers but its engine's progress counters have
+    not moved for ``stuck_after`` ("stuck": a hung engine core behind a live
+    HTTP server). The read itself is never cancelled by a probe, so a chunk that
+    arrives while the probe runs is returned as usual.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + silence_s
     reading = asyncio.ensure_future(read())
+    still: tuple[float, float] | None = None  # (progress, since when) during this silence
     try:
         while True:
             left = deadline - loop.time()
@@ -181,10 +228,19 @@ async def read_or_probe(read: Callable[[], Awaitable[T]], *, silence_s: float,
                 deadline - loop.time(), 0.0), return_when=asyncio.FIRST_COMPLETED)
             if reading in done:
                 return reading.result()
-            if checking in done and not checking.result().alive:
-                silent_s = silence_s - (deadline - loop.time())
-                raise Silence("dead", f"silent for {silent_s:.2f}s and "
-                              f"{checking.result().detail}")
+            if checking not in done:
+                continue
+            answer = checking.result()
+            silent_s = silence_s - (deadline - loop.time())
+            if not answer.alive:
+                raise Silence("dead", f"silent for {silent_s:.2f}s and {answer.detail}")
+            if answer.progress is None:
+                continue
+            if still is None or answer.progress != still[0]:
+                still = (answer.progress, loop.time())
+            elif loop.time() - still[1] >= stuck_after:
+                raise Silence("stuck", f"silent for {silent_s:.2f}s; it answers /health but "
+                              f"its engine computed no token for {loop.time() - still[1]:.2f}s")
     finally:
         if not reading.done():
             reading.cancel()

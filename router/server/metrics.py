@@ -31,7 +31,7 @@ class RouterMetrics:
             "failure before any byte reached the client.", ["instance"], registry=r)
         self.migrations = Counter(
             "xllm_router_migrations", "Streams moved to another instance mid-stream, by what "
-            "broke (error, eof, idle, stall, dead: silent and its liveness probe failed) and outcome (resumed, no_instance, failed, "
+            "broke (error, eof, idle, stall, dead: silent and its liveness probe failed, stuck: its engine computed no token while silent) and outcome (resumed, no_instance, failed, "
             "limit, not_resumable).", ["reason", "outcome"], registry=r)
         self.resume_plans = Counter(
             "xllm_router_resume_plans", "Where failed requests resumed: 'move' reused KV that "

@@ -30,7 +30,8 @@ class FakeBehaviour:
     hang_s: float = 0.0  # sleep before answering (headers included)
     close_mid_stream_after: int | None = None  # drop the connection after N tokens
     # Stop sending after N tokens and hold the connection open, as a process being killed
-    # does until its exit closes its sockets (pair it with ``health_delay_s``).
+    # does until its exit closes its sockets (pair it with ``health_delay_s``), or a hung
+    # engine core behind a live HTTP server (its token counter stops too).
     freeze_mid_stream_after: int | None = None
     health_status: int = 200
     health_delay_s: float = 0.0  # a starved API server: /health answers this late
@@ -84,6 +85,7 @@ class FakeEngine:
     headers: list[dict[str, str]] = field(default_factory=list)
     disconnects: int = 0
     completed: int = 0
+    generated: int = 0  # tokens streamed, all requests: its vllm:generation_tokens_total
     url: str = ""
     runner: web.AppRunner | None = None
 
@@ -125,7 +127,8 @@ class FakeEngine:
         return web.Response(text=(
             f'vllm:num_requests_running{{model_name="{b.model}"}} {b.running}.0\n'
             f'vllm:num_requests_waiting{{model_name="{b.model}"}} {b.waiting}.0\n'
-            f'vllm:kv_cache_usage_perc{{model_name="{b.model}"}} 0.25\n'))
+            f'vllm:kv_cache_usage_perc{{model_name="{b.model}"}} 0.25\n'
+            f'vllm:generation_tokens_total{{model_name="{b.model}"}} {self.generated}.0\n'))
 
     async def _status(self, request: web.Request) -> web.Response:
         b = self.behaviour
@@ -241,6 +244,7 @@ class FakeEngine:
                 await asyncio.sleep(b.token_delay_s)
                 token = fake_next_token(sequence)
                 sequence.append(token)
+                self.generated += 1
                 reason = "length" if i == limit - 1 else None
                 choice: dict[str, Any] = ({"index": 0, "delta": {"content": f"<{token}>"}}
                                           if chat else {"index": 0, "text": f"<{token}>"})

@@ -15,9 +15,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from router.server.liveness import (MIN_PROBE_AFTER_S, LivenessProber, LongestPause,
-                                    ProbeResult, Silence, probe_after_s, probe_timeout_s,
-                                    read_or_probe)
+from router.server.liveness import (MIN_PROBE_AFTER_S, MIN_STUCK_S, LivenessProber,
+                                    LongestPause, ProbeResult, Silence, engine_progress,
+                                    probe_after_s, probe_timeout_s, read_or_probe)
 from router_fakes import fake_next_token, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -92,6 +92,47 @@ async def test_a_chunk_that_arrives_during_the_probe_wins() -> None:
     got = await read_or_probe(late_chunk, silence_s=5.0, stall=False, probe_after=0.05,
                               probe=_probe_answering(False, delay_s=1.0))
     assert got == b"data: {}\n\n"
+
+
+async def test_an_engine_that_answers_but_computes_nothing_is_stuck() -> None:
+    answers = iter([5.0, 5.0, 5.0, 5.0, 5.0, 5.0])
+
+    def probe() -> asyncio.Task[ProbeResult]:
+        async def answer() -> ProbeResult:
+            return ProbeResult(True, "answered 200", 0.01, time.monotonic(), next(answers))
+        return asyncio.ensure_future(answer())
+
+    with pytest.raises(Silence) as caught:
+        await read_or_probe(_never, silence_s=30.0, stall=False, probe_after=0.05, probe=probe,
+                            stuck_after=0.15)
+    assert caught.value.kind == "stuck" and "computed no token" in caught.value.detail
+
+
+async def test_moving_counters_or_none_keep_the_wait_going() -> None:
+    counters = iter(range(100))
+
+    def probe_with(progress) -> object:
+        def probe() -> asyncio.Task[ProbeResult]:
+            async def answer() -> ProbeResult:
+                return ProbeResult(True, "answered 200", 0.01, time.monotonic(), progress())
+            return asyncio.ensure_future(answer())
+        return probe
+
+    for progress in (lambda: float(next(counters)), lambda: None):
+        with pytest.raises(Silence) as caught:
+            await read_or_probe(_never, silence_s=0.4, stall=True, probe_after=0.05,
+                                probe=probe_with(progress), stuck_after=0.1)
+        assert caught.value.kind == "stall"  # waited to the limit: not stuck
+
+
+async def test_engine_progress_sums_vllm_token_counters() -> None:
+    text = ('# HELP vllm:prompt_tokens_total x\n'
+            'vllm:prompt_tokens_total{model_name="m"} 120.0\n'
+            'vllm:generation_tokens_total{model_name="m"} 30.0\n'
+            'vllm:generation_tokens_created{model_name="m"} 1.7e9\n'
+            'vllm:num_requests_running{model_name="m"} 2.0\n')
+    assert engine_progress(text) == 150.0
+    assert engine_progress('vllm:num_requests_running{model_name="m"} 2.0\n') is None
 
 
 async def test_without_probing_a_silence_is_the_plain_timeout() -> None:
@@ -235,4 +276,19 @@ async def test_a_host_that_answers_health_late_is_not_taken_for_dead(fakes, star
     served, text = await _stream(client, url, 4)
     assert served == "a" and _text(text) == _expected(4)
     assert router.metrics.liveness_probes.labels("a", "alive")._value.get() >= 1
+    assert router.metrics.liveness_probes.labels("a", "dead")._value.get() == 0
+
+
+async def test_stream_on_a_hung_engine_behind_a_live_server_moves(fakes, start_router, client):
+    """The stream stops but /health answers at once (a hung engine core): the token counter
+    in /metrics stands still, and after MIN_STUCK_S the stream moves ("stuck")."""
+    a, b = fakes
+    router, url = await _router_on_a(fakes, start_router, client)
+    a.behaviour.freeze_mid_stream_after = 3
+    began = time.monotonic()
+    served, text = await _stream(client, url, 12)
+    took = time.monotonic() - began
+    assert served == "a" and _text(text) == _expected(12) and '"error"' not in text
+    assert MIN_STUCK_S <= took < 30.0  # 30 s: the idle timeout it would have waited for
+    assert router.metrics.migrations.labels("stuck", "resumed")._value.get() == 1
     assert router.metrics.liveness_probes.labels("a", "dead")._value.get() == 0

@@ -3,9 +3,11 @@ the router.
 
 Every request (streamed, and every fourth one non-streamed) must complete, and its
 token ids and text must equal the uninterrupted run of the same requests. A killed
-engine's connections break when its exit ends; a frozen one (SIGSTOP, as in a hang) keeps
-them open, and the router's liveness probe finds it. Run under ``flock
-/tmp/xllm-vllm.lock`` (two cores, shared).
+engine's connections break when its exit ends; a frozen one (SIGSTOP to all its processes)
+keeps them open, and the router's liveness probe finds it; a hung engine core (SIGSTOP to
+the EngineCore and its worker only) leaves the HTTP server answering /health, and the probe
+finds its token counters standing still. Run under ``flock /tmp/xllm-vllm.lock`` (two
+cores, shared).
 """
 
 from __future__ import annotations
@@ -101,7 +103,16 @@ async def _run(client, url: str, i: int) -> dict[str, Any]:
     return {"ids": ids, "text": "".join(text), "usage": usage, "served_by": served_by}
 
 
-@pytest.mark.parametrize("fault", ["freeze", "kill"])
+def _hang_core(engine: Any) -> None:
+    """Stop the engine's EngineCore and worker processes; its API server keeps running."""
+    import psutil
+
+    for child in psutil.Process(engine.process.pid).children(recursive=True):
+        if child.name().startswith(("VLLM::EngineCore", "VLLM::Worker")):
+            child.suspend()
+
+
+@pytest.mark.parametrize("fault", ["hang_core", "freeze", "kill"])
 async def test_kill_one_engine_mid_stream_every_stream_completes_identically(
         two_engines, start_router, client, fault):
     engines = dict(zip(("e0", "e1"), two_engines))
@@ -130,8 +141,11 @@ async def test_kill_one_engine_mid_stream_every_stream_completes_identically(
         while asyncio.get_running_loop().time() < give_up:
             for name in engines:
                 if ready_to_kill(name):
-                    # SIGKILL or SIGSTOP to the engine's whole process group
-                    engines[name].kill(signal.SIGSTOP if fault == "freeze" else signal.SIGKILL)
+                    if fault == "hang_core":
+                        _hang_core(engines[name])
+                    else:  # SIGKILL or SIGSTOP to the engine's whole process group
+                        engines[name].kill(signal.SIGSTOP if fault == "freeze"
+                                           else signal.SIGKILL)
                     return name
             await asyncio.sleep(0.005)
         raise AssertionError("no engine held a stream and a non-streamed request mid-way")
@@ -161,3 +175,8 @@ async def test_kill_one_engine_mid_stream_every_stream_completes_identically(
                    if line.startswith("xllm_router_liveness_probes_total{")
                    and 'outcome="dead"' in line)
         assert dead >= 1
+    if fault == "hang_core":  # /health answered: the still token counters found it
+        stuck = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                    if line.startswith("xllm_router_migrations_total{")
+                    and 'reason="stuck"' in line and 'outcome="resumed"' in line)
+        assert stuck >= 1
