@@ -10,7 +10,11 @@ So when a stream has been silent for a few TPOTs, the router asks the instance
 ``GET /health``. An engine that is merely busy (a long prefill chunk, a slow
 step) still answers: its HTTP server is a separate process from the engine
 core. No answer within the probe timeout, or not 200, means its in-flight
-streams should move now rather than after the silence limit. The timeout is
+streams should move now rather than after the silence limit. A hung engine
+core is the other case: its HTTP server still answers /health (in 5 ms with the
+EngineCore stopped, measured), so the probe also reads vLLM's token counters
+from /metrics, and an engine that computed no token while a stream stayed
+silent for long enough is "stuck". The timeout is
 learnt per instance (``LongestPause``, ``probe_timeout_s``): how fast a live
 instance answers depends on the host. Every stream of one instance shares one
 probe, so a kill that silences 30 streams costs one request, not 30.
