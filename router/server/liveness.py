@@ -1,7 +1,7 @@
 """Telling a dead instance from a slow one while its streams are silent.
 
 A process killed with SIGKILL closes its sockets only at the end of its exit,
-after the kernel has torn down its memory; on a loaded host that took 0.2-1.6 s
+after the kernel has torn down its memory; on a loaded host that took 0.1-1.6 s
 in the chaos benchmark, and until then the router's reads just wait. Meanwhile
 the kernel still completes TCP handshakes on the dead server's listening
 socket, so a new request connects and is never answered.
