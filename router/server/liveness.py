@@ -37,6 +37,8 @@ from typing import TypeVar
 
 import aiohttp
 
+from router.server.vllm_metrics import sum_vllm_metrics
+
 # Shortest silence that triggers a probe, whatever the TPOT: token chunks of a
 # healthy stream may bunch up (the relay reads whatever has arrived).
 MIN_PROBE_AFTER_S = 0.05
@@ -113,17 +115,8 @@ PROGRESS_METRICS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
 
 def engine_progress(metrics_text: str) -> float | None:
     """Sum of the PROGRESS_METRICS over their label sets; None when the engine has none."""
-    total, seen = 0.0, False
-    for line in metrics_text.splitlines():
-        if line.startswith(PROGRESS_METRICS):
-            name = line.split("{", 1)[0].split(" ", 1)[0]
-            if name in PROGRESS_METRICS:
-                try:
-                    total += float(line.rsplit(" ", 1)[1])
-                    seen = True
-                except (IndexError, ValueError):
-                    continue
-    return total if seen else None
+    totals = sum_vllm_metrics(metrics_text, PROGRESS_METRICS)
+    return sum(totals.values()) if totals else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,27 +40,13 @@ from router.discovery.records import InstanceRecord
 from router.policies.types import ClusterView, InstanceState, Role
 from router.server.instance_state import HealthBook, InstanceHealth, StateRules, Transition
 from router.server.liveness import LongestPause
+from router.server.vllm_metrics import sum_vllm_metrics
 
 log = logging.getLogger("xllm.router.load")
 
 _METRIC_RUNNING = "vllm:num_requests_running"
 _METRIC_WAITING = "vllm:num_requests_waiting"
 _METRIC_KV = "vllm:kv_cache_usage_perc"
-
-
-def parse_vllm_metrics(text: str) -> dict[str, float]:
-    """Sum the few vLLM gauges the load view needs over all their label sets."""
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line.startswith("vllm:"):
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in (_METRIC_RUNNING, _METRIC_WAITING, _METRIC_KV):
-            try:
-                totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-            except (IndexError, ValueError):
-                continue
-    return totals
 
 
 @dataclass
@@ -383,7 +369,8 @@ class LoadView:
                 status, body = await self._get(load, "/metrics")
                 if status != 200:
                     raise RuntimeError(f"/metrics answered {status}")
-                totals = parse_vllm_metrics(body)
+                totals = sum_vllm_metrics(body, (_METRIC_RUNNING, _METRIC_WAITING,
+                                                 _METRIC_KV))
                 load.running = int(totals.get(_METRIC_RUNNING, 0))
                 load.waiting = int(totals.get(_METRIC_WAITING, 0))
                 load.kv_usage = float(totals.get(_METRIC_KV, 0.0))
