@@ -63,8 +63,8 @@ from router.server.liveness import (MIN_STUCK_S, LivenessProber, ProbeResult, Si
                                     probe_after_s, probe_timeout_s, read_or_probe)
 from router.server.load_view import InstanceLoad, LoadTicket, LoadView
 from router.server.metrics import RouterMetrics
-from router.server.migration import (MalformedEvent, SSESplitter, StreamLedger, migratable,
-                                     start_ledger)
+from router.server.migration import (MalformedEvent, SeamRepair, SSESplitter, StreamLedger,
+                                     migratable, start_ledger)
 from router.server.moves import LiveRequests, MoveHandle
 from router.server.epd import (EncodeResult, EncodeStage, encode_instance, encode_instance_ids,
                                wants_encode)
@@ -896,10 +896,43 @@ class Router:
                         out = ledger.resumed_event(payload)
                     except (ValueError, msgspec.DecodeError) as exc:
                         return "malformed", f"instance {target}: {exc}"
+                    if isinstance(out, SeamRepair):
+                        out = ledger.repaired(out, await self._seam_text(load, body["model"],
+                                                                         out))
                     if out is not None:
                         await response.write(out)
         finally:
             upstream.close()
+
+    async def _seam_text(self, load: InstanceLoad, model: str, seam: SeamRepair) -> str:
+        """The text of ``seam.tokens`` after ``seam.context``, by the instance's /detokenize.
+
+        On failure the event goes out with no text (one character lost, logged) rather than
+        with the engine's, which holds the whole prompt (router/server/migration.py)."""
+        assert self.session is not None
+
+        async def detokenize(tokens: list[int]) -> str:
+            assert self.session is not None
+            async with self.session.post(
+                    load.record.url + "/detokenize", json={"model": model, "tokens": tokens},
+                    headers=self.upstream_headers,
+                    timeout=aiohttp.ClientTimeout(total=self.config.connect_timeout_s)) as r:
+                r.raise_for_status()
+                return str((await r.json())["prompt"])
+
+        try:
+            full, context = await asyncio.gather(detokenize(seam.context + seam.tokens),
+                                                 detokenize(seam.context))
+        except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as exc:
+            log.warning("instance %s: /detokenize failed (%r); a resumed stream's character "
+                        "at the seam is lost", load.instance_id, exc)
+            return ""
+        if not full.startswith(context):
+            log.warning("instance %s: /detokenize of the seam context is not a prefix of the "
+                        "seam's text; a resumed stream's character at the seam is lost",
+                        load.instance_id)
+            return ""
+        return full[len(context):]
 
     @staticmethod
     def _loop_deadline(monotonic_deadline: float) -> float:

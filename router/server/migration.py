@@ -15,6 +15,16 @@ A client's non-streamed request moves too: the router asks the engine for a stre
 in its place (``collect``) and hands the events to ``router/server/assemble.py``,
 which builds the one JSON answer the client expects.
 
+A seam inside a character: an engine holds back the text of a token that ends in an
+incomplete UTF-8 sequence (a CJK character or an emoji split over byte tokens) until a
+later token completes it. When the stream breaks there, the resumed prompt decodes to a
+string ending in that incomplete sequence, and tokenizers' ``DecodeStream`` (which vLLM
+primes with the prompt) then emits the *whole prompt's text* with its first output
+(measured with tokenizers 0.23). The ledger counts the tokens whose text the client has
+not received (``unspoken``); after such a seam the first resumed event with text comes
+back as a :class:`SeamRepair`, whose text the relay recomputes from token ids with the
+engine's ``/detokenize`` (``seam_text``).
+
 Limits (documented in router/README.md): one choice (``n`` = 1); a stop *string*
 that straddles the seam is not seen by the new instance; presence/frequency
 penalties restart counting at the seam (the generated tokens became prompt).
@@ -36,6 +46,23 @@ DONE = b"[DONE]"
 
 class MalformedEvent(Exception):
     """An upstream SSE event that is neither ``[DONE]`` nor a JSON object."""
+
+
+@dataclass(slots=True)
+class SeamRepair:
+    """A resumed event whose text the engine got wrong (a seam inside a character).
+
+    Its text is ``detokenize(context + tokens)`` minus ``detokenize(context)``: ``context``
+    is the last token whose text the client has, ``tokens`` every token after it so far.
+    """
+
+    context: list[int]
+    tokens: list[int]
+    event: dict[str, Any]
+
+
+def _choice_text(choice: dict[str, Any]) -> str:
+    return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
 
 # Sampling settings carried over to the resumed completions request.
 _CARRIED = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
@@ -133,6 +160,11 @@ class StreamLedger:
     model: str | None = None
     created: int | None = None
     migrations: int = 0
+    # Trailing generated tokens whose text the engine held back (an incomplete character).
+    # A multi-token event with text counts as fully spoken: close enough, as only an engine
+    # streaming several tokens per event (speculative decoding) can end one mid-character.
+    unspoken: int = 0
+    seam: SeamRepair | None = None  # set by a resume after unspoken tokens, until repaired
 
     def event(self, payload: bytes) -> bytes:
         """Record an event of the original upstream; return the SSE bytes for the client.
@@ -155,7 +187,9 @@ class StreamLedger:
             if self.prompt_token_ids is None and isinstance(choice.get("prompt_token_ids"),
                                                             list):
                 self.prompt_token_ids = list(choice["prompt_token_ids"])  # completions
-            self.generated.extend(choice.get("token_ids") or ())
+            ids = choice.get("token_ids") or ()
+            self.generated.extend(ids)
+            self._spoken(len(ids), _choice_text(choice))
             if choice.get("finish_reason") is not None:
                 self.finished = True
             if not self.client_wants_ids:
@@ -166,11 +200,17 @@ class StreamLedger:
         self._fix_usage(chunk)
         return b"data: " + _encoder.encode(chunk) + b"\n\n"
 
+    def _spoken(self, tokens: int, text: str) -> None:
+        if tokens:
+            self.unspoken = 0 if text else self.unspoken + tokens
+
     def restart(self) -> None:
         """Forget the answer so far: the whole request is sent again (the client saw none)."""
         self.prompt_token_ids = None
         self.generated.clear()
         self.finished = self.done = False
+        self.unspoken = 0
+        self.seam = None
 
     def can_resume(self) -> str | None:
         """Why the stream cannot continue elsewhere (None: it can)."""
@@ -193,10 +233,17 @@ class StreamLedger:
         if "min_tokens" in body and isinstance(body["min_tokens"], int):
             body["min_tokens"] = max(0, body["min_tokens"] - len(self.generated))
         self.migrations += 1
+        self.seam = None
+        if self.unspoken:
+            spoken = self.prompt_token_ids + self.generated[:-self.unspoken]
+            self.seam = SeamRepair(spoken[-1:], self.generated[-self.unspoken:], {})
         return body
 
-    def resumed_event(self, payload: bytes) -> bytes | None:
-        """Rewrite an event of the resumed completions stream into the client's format."""
+    def resumed_event(self, payload: bytes) -> bytes | SeamRepair | None:
+        """Rewrite an event of the resumed completions stream into the client's format.
+
+        After a seam inside a character, the first event with text is returned as a
+        :class:`SeamRepair` for the caller to fill in (``repaired``)."""
         if payload == DONE:
             self.done = True
             return b"data: [DONE]\n\n"
@@ -204,9 +251,15 @@ class StreamLedger:
         if not isinstance(chunk, dict):
             raise ValueError(f"upstream event is not a JSON object: {payload[:100]!r}")
         choices = []
+        seam = None
         for choice in chunk.get("choices") or ():
             ids = list(choice.get("token_ids") or ())
             self.generated.extend(ids)
+            if self.seam is not None:
+                self.seam.tokens.extend(ids)
+                if _choice_text(choice):
+                    seam, self.seam = self.seam, None
+            self._spoken(len(ids), _choice_text(choice))
             reason = choice.get("finish_reason")
             if reason is not None:
                 self.finished = True
@@ -231,9 +284,21 @@ class StreamLedger:
         if chunk.get("usage") is not None:
             rewritten["usage"] = chunk["usage"]
             self._fix_usage(rewritten)
+        if seam is not None:
+            seam.event = rewritten
+            return seam
         if not choices and "usage" not in rewritten:
             return None
         return b"data: " + _encoder.encode(rewritten) + b"\n\n"
+
+    def repaired(self, seam: SeamRepair, text: str) -> bytes:
+        """The event of ``seam`` with its text replaced by ``text``."""
+        for choice in seam.event["choices"]:
+            if self.kind == "chat":
+                choice["delta"]["content"] = text
+            else:
+                choice["text"] = text
+        return b"data: " + _encoder.encode(seam.event) + b"\n\n"
 
     def _fix_usage(self, chunk: dict[str, Any]) -> None:
         """Usage as if one engine had served the request: the original prompt, all output."""

@@ -52,6 +52,10 @@ class FakeBehaviour:
     malformed: str | None = None
     malformed_status: int = 503
     malformed_after: int = 2
+    # A completions stream of these (token id, text) events after ``scripted_prompt_ids``,
+    # then a dropped connection: a real model's tokens up to a chosen seam.
+    scripted: list[tuple[int, str]] | None = None
+    scripted_prompt_ids: list[int] | None = None
 
 
 def reset_connection(request: web.Request) -> None:
@@ -160,6 +164,8 @@ class FakeEngine:
                                                 "code": b.fail_status}},
                                      status=b.fail_status)
         chat = request.path.endswith("chat/completions")
+        if b.scripted is not None:
+            return await self._generate_scripted(request)
         if b.sequence_model:
             return await self._generate_sequence(request, body, chat)
         if not body.get("stream"):
@@ -204,6 +210,23 @@ class FakeEngine:
             raise
         return response
 
+
+    async def _generate_scripted(self, request: web.Request) -> web.StreamResponse:
+        b = self.behaviour
+        assert b.scripted is not None
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i, (token, text) in enumerate(b.scripted):
+            choice: dict[str, Any] = {"index": 0, "text": text, "token_ids": [token],
+                                      "finish_reason": None}
+            if i == 0:
+                choice["prompt_token_ids"] = b.scripted_prompt_ids
+            chunk = {"id": "s", "model": b.model, "choices": [choice]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            await asyncio.sleep(0.02)  # the router reads each event before the drop
+        assert request.transport is not None
+        request.transport.close()
+        return response
 
     async def _generate_sequence(self, request: web.Request, body: dict[str, Any],
                                  chat: bool) -> web.StreamResponse:

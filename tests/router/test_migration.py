@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from router.server.migration import SSESplitter, StreamLedger, migratable
+from router.server.migration import SeamRepair, SSESplitter, StreamLedger, migratable
 from router.server.requests import parse_request
 from router_fakes import fake_next_token
 
@@ -274,3 +274,54 @@ async def test_streams_leave_an_instance_as_soon_as_it_is_declared_failed(fakes,
     assert router.load.instances["a"].health.state == "failed"
     resumed = [r for r in b.requests if isinstance(r.get("prompt"), list)]
     assert len(resumed) == 1 and 0 < len(resumed[0]["prompt"]) - len(PROMPT) < 16
+
+
+def _chat_event(ids: list[int], content: str, **top: object) -> bytes:
+    return json.dumps({"id": "c", "model": "m", **top, "choices": [
+        {"index": 0, "delta": {"content": content}, "token_ids": ids,
+         "finish_reason": None}]}).encode()
+
+
+async def test_ledger_counts_tokens_whose_text_the_engine_held_back() -> None:
+    ledger = StreamLedger(kind="chat", max_tokens=10, client_wants_ids=False)
+    ledger.event(_chat_event([5], "a", prompt_token_ids=[1, 2]))
+    ledger.event(_chat_event([6], ""))  # the first byte of a character
+    ledger.event(_chat_event([7], ""))
+    assert ledger.unspoken == 2
+    ledger.event(_chat_event([8], "京"))
+    assert ledger.unspoken == 0
+
+
+async def test_a_seam_inside_a_character_hands_back_the_first_resumed_text_to_repair() -> None:
+    """The engine resumed after held-back tokens emits the whole prompt's text with its
+    first output (tokenizers' DecodeStream primed mid-character): that event is handed back
+    with the token ids its text must be recomputed from."""
+    ledger = StreamLedger(kind="chat", max_tokens=10, client_wants_ids=False)
+    ledger.event(_chat_event([5], "a", prompt_token_ids=[1, 2]))
+    ledger.event(_chat_event([6], ""))
+    ledger.resume_body({"model": "m", "messages": []})
+    still = ledger.resumed_event(json.dumps({"id": "r", "choices": [
+        {"index": 0, "text": "", "token_ids": [7], "finish_reason": None}]}).encode())
+    assert isinstance(still, bytes)  # no text yet: passed on as it is
+    seam = ledger.resumed_event(json.dumps({"id": "r", "choices": [
+        {"index": 0, "text": "<the whole prompt>京", "token_ids": [8],
+         "finish_reason": None}]}).encode())
+    assert isinstance(seam, SeamRepair)
+    assert (seam.context, seam.tokens) == ([5], [6, 7, 8])
+    out = json.loads(ledger.repaired(seam, "京")[6:])
+    assert out["choices"][0]["delta"]["content"] == "京" and out["id"] == "c"
+    assert ledger.generated == [5, 6, 7, 8] and ledger.seam is None
+    after = ledger.resumed_event(json.dumps({"id": "r", "choices": [
+        {"index": 0, "text": "b", "token_ids": [9], "finish_reason": None}]}).encode())
+    assert isinstance(after, bytes)
+
+
+async def test_a_clean_seam_needs_no_repair() -> None:
+    ledger = StreamLedger(kind="completions", max_tokens=10, client_wants_ids=False)
+    ledger.event(json.dumps({"id": "x", "choices": [
+        {"index": 0, "text": "a", "token_ids": [5], "prompt_token_ids": [1],
+         "finish_reason": None}]}).encode())
+    ledger.resume_body({"model": "m", "prompt": "p"})
+    out = ledger.resumed_event(json.dumps({"id": "r", "choices": [
+        {"index": 0, "text": "b", "token_ids": [6], "finish_reason": None}]}).encode())
+    assert isinstance(out, bytes) and json.loads(out[6:])["choices"][0]["text"] == "b"
