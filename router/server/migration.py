@@ -23,7 +23,7 @@ primes with the prompt) then emits the *whole prompt's text* with its first outp
 (measured with tokenizers 0.23). The ledger counts the tokens whose text the client has
 not received (``unspoken``); after such a seam the first resumed event with text comes
 back as a :class:`SeamRepair`, whose text the relay recomputes from token ids with the
-engine's ``/detokenize`` (``seam_text``).
+engine's ``/detokenize`` (``Router._seam_text`` in app.py).
 
 Limits (documented in router/README.md): one choice (``n`` = 1); a stop *string*
 that straddles the seam is not seen by the new instance; presence/frequency
@@ -63,6 +63,7 @@ class SeamRepair:
 
 def _choice_text(choice: dict[str, Any]) -> str:
     return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+
 
 # Sampling settings carried over to the resumed completions request.
 _CARRIED = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
