@@ -909,11 +909,11 @@ class Router:
 
         On failure the event goes out with no text (one character lost, logged) rather than
         with the engine's, which holds the whole prompt (router/server/migration.py)."""
-        assert self.session is not None
+        session = self.session
+        assert session is not None
 
         async def detokenize(tokens: list[int]) -> str:
-            assert self.session is not None
-            async with self.session.post(
+            async with session.post(
                     load.record.url + "/detokenize", json={"model": model, "tokens": tokens},
                     headers=self.upstream_headers,
                     timeout=aiohttp.ClientTimeout(total=self.config.connect_timeout_s)) as r:

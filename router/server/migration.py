@@ -48,7 +48,7 @@ class MalformedEvent(Exception):
     """An upstream SSE event that is neither ``[DONE]`` nor a JSON object."""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class SeamRepair:
     """A resumed event whose text the engine got wrong (a seam inside a character).
 
@@ -165,7 +165,8 @@ class StreamLedger:
     # A multi-token event with text counts as fully spoken: close enough, as only an engine
     # streaming several tokens per event (speculative decoding) can end one mid-character.
     unspoken: int = 0
-    seam: SeamRepair | None = None  # set by a resume after unspoken tokens, until repaired
+    # After a resume at unspoken tokens, where they start in ``generated``, until repaired.
+    seam_from: int | None = None
 
     def event(self, payload: bytes) -> bytes:
         """Record an event of the original upstream; return the SSE bytes for the client.
@@ -211,7 +212,7 @@ class StreamLedger:
         self.generated.clear()
         self.finished = self.done = False
         self.unspoken = 0
-        self.seam = None
+        self.seam_from = None
 
     def can_resume(self) -> str | None:
         """Why the stream cannot continue elsewhere (None: it can)."""
@@ -234,10 +235,7 @@ class StreamLedger:
         if "min_tokens" in body and isinstance(body["min_tokens"], int):
             body["min_tokens"] = max(0, body["min_tokens"] - len(self.generated))
         self.migrations += 1
-        self.seam = None
-        if self.unspoken:
-            spoken = self.prompt_token_ids + self.generated[:-self.unspoken]
-            self.seam = SeamRepair(spoken[-1:], self.generated[-self.unspoken:], {})
+        self.seam_from = len(self.generated) - self.unspoken if self.unspoken else None
         return body
 
     def resumed_event(self, payload: bytes) -> bytes | SeamRepair | None:
@@ -252,15 +250,17 @@ class StreamLedger:
         if not isinstance(chunk, dict):
             raise ValueError(f"upstream event is not a JSON object: {payload[:100]!r}")
         choices = []
-        seam = None
+        seam: tuple[list[int], list[int]] | None = None  # (context, tokens) to repair
         for choice in chunk.get("choices") or ():
             ids = list(choice.get("token_ids") or ())
             self.generated.extend(ids)
-            if self.seam is not None:
-                self.seam.tokens.extend(ids)
-                if _choice_text(choice):
-                    seam, self.seam = self.seam, None
-            self._spoken(len(ids), _choice_text(choice))
+            text = _choice_text(choice)
+            if self.seam_from is not None and text:
+                assert self.prompt_token_ids is not None  # a resume needs them
+                start, self.seam_from = self.seam_from, None
+                seam = ((self.prompt_token_ids + self.generated[:start])[-1:],
+                        self.generated[start:])
+            self._spoken(len(ids), text)
             reason = choice.get("finish_reason")
             if reason is not None:
                 self.finished = True
@@ -286,8 +286,7 @@ class StreamLedger:
             rewritten["usage"] = chunk["usage"]
             self._fix_usage(rewritten)
         if seam is not None:
-            seam.event = rewritten
-            return seam
+            return SeamRepair(*seam, rewritten)
         if not choices and "usage" not in rewritten:
             return None
         return b"data: " + _encoder.encode(rewritten) + b"\n\n"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 
 @dataclass
@@ -56,6 +57,15 @@ class FakeBehaviour:
     # then a dropped connection: a real model's tokens up to a chosen seam.
     scripted: list[tuple[int, str]] | None = None
     scripted_prompt_ids: list[int] | None = None
+
+
+def metric_total(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` in Prometheus ``text`` (a router's or a vLLM
+    engine's /metrics) whose labels include ``labels``."""
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples
+               if sample.name == name
+               and all(sample.labels.get(k) == v for k, v in labels.items()))
 
 
 def reset_connection(request: web.Request) -> None:

@@ -310,7 +310,7 @@ async def test_a_seam_inside_a_character_hands_back_the_first_resumed_text_to_re
     assert (seam.context, seam.tokens) == ([5], [6, 7, 8])
     out = json.loads(ledger.repaired(seam, "京")[6:])
     assert out["choices"][0]["delta"]["content"] == "京" and out["id"] == "c"
-    assert ledger.generated == [5, 6, 7, 8] and ledger.seam is None
+    assert ledger.generated == [5, 6, 7, 8] and ledger.seam_from is None
     after = ledger.resumed_event(json.dumps({"id": "r", "choices": [
         {"index": 0, "text": "b", "token_ids": [9], "finish_reason": None}]}).encode())
     assert isinstance(after, bytes)

@@ -15,19 +15,16 @@ import random
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from router_fakes import FakeBehaviour, FakeEngine, wait_for
+from router_fakes import FakeBehaviour, FakeEngine, metric_total, wait_for
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session")]
 
-EXTERNAL = ('vllm:prompt_tokens_by_source_total{engine="0",model_name="tiny",'
-            'source="external_kv_transfer"}')
-
-
-async def _metric(client: aiohttp.ClientSession, url: str, line_prefix: str) -> float:
+async def _external(client: aiohttp.ClientSession, url: str) -> float:
+    """Prompt tokens the engine loaded from another instance's KV (NIXL), not computed."""
     async with client.get(url + "/metrics") as r:
         text = await r.text()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(line_prefix))
+    return metric_total(text, "vllm:prompt_tokens_by_source_total",
+                        source="external_kv_transfer")
 
 
 def _prompt(n: int, seed: int) -> list[int]:
@@ -70,7 +67,7 @@ async def test_p_to_d_output_equals_whole_request_greedy_output_and_kv_came_over
         # Reference: the whole request on the prefill engine (the decode engine's cache stays
         # empty for this prompt, so the first disaggregated request must load it over NIXL).
         reference, _ = await _complete(client, f"{p_url}/v1/{kind}", body, stream=False)
-        external = await _metric(client, d_url, EXTERNAL)
+        external = await _external(client, d_url)
         for stream in (False, True):
             text, headers = await _complete(client, f"{url}/v1/{kind}", body, stream)
             assert headers["x-xllm-pd"] == "handoff"
@@ -78,7 +75,7 @@ async def test_p_to_d_output_equals_whole_request_greedy_output_and_kv_came_over
             assert headers["x-xllm-instance"] == "engine-1"
             assert text == reference, (kind, stream)
             if not stream:  # the first one found nothing cached on D
-                loaded = await _metric(client, d_url, EXTERNAL) - external
+                loaded = await _external(client, d_url) - external
                 assert loaded >= 128, f"{kind}: D reports {loaded} external-KV prompt tokens"
     async with client.get(url + "/metrics") as r:
         text = await r.text()

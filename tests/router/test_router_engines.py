@@ -17,7 +17,7 @@ import uuid
 
 import aiohttp
 import pytest
-from router_fakes import wait_for
+from router_fakes import metric_total, wait_for
 
 from conftest import ROUTER_TEST_BLOCK_SIZE, kv_instance_spec
 
@@ -27,8 +27,7 @@ pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session")]
 async def _metric(client: aiohttp.ClientSession, url: str, name: str) -> float:
     async with client.get(url + "/metrics") as r:
         text = await r.text()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
+    return metric_total(text, name)
 
 
 def _specs(engines) -> list[str]:
