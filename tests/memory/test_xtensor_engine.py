@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from xllm_plugin.kernels import native_decode
 from xllm_plugin.launcher.engine import EngineProcess, EngineSpec, free_port
 from xllm_plugin.memory.wiring import WORKER_CLS
 
@@ -83,6 +84,8 @@ async def test_status_reports_pages_views_and_waste(xtensor_engine: EngineProces
     assert xt["vma"]["estimate"] <= xt["vma"]["budget"]
     assert xt["map_latency_us"]["p50"] > 0
     assert xt["premap_hits"] > 0  # the next block was mapped before a decode needed it
+    lib = native_decode.load()  # the engine builds the same kernel on the same CPU
+    assert xt["decode_kernel"] == ("native-" + native_decode.isa(lib) if lib else "sdpa")
 
 
 def test_xtensor_without_its_worker_stops_startup(tiny_model_dir: Path) -> None:

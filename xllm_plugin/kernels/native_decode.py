@@ -7,8 +7,14 @@ the request's K and V once, straight from its xTensor slot (``plane + slot * str
 no block table, no gather), and serves the whole GQA group. Rows are spread over the
 OpenMP threads of the process (PyTorch's runtime, so vLLM's thread binding applies).
 
+Three paths, the widest the CPU has: AVX-512 with BF16 dot products, AVX2 with FMA
+(bf16 widened to fp32 by a shift), and portable C for anything else (and head sizes
+the SIMD paths do not tile). The AVX2 path matters as much as the wide one: CPU hosts
+without AVX-512 (many AMD EPYC and older Xeon VMs) are common, and there vLLM's own
+paged kernel runs its vector path too.
+
 The C source is compiled with the system C compiler into ``~/.cache/xllm-plugin/kernels``
-(keyed by source and CPU), about a second, once per machine. Without a compiler,
+(keyed by source, flags and CPU), about a second, once per machine. Without a compiler,
 :func:`load` returns None and callers keep using SDPA.
 """
 
@@ -33,9 +39,21 @@ SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+/* The widest path this CPU runs, unless a lower level is forced (XT_FORCE_AVX2 or
+   XT_FORCE_GENERIC, so every path can be tested on a machine that has the wider one). */
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && !defined(XT_FORCE_AVX2) \
+    && !defined(XT_FORCE_GENERIC)
 #include <immintrin.h>
 #define XT_AVX512 1
+#define XT_ISA "avx512"
+#define XT_DIM_MULTIPLE 64
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(XT_FORCE_GENERIC)
+#include <immintrin.h>
+#define XT_AVX2 1
+#define XT_ISA "avx2"
+#define XT_DIM_MULTIPLE 32
+#else
+#define XT_ISA "generic"
 #endif
 
 #define XT_MAX_GROUP 8
@@ -264,13 +282,193 @@ static inline __attribute__((always_inline)) void row_avx512(
     }
 }
 
+#endif
+
+#ifdef XT_AVX2
+static inline __m256 load8(int bf16, const void *p) {
+    if (bf16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+    return _mm256_loadu_ps((const float *)p);
+}
+
+static inline float hmax8(__m256 x) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+static inline float hadd8(__m256 x) {
+    __m128 m = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+}
+
+/* Lane j of the result is the sum of v[j]'s lanes (8 dot products finished at once). */
+static inline __m256 hsum8(const __m256 *v) {
+    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    /* a: [sums of v0..v3 over lanes 0-3 | over lanes 4-7], b likewise for v4..v7 */
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+/* e^x for 8 floats, x <= 0: 2^n * p(f), p the AVX-512 path's polynomial; 2^n built in the
+   exponent field (AVX2 has no scalef). The clamp keeps n >= -126, a normal float. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+    const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(t, n);
+    __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static float exp_and_sum8(float *s, int len, float mx) {
+    const __m256 m = _mm256_set1_ps(mx);
+    __m256 total = _mm256_setzero_ps();
+    int t = 0;
+    for (; t + 8 <= len; t += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
+        _mm256_storeu_ps(s + t, e);
+        total = _mm256_add_ps(total, e);
+    }
+    float rest = 0.f;
+    for (; t < len; t++) { s[t] = expf(s[t] - mx); rest += s[t]; }
+    return hadd8(total) + rest;
+}
+
+/* 8 floats to bf16, rounded to nearest even (no AVX-512 BF16 conversion here). */
+static inline void store8_bf16(void *dst, __m256 x) {
+    __m256i u = _mm256_castps_si256(x);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    _mm_storeu_si128((__m128i *)dst, _mm_packus_epi32(_mm256_castsi256_si128(u),
+                                                      _mm256_extracti128_si256(u, 1)));
+}
+
+/* AVX2 + FMA path for one request: head size a multiple of 32 (<= 256), group <= 8. The
+   same walk as row_avx512 with 8 lanes: tokens in blocks of 8 for Q.K (each KV head's
+   block converted to fp32 once, in L1, and shared by the head's group), blocks of 16 for
+   P.V with 32 output dims of the group in registers. scores: [hkv * group * len]. */
+static inline __attribute__((always_inline)) void row_avx2(
+        int bf16, const void *q, const void *k, const void *v, int64_t ts, int len, int hkv,
+        int group, int d, float scale, float *scores, float *accbuf, void *out) {
+    const size_t es = bf16 ? 2 : 4;
+    const int n8 = d / 8, heads = hkv * group;
+    const size_t row_bytes = (size_t)ts * es;
+    const __m256 vscale = _mm256_set1_ps(scale);
+    float mx[64], sum[64];
+    __m256 qv[64][32];
+    float kf[8 * 256];
+    for (int hg = 0; hg < heads; hg++) {
+        for (int c = 0; c < n8; c++)
+            qv[hg][c] = _mm256_mul_ps(vscale, load8(bf16, (const char *)q + (hg * d + c * 8) * es));
+        mx[hg] = -INFINITY;
+    }
+    int t = 0;
+    for (; t + 8 <= len; t += 8) {
+        const char *block = (const char *)k + (size_t)t * row_bytes;
+        if (t + 16 <= len)
+            for (size_t off = 0; off < 8 * row_bytes; off += 64)
+                _mm_prefetch(block + 8 * row_bytes + off, _MM_HINT_T0);
+        for (int h = 0; h < hkv; h++) {
+            for (int j = 0; j < 8; j++)
+                for (int c = 0; c < n8; c++)
+                    _mm256_storeu_ps(kf + j * d + c * 8,
+                                     load8(bf16, block + (size_t)j * row_bytes + ((size_t)h * d + c * 8) * es));
+            for (int g = 0; g < group; g++) {
+                const int hg = h * group + g;
+                __m256 part[8];
+                for (int j = 0; j < 8; j++) {
+                    __m256 acc = _mm256_mul_ps(qv[hg][0], _mm256_loadu_ps(kf + j * d));
+                    for (int c = 1; c < n8; c++)
+                        acc = _mm256_fmadd_ps(qv[hg][c], _mm256_loadu_ps(kf + j * d + c * 8), acc);
+                    part[j] = acc;
+                }
+                const __m256 s8 = hsum8(part);
+                _mm256_storeu_ps(scores + (size_t)hg * len + t, s8);
+                const float m = hmax8(s8);
+                if (m > mx[hg]) mx[hg] = m;
+            }
+        }
+    }
+    for (; t < len; t++) {
+        const char *kt = (const char *)k + (size_t)t * row_bytes;
+        for (int hg = 0; hg < heads; hg++) {
+            const char *kh = kt + (size_t)(hg / group) * d * es;
+            __m256 acc = _mm256_setzero_ps();
+            for (int c = 0; c < n8; c++)
+                acc = _mm256_fmadd_ps(qv[hg][c], load8(bf16, kh + c * 8 * es), acc);
+            const float s = hadd8(acc);
+            scores[(size_t)hg * len + t] = s;
+            if (s > mx[hg]) mx[hg] = s;
+        }
+    }
+    for (int hg = 0; hg < heads; hg++) sum[hg] = exp_and_sum8(scores + (size_t)hg * len, len, mx[hg]);
+    const int chunks = d / 32;
+    memset(accbuf, 0, sizeof(float) * (size_t)heads * d);
+    for (int t0 = 0; t0 < len; t0 += 16) {
+        const int t1 = t0 + 16 < len ? t0 + 16 : len;
+        const char *block = (const char *)v + (size_t)t0 * row_bytes;
+        if (t0 + 32 <= len)
+            for (size_t off = 0; off < 16 * row_bytes; off += 64)
+                _mm_prefetch(block + 16 * row_bytes + off, _MM_HINT_T0);
+        for (int h = 0; h < hkv; h++) {
+            for (int c = 0; c < chunks; c++) {
+                __m256 acc[XT_MAX_GROUP][4];
+                float *base = accbuf + (size_t)h * group * d + c * 32;
+                for (int g = 0; g < group; g++)
+                    for (int j = 0; j < 4; j++) acc[g][j] = _mm256_loadu_ps(base + g * d + j * 8);
+                for (int tt = t0; tt < t1; tt++) {
+                    const char *vt = (const char *)v + (size_t)tt * row_bytes + ((size_t)h * d + c * 32) * es;
+                    const __m256 v0 = load8(bf16, vt), v1 = load8(bf16, vt + 8 * es);
+                    const __m256 v2 = load8(bf16, vt + 16 * es), v3 = load8(bf16, vt + 24 * es);
+                    for (int g = 0; g < group; g++) {
+                        const __m256 p = _mm256_set1_ps(scores[(size_t)(h * group + g) * len + tt]);
+                        acc[g][0] = _mm256_fmadd_ps(p, v0, acc[g][0]);
+                        acc[g][1] = _mm256_fmadd_ps(p, v1, acc[g][1]);
+                        acc[g][2] = _mm256_fmadd_ps(p, v2, acc[g][2]);
+                        acc[g][3] = _mm256_fmadd_ps(p, v3, acc[g][3]);
+                    }
+                }
+                for (int g = 0; g < group; g++)
+                    for (int j = 0; j < 4; j++) _mm256_storeu_ps(base + g * d + j * 8, acc[g][j]);
+            }
+        }
+    }
+    for (int hg = 0; hg < heads; hg++) {
+        const __m256 inv = _mm256_set1_ps(1.f / sum[hg]);
+        for (int c = 0; c < n8; c++) {
+            const __m256 o = _mm256_mul_ps(_mm256_loadu_ps(accbuf + (size_t)hg * d + c * 8), inv);
+            char *dst = (char *)out + (hg * d + c * 8) * es;
+            if (bf16) store8_bf16(dst, o);
+            else _mm256_storeu_ps((float *)dst, o);
+        }
+    }
+}
+#endif
+
+#if defined(XT_AVX512) || defined(XT_AVX2)
+#ifdef XT_AVX512
+#define XT_ROW_SIMD row_avx512
+#else
+#define XT_ROW_SIMD row_avx2
+#endif
 /* Compile-time copies for common shapes, so that loops over group and dims unroll and
    accumulators stay in registers. */
 #define XT_SPECIAL(B, G, D) \
     static void row_##B##_##G##_##D(const void *q, const void *k, const void *v, int64_t ts, \
                                     int len, int hkv, float scale, float *scores, \
                                     float *accbuf, void *out) { \
-        row_avx512(B, q, k, v, ts, len, hkv, G, D, scale, scores, accbuf, out); \
+        XT_ROW_SIMD(B, q, k, v, ts, len, hkv, G, D, scale, scores, accbuf, out); \
     }
 #define XT_SPECIAL_G(B, D) XT_SPECIAL(B, 1, D) XT_SPECIAL(B, 2, D) XT_SPECIAL(B, 3, D) \
     XT_SPECIAL(B, 4, D) XT_SPECIAL(B, 5, D) XT_SPECIAL(B, 6, D) XT_SPECIAL(B, 7, D) \
@@ -284,6 +482,10 @@ typedef void (*row_fn)(const void *, const void *, const void *, int64_t, int, i
 static const row_fn special[2][2][XT_MAX_GROUP] = {
     {XT_ROW(0, 64), XT_ROW(0, 128)}, {XT_ROW(1, 64), XT_ROW(1, 128)}};
 #endif
+
+/* Which path xt_decode takes for head sizes the SIMD paths serve ("avx512", "avx2" or
+   "generic"). */
+const char *xt_isa(void) { return XT_ISA; }
 
 /*
  * One decode token per row. Row r: query q + q_index[r] * q_stride ([Hq, D]);
@@ -306,13 +508,13 @@ int xt_decode(int bf16, const void *q, int64_t q_stride, const int32_t *q_index,
         const char *kr = (const char *)k_plane + slots[r] * slot_stride * es;
         const char *vr = (const char *)v_plane + slots[r] * slot_stride * es;
         char *orow = (char *)out + (int64_t)q_index[r] * out_stride * es;
-#ifdef XT_AVX512
+#if defined(XT_AVX512) || defined(XT_AVX2)
         if (d == 64 || d == 128) {
             special[bf16 != 0][d == 128][group - 1](qr, kr, vr, tok_stride, len, hkv, scale,
                                                     scores, scores + (size_t)hq * len, orow);
-        } else if (d % 64 == 0) {
-            row_avx512(bf16, qr, kr, vr, tok_stride, len, hkv, group, d, scale, scores,
-                       scores + (size_t)hq * len, orow);
+        } else if (d % XT_DIM_MULTIPLE == 0) {
+            XT_ROW_SIMD(bf16, qr, kr, vr, tok_stride, len, hkv, group, d, scale, scores,
+                        scores + (size_t)hq * len, orow);
         } else
 #endif
         {
@@ -333,31 +535,41 @@ int xt_decode(int bf16, const void *q, int64_t q_stride, const int32_t *q_index,
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
           "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]
 _lock = threading.Lock()
-_loaded: ctypes.CDLL | None = None
-_failed = False
+_loaded: dict[str | None, ctypes.CDLL | None] = {}
+
+#: Lower paths than the CPU's best, by the define that forces them (for tests and A/B runs).
+FORCED_ISAS = {"avx2": "-DXT_FORCE_AVX2", "generic": "-DXT_FORCE_GENERIC"}
 
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("XLLM_KERNEL_CACHE", Path.home() / ".cache/xllm-plugin/kernels"))
 
 
-def _cpu_key() -> str:
+def _cpu_key(flags: list[str]) -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+            cpu = next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        flags = ""
-    return hashlib.sha256((SOURCE + " ".join(_FLAGS) + flags).encode()).hexdigest()[:16]
+        cpu = ""
+    return hashlib.sha256((SOURCE + " ".join(flags) + cpu).encode()).hexdigest()[:16]
 
 
-def load() -> ctypes.CDLL | None:
-    """The compiled kernel, building it on first use; None if no C compiler works."""
-    global _loaded, _failed
+def load(force_isa: str | None = None) -> ctypes.CDLL | None:
+    """The compiled kernel, building it on first use; None if no C compiler works.
+
+    It takes the widest SIMD path the CPU has (AVX-512 with BF16, else AVX2 with FMA,
+    else portable C); ``force_isa`` (a key of :data:`FORCED_ISAS`) caps it lower, so
+    each path can be checked on a machine that would pick a wider one. Ask the loaded
+    library which path it took with :func:`isa`.
+    """
+    if force_isa is not None and force_isa not in FORCED_ISAS:
+        raise ValueError(f"force_isa must be one of {sorted(FORCED_ISAS)}, not {force_isa!r}")
     with _lock:
-        if _loaded is not None or _failed:
-            return _loaded
+        if force_isa in _loaded:
+            return _loaded[force_isa]
+        flags = _FLAGS + ([FORCED_ISAS[force_isa]] if force_isa else [])
         compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        target = _cache_dir() / f"xt_decode-{_cpu_key()}.so"
+        target = _cache_dir() / f"xt_decode-{_cpu_key(flags)}.so"
         try:
             if not target.exists():
                 if compiler is None:
@@ -367,23 +579,30 @@ def load() -> ctypes.CDLL | None:
                     src = Path(tmp) / "xt_decode.c"
                     src.write_text(SOURCE)
                     built = Path(tmp) / target.name
-                    subprocess.run([compiler, *_FLAGS, str(src), "-o", str(built), "-lm"],
+                    subprocess.run([compiler, *flags, str(src), "-o", str(built), "-lm"],
                                    check=True, capture_output=True, text=True, timeout=120)
                     os.replace(built, target)  # atomic: concurrent builders agree
             lib = ctypes.CDLL(str(target))
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             detail = getattr(error, "stderr", "") or error
             log.warning("xTensor native decode kernel unavailable (%s); using SDPA", detail)
-            _failed = True
+            _loaded[force_isa] = None
             return None
+        lib.xt_isa.restype = ctypes.c_char_p
+        lib.xt_isa.argtypes = []
         lib.xt_decode.restype = ctypes.c_int
         lib.xt_decode.argtypes = [
             ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
             ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
             ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
             ctypes.c_void_p, ctypes.c_int64]
-        _loaded = lib
+        _loaded[force_isa] = lib
         return lib
+
+
+def isa(lib: ctypes.CDLL) -> str:
+    """The SIMD path ``lib`` was built with: ``avx512``, ``avx2`` or ``generic``."""
+    return lib.xt_isa().decode()
 
 
 def supports(dtype: torch.dtype) -> bool:

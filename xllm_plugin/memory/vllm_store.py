@@ -219,7 +219,8 @@ class XTensorKVStore:
                     "max_map_count": self.max_map_count, "process": self._vmas_measured,
                     "process_at_start": self.vmas_at_start},
             "premap": self.premapper is not None,
-            "decode_kernel": "native" if self.native_decode is not None else "sdpa",
+            "decode_kernel": ("native-" + native_decode.isa(self.native_decode)
+                              if self.native_decode is not None else "sdpa"),
             **self.mapper.stats.snapshot(), **self.metrics.snapshot(),
         }
 
