@@ -195,7 +195,7 @@ def run_engine(config: str, rep: int, model: Path, sets: dict[str, list[str]],
         asyncio.run(measure(engine.url, sets["sharegpt"][-8:], 4, 8,
                             args.max_tokens))  # warm-up, discarded
         for prompt_set in PROMPT_SETS:
-            for concurrency in CONCURRENCY:
+            for concurrency in args.concurrency:
                 offset = sum(args.requests[c] for c in CONCURRENCY if c < concurrency)
                 cell_prompts = sets[prompt_set][offset:] + sets[prompt_set][:offset]
                 tps = asyncio.run(measure(engine.url, cell_prompts, concurrency,
@@ -453,6 +453,9 @@ def main() -> None:
                         help="num_speculative_tokens_per_batch_size of the table peer (JSON)")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help="subset to run (pilot runs); the summary needs all")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY),
+                        choices=CONCURRENCY,
+                        help="subset to run (pilot runs, e.g. a slow host); the summary needs all")
     parser.add_argument("--quick", action="store_true", help="fewer requests (smoke test)")
     parser.add_argument("--out", default=NAME)
     parser.add_argument("--report-only", action="store_true",
@@ -467,7 +470,7 @@ def main() -> None:
         return
     args.requests = requests_per_cell(args.quick)
     wanted = tuple(c for c in args.configs.split(",") if c)
-    if wanted != CONFIGS:  # pilot: print the table only
+    if wanted != CONFIGS or tuple(args.concurrency) != CONCURRENCY:  # pilot: print only
         model, sets = build_model("smollm2"), prompt_sets()
         for rep in range(args.reps):
             for config in (wanted if rep % 2 == 0 else tuple(reversed(wanted))):
