@@ -220,7 +220,6 @@ class FakeEngine:
             raise
         return response
 
-
     async def _generate_scripted(self, request: web.Request) -> web.StreamResponse:
         b = self.behaviour
         assert b.scripted is not None

@@ -15,7 +15,7 @@ import json
 import pytest
 import tokenizers
 
-from router_fakes import FakeBehaviour, FakeEngine
+from router_fakes import FakeBehaviour, FakeEngine, wait_for
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session")]
 
@@ -36,8 +36,6 @@ async def test_resumed_text_after_a_seam_inside_a_character(stock_engine, tiny_m
     try:
         router, url = await start_router(instances=[f"{fake.url};id=broken",
                                                     f"{stock_engine.url};id=stock"])
-        from router_fakes import wait_for
-
         await wait_for(lambda: all(i.healthy for i in router.load.instances.values()), 30,
                        "both instances healthy")
         body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 12, "temperature": 0,

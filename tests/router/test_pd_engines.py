@@ -19,6 +19,7 @@ from router_fakes import FakeBehaviour, FakeEngine, metric_total, wait_for
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session")]
 
+
 async def _external(client: aiohttp.ClientSession, url: str) -> float:
     """Prompt tokens the engine loaded from another instance's KV (NIXL), not computed."""
     async with client.get(url + "/metrics") as r:

@@ -9,9 +9,9 @@ OpenMP threads of the process (PyTorch's runtime, so vLLM's thread binding appli
 
 Three paths, the widest the CPU has: AVX-512 with BF16 dot products, AVX2 with FMA
 (bf16 widened to fp32 by a shift), and portable C for anything else (and head sizes
-the SIMD paths do not tile). The AVX2 path matters as much as the wide one: CPU hosts
-without AVX-512 (many AMD EPYC and older Xeon VMs) are common, and there vLLM's own
-paged kernel runs its vector path too.
+the SIMD paths do not tile). The AVX2 path matters as much as the wide one: on a host
+without AVX-512 (an AMD EPYC VM, 2026-12-03) only it beats vLLM's own paged kernel,
+which runs its ``vec`` path there.
 
 The C source is compiled with the system C compiler into ``~/.cache/xllm-plugin/kernels``
 (keyed by source, flags and CPU), about a second, once per machine. Without a compiler,
