@@ -13,7 +13,7 @@ Per window:
 
 - **no disaggregation**: ``none`` with vLLM's defaults (token budget 8192, encoder
   budget of as many tokens, no phase-aware batching);
-- **every static split** of the four strategies over 4 instances, with the
+- **every static split** of the five strategies over 4 instances, with the
   profiler's limits for that window; *best static* = the one split with the
   highest mean goodput over the set (an oracle choice made after seeing all windows);
 - **hybrid**: an ``EPDController`` walks the windows in order; on each it gets the
@@ -24,7 +24,7 @@ Per window:
 
 Reported goodputs are means over the windows of a set. Windows ``dev`` were used
 while building the model; ``heldout`` windows (other clients, hours and seeds)
-were first run for this report. Strategy codes: none 0, EP-D 1, ED-P 2, E-P-D 3.
+were first run for this report. Strategy codes: none 0, EP-D 1, ED-P 2, E-P-D 3, E-PD 4.
 
     nice -n 10 python benchmarks/epd_sim.py            # about 10 minutes on one core
 """
@@ -65,6 +65,7 @@ EVAL_REQUESTS = 1500
 PROBE_REQUESTS = 500
 TTFT_MS = 1000.0
 TPOT_MS = (50.0, 25.0)
+CODES = ", ".join(f"{name} {code}" for name, code in STRATEGY_CODES.items())
 # (name, clients (None = all), start hour, eval seed)
 WINDOWS = {
     "dev": [("c1+5@10h", [1, 5], 10, 1), ("c10+12@10h", [10, 12], 10, 1),
@@ -207,7 +208,7 @@ def write_markdown(path: Path, data: dict[str, Any], results: dict[float, dict[s
              f"{EVAL_REQUESTS} sampled requests of an hour; hybrid probes {PROBE_REQUESTS} "
              "requests of another seed), goodput = max req/s at >= 90% of requests meeting "
              f"TTFT <= {TTFT_MS:g} ms and TPOT. Means over windows. Strategy codes: "
-             "none 0, EP-D 1, ED-P 2, E-P-D 3.", ""]
+             f"{CODES}.", ""]
     for tpot, sets in results.items():
         lines += [f"## TPOT <= {tpot:g} ms", "",
                   "| set | no disagg (vLLM defaults) | none + profiled limits | best static "
@@ -250,12 +251,16 @@ def write_markdown(path: Path, data: dict[str, Any], results: dict[float, dict[s
             f"disaggregated strategy on {disagg} of {a['windows']} windows. "
             + ("The 1.4x target is met." if a["ratio_hybrid_vs_no_disagg"] >= 1.4
                else "The 1.4x target is not met."))
+    rows = [r for sets in results.values() for rs in sets.values() for r in rs]
+    best_splits = {label.split()[0] for r in rows for label in (r["oracle_label"],
+                                                                r["hybrid_label"])}
+    never = [s for s in STRATEGY_CODES if s not in best_splits]
     lines += ["- Every pool runs on the same GPU and most work per request is compute-bound "
               "encode and prefill, so an aggregated instance keeps every GPU busy while a split "
               "leaves part of a pool idle; a split pays off only when interference under a tight "
               "TPOT SLO costs more than that idle share (image-heavy, short-output windows at "
-              "25 ms). With 4 instances E-P-D (at least one instance per pool) was never the "
-              "best split.", ""]
+              f"25 ms). With {INSTANCES} instances, never the hybrid's choice nor a window's "
+              f"best split: {', '.join(never) or 'none of the strategies'}.", ""]
     lines += NOTES + ["Rerun: `nice -n 10 python benchmarks/epd_sim.py` (all windows, both SLOs); "
                       "`--windows NAME,...` for a subset; `--render` rewrites this file and the "
                       "plot from the saved JSON. Deterministic for fixed seeds.", ""]
@@ -315,7 +320,7 @@ def main() -> None:
         "machine": f"{platform.node() or 'vm'} {platform.machine()}",
         "deployment": mm.name, "instances": INSTANCES, "slo_ttft_ms": TTFT_MS,
         "slo_tpot_ms": TPOT_MS[0], "slo_tpot_sensitivity_ms": TPOT_MS[1], "target": 0.9,
-        "strategy_codes": "none 0, EP-D 1, ED-P 2, E-P-D 3",
+        "strategy_codes": CODES,
     }
     data.update(flat(results))
     data["wall_s"] = time.perf_counter() - began

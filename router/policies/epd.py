@@ -10,6 +10,8 @@ image embeddings included) and **D**ecode. Where they run is the strategy:
 ``ED-P``    E beside D, P apart: decode instances' spare compute encodes, prefill
             instances run only the language model's prompt work
 ``E-P-D``   three pools: encodes batch on their own instances, nothing interferes
+``E-PD``    E apart, P and D together: encodes leave the language model's instances,
+            which prefill and decode as vLLM does (the live router's E -> PD path)
 ==========  ====================================================================
 
 No split wins everywhere: encode-heavy traffic (large images, short text) wants
@@ -40,14 +42,15 @@ call the same code with their own cost models and probes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-Strategy = Literal["none", "EP-D", "ED-P", "E-P-D"]
-STRATEGIES: tuple[Strategy, ...] = ("none", "EP-D", "ED-P", "E-P-D")
+Strategy = Literal["none", "EP-D", "ED-P", "E-P-D", "E-PD"]
+STRATEGIES: tuple[Strategy, ...] = ("none", "EP-D", "ED-P", "E-P-D", "E-PD")
 STRATEGY_CODES: dict[str, int] = {s: k for k, s in enumerate(STRATEGIES)}
-"""Numeric codes for result files (values must be numbers): none 0, EP-D 1, ED-P 2, E-P-D 3."""
+"""Numeric codes for result files (values must be numbers): none 0, EP-D 1, ED-P 2, E-P-D 3,
+E-PD 4."""
 
 
 # -- deployment candidates ------------------------------------------------------------------
@@ -59,7 +62,8 @@ class EPDConfig:
     ``encode``/``prefill``/``decode`` count the instances of each pool; a pool
     serving two phases is counted once, in the field of its first phase
     (``EP-D``: ``encode`` EP instances and ``decode`` D instances; ``ED-P``:
-    ``prefill`` P instances and ``decode`` ED instances; ``none``: ``encode``).
+    ``prefill`` P instances and ``decode`` ED instances; ``E-PD``: ``encode`` E instances
+    and ``prefill`` PD instances; ``none``: ``encode``).
     ``token_budget``/``encode_batch`` None mean the engine's defaults (vLLM:
     ``max_num_batched_tokens``, encoder budget of as many tokens); the profiler
     sets them, together with ``phase_aware`` (decodes, then running prefills,
@@ -78,7 +82,8 @@ class EPDConfig:
 
     def __post_init__(self) -> None:
         need = {"none": ("encode",), "EP-D": ("encode", "decode"), "ED-P": ("prefill", "decode"),
-                "E-P-D": ("encode", "prefill", "decode")}[self.strategy]
+                "E-P-D": ("encode", "prefill", "decode"), "E-PD": ("encode", "prefill"),
+                }[self.strategy]
         for name in ("encode", "prefill", "decode"):
             count = getattr(self, name)
             if (name in need) != (count > 0):
@@ -89,12 +94,18 @@ class EPDConfig:
     def instances(self) -> int:
         return self.encode + self.prefill + self.decode
 
+    @property
+    def encodes_apart(self) -> bool:
+        """True when images go to instances that run only the encoder."""
+        return self.strategy in ("E-P-D", "E-PD")
+
     def pools(self) -> list[tuple[str, int]]:
         """``(phases, count)`` per pool, e.g. ``[("EP", 5), ("D", 3)]``."""
         return {"none": [("EPD", self.encode)],
                 "EP-D": [("EP", self.encode), ("D", self.decode)],
                 "ED-P": [("P", self.prefill), ("ED", self.decode)],
                 "E-P-D": [("E", self.encode), ("P", self.prefill), ("D", self.decode)],
+                "E-PD": [("E", self.encode), ("PD", self.prefill)],
                 }[self.strategy]
 
     @property
@@ -111,6 +122,8 @@ def splits(strategy: Strategy, instances: int) -> list[EPDConfig]:
         return [EPDConfig("EP-D", encode=k, decode=n - k) for k in range(1, n)]
     if strategy == "ED-P":
         return [EPDConfig("ED-P", prefill=k, decode=n - k) for k in range(1, n)]
+    if strategy == "E-PD":
+        return [EPDConfig("E-PD", encode=k, prefill=n - k) for k in range(1, n)]
     return [EPDConfig("E-P-D", encode=e, prefill=p, decode=n - e - p)
             for e in range(1, n - 1) for p in range(1, n - e)]
 
@@ -222,18 +235,31 @@ def summarize_requests(requests: Iterable[tuple[float, int, int, int, int]]) -> 
 
 # -- (1) limits by binary search ---------------------------------------------------------------
 
-def max_feasible(fits: Callable[[int], bool], lo: int, hi: int) -> int:
-    """Largest ``x`` in ``[lo, hi]`` with ``fits(x)``, assuming ``fits`` is monotone
-    (true up to a point, false after); ``lo - 1`` when even ``lo`` does not fit."""
-    if not fits(lo):
+def feasible_search(lo: int, hi: int) -> Generator[int, bool, int]:
+    """The binary search of :func:`max_feasible` one probe at a time: it yields each ``x`` to
+    try and takes whether it fit, so a caller whose test is a live measurement (an ``await``)
+    drives the same search; it returns the answer."""
+    if not (yield lo):
         return lo - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if fits(mid):
+        if (yield mid):
             lo = mid
         else:
             hi = mid - 1
     return lo
+
+
+def max_feasible(fits: Callable[[int], bool], lo: int, hi: int) -> int:
+    """Largest ``x`` in ``[lo, hi]`` with ``fits(x)``, assuming ``fits`` is monotone
+    (true up to a point, false after); ``lo - 1`` when even ``lo`` does not fit."""
+    search = feasible_search(lo, hi)
+    x = next(search)
+    while True:
+        try:
+            x = search.send(fits(x))
+        except StopIteration as done:
+            return done.value
 
 
 @dataclass(frozen=True)
@@ -360,6 +386,9 @@ class EPDProfiler:
     slo_tpot_s: float
     instances: int
     strategies: Sequence[Strategy] = STRATEGIES
+    configs: Sequence[EPDConfig] = ()
+    """When given, the only candidates (a live deployment whose instances keep their roles);
+    else every split of every strategy over ``instances``."""
     finalists: int = 2
     max_budget: int = 8192
     max_seqs: int = 256
@@ -403,9 +432,10 @@ class EPDProfiler:
         strategy."""
         rate = self.design_rate(summary)
         picked: list[tuple[EPDConfig, Limits, float]] = []
-        for strategy in self.strategies:
-            configured = (self.configure(c, summary, rate)
-                          for c in splits(strategy, self.instances))
+        for strategy in dict.fromkeys(c.strategy for c in self.configs) or self.strategies:
+            pool = ([c for c in self.configs if c.strategy == strategy] if self.configs
+                    else splits(strategy, self.instances))
+            configured = (self.configure(c, summary, rate) for c in pool)
             ranked = sorted(configured, key=lambda t: -t[2])
             picked.extend(ranked[:self.finalists])
         return picked
@@ -423,8 +453,8 @@ class EPDProfiler:
 def _with_limits(config: EPDConfig, limits: Limits) -> EPDConfig:
     """The config with the profiler's step limits, phase-aware batching on: the TPOT-bound token
     budget (pools that decode), and the encoder batch of its encoder pool's kind (beside
-    decodes for ``none`` and ``ED-P``, free of them for ``EP-D`` and ``E-P-D``)."""
-    dedicated = config.strategy in ("EP-D", "E-P-D")
+    decodes for ``none`` and ``ED-P``, free of them for ``EP-D``, ``E-P-D`` and ``E-PD``)."""
+    dedicated = config.strategy in ("EP-D", "E-P-D", "E-PD")
     return EPDConfig(config.strategy, config.encode, config.prefill, config.decode,
                      token_budget=limits.token_budget,
                      encode_batch=(limits.encode_batch_dedicated if dedicated

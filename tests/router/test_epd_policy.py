@@ -70,9 +70,10 @@ def test_splits_cover_every_pool_and_configs_are_validated() -> None:
     assert all(c.instances == 5 and min(c.encode, c.prefill, c.decode) >= 1
                for c in splits("E-P-D", 5))
     assert len(splits("E-P-D", 5)) == 6
+    assert [c.label for c in splits("E-PD", 3)] == ["E-PD E1:PD2", "E-PD E2:PD1"]
     with pytest.raises(ValueError):
         EPDConfig("EP-D", encode=2, prefill=1, decode=1)
-    assert STRATEGY_CODES == {"none": 0, "EP-D": 1, "ED-P": 2, "E-P-D": 3}
+    assert STRATEGY_CODES == {"none": 0, "EP-D": 1, "ED-P": 2, "E-P-D": 3, "E-PD": 4}
 
 
 def test_summary_and_shift() -> None:
@@ -99,7 +100,7 @@ def test_batch_friendly_encoder_moves_off_the_decode_path() -> None:
     s = summary(image_tokens=2000, output_tokens=20)
     assert profiler.limits(s).encode_batch_beside_decode == 1
     chosen = choose_by_estimate(profiler, s)
-    assert chosen.strategy in ("EP-D", "E-P-D")
+    assert chosen.strategy in ("EP-D", "E-P-D", "E-PD")
     assert chosen.encode_batch == 64
 
 
@@ -117,6 +118,19 @@ def test_text_only_long_outputs_keep_everything_aggregated_or_decode_heavy() -> 
     assert epd < best
 
 
+def test_fixed_configs_are_the_only_candidates() -> None:
+    """A live deployment keeps its roles: the profiler compares only the configs it can run
+    (here 1 encoder beside 3 language-model instances, used or bypassed)."""
+    live = (EPDConfig("none", encode=3), EPDConfig("E-PD", encode=1, prefill=3))
+    profiler = EPDProfiler(linear_costs(), slo_ttft_s=1.0, slo_tpot_s=0.05, instances=3,
+                           configs=live)
+    labels = [c.label for c, _, _ in profiler.candidates(summary())]
+    assert labels == ["none EPD3", "E-PD E1:PD3"]
+    probe = Probe({"none": 5.0, "E-PD": 6.0})
+    assert profiler.choose(summary(), probe).config.label == "E-PD E1:PD3"
+    assert probe.calls == 2
+
+
 class Probe:
     """A goodput measurement the test controls: value per strategy, every call counted."""
 
@@ -132,7 +146,7 @@ class Probe:
 def test_controller_hysteresis() -> None:
     profiler = EPDProfiler(linear_costs(), slo_ttft_s=1.0, slo_tpot_s=0.05, instances=4)
     controller = EPDController(profiler, shift_threshold=0.25, switch_margin=0.1)
-    probe = Probe({"none": 10.0, "EP-D": 8.0, "ED-P": 8.0, "E-P-D": 8.0})
+    probe = Probe({"none": 10.0, "EP-D": 8.0, "ED-P": 8.0, "E-P-D": 8.0, "E-PD": 8.0})
     first = controller.update(summary(), probe)
     assert first.config.strategy == "none"
     calls = probe.calls
@@ -140,7 +154,7 @@ def test_controller_hysteresis() -> None:
     assert controller.update(summary(image_tokens=1100), probe).config == first.config
     assert probe.calls == calls
     # a large shift, but the new best is only 5% better: stay
-    probe.values = {"none": 10.0, "EP-D": 10.5, "ED-P": 8.0, "E-P-D": 8.0}
+    probe.values = {"none": 10.0, "EP-D": 10.5, "ED-P": 8.0, "E-P-D": 8.0, "E-PD": 8.0}
     moved = summary(image_tokens=2000)
     stayed = controller.update(moved, probe)
     assert stayed.config.strategy == "none" and probe.calls > calls
@@ -148,7 +162,7 @@ def test_controller_hysteresis() -> None:
     retuned = profiler.configure(EPDConfig("none", encode=4), moved, profiler.design_rate(moved))
     assert stayed.config == retuned[0] and stayed.summary == moved
     # another large shift with a clearly better strategy: switch
-    probe.values = {"none": 10.0, "EP-D": 15.0, "ED-P": 8.0, "E-P-D": 8.0}
+    probe.values = {"none": 10.0, "EP-D": 15.0, "ED-P": 8.0, "E-P-D": 8.0, "E-PD": 8.0}
     switched = controller.update(summary(image_tokens=4000), probe)
     assert switched.config.strategy == "EP-D"
     assert [event for event, _ in controller.history] == ["pick", "keep", "stay", "switch"]
