@@ -99,6 +99,13 @@ def build_serve_parser(prog: str = "xllm-router") -> argparse.ArgumentParser:
     add("--pd-mixed-max-batch", type=int, help=_help("pd_mixed_max_batch"))
     add("--profile-instances", action=argparse.BooleanOptionalAction, default=None,
         help=_help("profile_instances"))
+    add("--epd-profile", action=argparse.BooleanOptionalAction, default=None,
+        help=_help("epd_profile"))
+    add("--epd-probe-requests", type=int, help=_help("epd_probe_requests"))
+    add("--epd-probe-concurrency", type=int, help=_help("epd_probe_concurrency"))
+    add("--epd-probe-max-tokens", type=int, help=_help("epd_probe_max_tokens"))
+    add("--epd-window", type=int, help=_help("epd_window"))
+    add("--epd-probe-image", metavar="FILE|URL", help=_help("epd_probe_image"))
     add("--log-level", help=_help("log_level"))
     return parser
 

@@ -9,13 +9,16 @@ one-line messages that name the flag.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from router.discovery.records import InstanceRecord, RecordError, parse_instances
 from router.discovery.registrar import DEFAULT_PREFIX
 from router.server.instance_state import StateRules
+
+if TYPE_CHECKING:
+    from router.server.epd_profile import EPDSettings
 
 
 class ConfigError(ValueError):
@@ -136,6 +139,25 @@ class RouterConfig(BaseModel):
     profile_instances: bool = Field(True, description="Measure each new instance with a few "
                                     "isolated requests when the policy predicts latency "
                                     "(dynamic_pd); --no-profile-instances starts from priors.")
+    epd_profile: bool = Field(False, description="Profile each model's encode and "
+                              "language-model instances (encoder batch and token budget by "
+                              "binary search, a probe workload per strategy) and send images "
+                              "through an encode instance only while that wins on goodput "
+                              "under the SLOs; re-picked as image traffic shifts. Needs "
+                              "--slo-ttft-ms and --slo-tpot-ms. Off: images go through an "
+                              "encode instance whenever one is healthy.")
+    epd_probe_requests: int = Field(8, ge=2, le=1024, description="Image chats per strategy "
+                                    "in the EPD profiler's probe workload.")
+    epd_probe_concurrency: int = Field(2, ge=1, le=256, description="Of those, in flight at "
+                                       "once.")
+    epd_probe_max_tokens: int = Field(16, ge=2, le=4096, description="Tokens each probe chat "
+                                      "generates.")
+    epd_window: int = Field(32, ge=2, le=100000, description="The EPD profiler re-picks after "
+                            "every this many finished image requests of a model, from their "
+                            "summary (with hysteresis).")
+    epd_probe_image: str | None = Field(None, description="Image for the EPD probes: a file "
+                                        "or a data:/http(s): URL like your traffic's images "
+                                        "(default: a generated 448x448 PNG).")
     log_level: str = Field("info", description="debug|info|warning|error (debug logs one line "
                            "per routed request).")
 
@@ -183,10 +205,39 @@ class RouterConfig(BaseModel):
                              "block size)")
         if self.tokenizer is not None and not self.tokenizer.is_dir():
             raise ValueError(f"--tokenizer {self.tokenizer} is not a directory")
+        if self.epd_profile and (self.slo_ttft_ms is None or self.slo_tpot_ms is None):
+            raise ValueError("--epd-profile needs --slo-ttft-ms and --slo-tpot-ms (the "
+                             "profiler picks by goodput under them)")
+        if self.epd_probe_image is not None and not (
+                self.epd_probe_image.startswith(("data:image/", "http://", "https://"))
+                or Path(self.epd_probe_image).is_file()):
+            raise ValueError(f"--epd-probe-image {self.epd_probe_image!r} is neither a file "
+                             "nor a data:image/ or http(s) URL")
         if self.failed_hold_max_s < self.failed_hold_s:
             raise ValueError(f"--failed-hold-max-s ({self.failed_hold_max_s:g}) must be at "
                              f"least --failed-hold-s ({self.failed_hold_s:g})")
         return self
+
+    def epd_settings(self) -> EPDSettings:
+        """The live EPD profiler's settings (router/server/epd_profile.py)."""
+        from router.server.epd_profile import EPDSettings, image_data_url, probe_png
+
+        image = self.epd_probe_image
+        if not self.epd_profile:
+            url = ""
+        elif image is None:
+            url = image_data_url(probe_png(), "png")
+        elif image.startswith(("data:", "http://", "https://")):
+            url = image
+        else:
+            path = Path(image)
+            url = image_data_url(path.read_bytes(), path.suffix.lstrip(".") or "png")
+        return EPDSettings(enabled=self.epd_profile, slo_ttft_s=(self.slo_ttft_ms or 0) / 1e3,
+                           slo_tpot_s=(self.slo_tpot_ms or 0) / 1e3,
+                           probe_requests=self.epd_probe_requests,
+                           probe_concurrency=self.epd_probe_concurrency,
+                           probe_max_tokens=self.epd_probe_max_tokens, window=self.epd_window,
+                           image_url=url)
 
     def state_rules(self) -> StateRules:
         """Thresholds of the per-instance health state machine (router/server/instance_state.py)."""

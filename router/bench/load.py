@@ -43,12 +43,13 @@ class RequestResult:
         return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
 
 
-async def stream_chat(session: aiohttp.ClientSession, base_url: str, model: str, prompt: str,
-                      max_tokens: int, headers: dict[str, str] | None = None,
+async def stream_chat(session: aiohttp.ClientSession, base_url: str, model: str,
+                      prompt: str | list[dict[str, Any]], max_tokens: int, headers: dict[str, str] | None = None,
                       timeout_s: float = 300.0,
                       extra_body: dict[str, Any] | None = None) -> RequestResult:
     """Send one streaming chat completion and time it from the client's side.
 
+    ``prompt`` is the user message's content: text, or a list of content parts (images).
     ``extra_body`` adds fields such as ``priority``, ``vllm_xargs`` or ``ignore_eos``.
     """
     body = {"model": model, "messages": [{"role": "user", "content": prompt}],

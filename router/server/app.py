@@ -11,6 +11,8 @@ Routes (all answers to errors use OpenAI's error shape):
 ``GET /metrics``            the router's Prometheus metrics
 ``GET /admin/instances``    the load view (admin token)
 ``POST /admin/instances``   ``{"add": "URL[;opts]"}`` or ``{"remove": "ID"}`` (admin token)
+``GET /admin/epd``          the EPD profiler's measurements and choices (admin token)
+``POST /admin/epd/profile`` ``{"model": NAME, "wait": bool}``: profile it again (admin token)
 ==========================  ========================================================
 
 Request path: parse and validate -> (tokenize and look up prefix hits, only for
@@ -67,7 +69,9 @@ from router.server.migration import (MalformedEvent, SeamRepair, SSESplitter, St
                                      migratable, start_ledger)
 from router.server.moves import LiveRequests, MoveHandle
 from router.server.epd import (EncodeResult, EncodeStage, encode_instance, encode_instance_ids,
-                               wants_encode)
+                               image_count, wants_encode)
+from router.server.epd_profile import (HEADER_EPD_STRATEGY, HEADER_PROBE, LIVE_STRATEGIES,
+                                       EPDAutoStrategy)
 from router.server.pd import Handoff, PrefillStage, supports_handoff
 from router.server.prefix import PrefixLookup, policy_uses_prefix_hits
 from router.server.profiler import InstanceProfiler
@@ -153,6 +157,11 @@ class Router:
                                         timeout_s=config.first_byte_timeout_s)
         self.profiler = InstanceProfiler(lambda: self.session, upstream_headers,
                                          enabled=config.profile_instances)
+        # Whether images go through E at all: the live EPD profiler's choice per model.
+        self.epd = EPDAutoStrategy(
+            config.epd_settings(), self.load, self.metrics, lambda: self.session,
+            lambda: self.front_url, upstream_headers,
+            {"Authorization": f"Bearer {config.api_keys[0]}"} if config.api_keys else {})
         # Batch lines go through this router's own front door at offline class;
         # its loopback URL is known once the listening socket is bound.
         self.front_url: str | None = None
@@ -178,6 +187,8 @@ class Router:
         app.router.add_get("/metrics", self.handle_metrics)
         app.router.add_get("/admin/instances", self.handle_admin_list)
         app.router.add_post("/admin/instances", self.handle_admin_change)
+        app.router.add_get("/admin/epd", self.handle_admin_epd)
+        app.router.add_post("/admin/epd/profile", self.handle_admin_epd_profile)
         if self.batch_runner is not None:
             BatchAPI(self.batch_runner.store, self.batch_runner).add_routes(app)
         app.on_startup.append(self._startup)
@@ -230,6 +241,7 @@ class Router:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.profiler.stop()
+        await self.epd.stop()
         await self.liveness.stop()
         if self.watcher is not None:
             await self.watcher.stop()
@@ -283,6 +295,8 @@ class Router:
         m.instance_kv_usage.labels(iid).set(load.kv_usage)
         m.set_role(iid, load.role)
         self.profiler.maybe_start(load, self.policies[self.config.policy])
+        for model in load.models or ((load.record.model,) if load.record.model else ()):
+            self.epd.maybe_start(model)
 
     async def _rebalance_loop(self) -> None:
         while True:
@@ -429,7 +443,16 @@ class Router:
                               f"{available}", param="model", code="model_not_found")
         policy = self._policy(policy_name)
         encoders = encode_instance_ids(self.load, parsed.model)  # never generation targets
-        encode_id = encode_instance(self.load, parsed.model) if wants_encode(parsed) else None
+        encode_id = None
+        if wants_encode(parsed):
+            forced = request.headers.get(HEADER_EPD_STRATEGY)
+            if forced is not None and forced not in LIVE_STRATEGIES:
+                raise RouterError(400, f"header {HEADER_EPD_STRATEGY} must be one of "
+                                  f"{', '.join(LIVE_STRATEGIES)}, not {forced!r}",
+                                  param=HEADER_EPD_STRATEGY, code="invalid_header")
+            ctx["epd_traffic"] = HEADER_PROBE not in request.headers
+            if self.epd.encodes_apart(parsed.model, forced):
+                encode_id = encode_instance(self.load, parsed.model)
         if encode_id is not None:  # E first; PD then loads E's output (router/server/epd.py)
             encoded = await self.encode_stage.run(parsed, encode_id, _PATHS[parsed.kind],
                                                   self._forward_headers(request, parsed))
@@ -954,6 +977,9 @@ class Router:
     def _observe(self, policy: RoutingPolicy, parsed: ParsedRequest, instance_id: str,
                  prompt_tokens: int, ctx: dict[str, Any], started: float,
                  tpot_ms: float | None, output_tokens: int, ok: bool) -> None:
+        if ok and ctx.get("epd_traffic"):  # a client's image request: EPD traffic summary
+            self.epd.record(parsed.model, parsed.prompt_chars, image_count(parsed),
+                            output_tokens or parsed.max_tokens or 0)
         if not isinstance(policy, ObservingPolicy):
             return
         ttft_ms = ctx["ttft_ms"] if ctx["ttft_ms"] is not None else (
@@ -1012,6 +1038,38 @@ class Router:
                          if self.prefix is not None else None),
             "instances": [load.describe() for load in sorted(self.load.instances.values(),
                                                              key=lambda x: x.instance_id)]})
+
+    async def handle_admin_epd(self, request: web.Request) -> web.Response:
+        return web.json_response({"enabled": self.epd.settings.enabled,
+                                  "models": self.epd.snapshot()})
+
+    async def handle_admin_epd_profile(self, request: web.Request) -> web.Response:
+        """``{"model": NAME, "wait": bool}``: profile the model's EPD strategy again now."""
+        if not self.epd.settings.enabled:
+            raise RouterError(409, "the EPD profiler is off: start the router with "
+                              "--epd-profile", code="epd_profile_disabled")
+        try:
+            body = await request.json()
+        except ValueError:
+            raise RouterError(400, "body must be JSON: {\"model\": NAME}") from None
+        if not isinstance(body, dict):
+            raise RouterError(400, "body must be JSON: {\"model\": NAME}")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise RouterError(400, "'model' is required", param="model")
+        if not self.load.serving(model):
+            raise RouterError(404, f"model '{model}' does not exist here", param="model",
+                              code="model_not_found")
+        encoders, generators = self.epd.pools(model)
+        if not encoders or not generators:
+            raise RouterError(409, f"model '{model}' needs a healthy encode instance and a "
+                              "healthy language-model instance to profile",
+                              code="epd_pools_missing")
+        task = self.epd.start(model)
+        if body.get("wait"):
+            await asyncio.shield(task)
+            return web.json_response(self.epd.snapshot()[model])
+        return web.json_response({"model": model, "status": "profiling"}, status=202)
 
     async def handle_admin_change(self, request: web.Request) -> web.Response:
         try:

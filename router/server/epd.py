@@ -67,6 +67,11 @@ def _part_url(part: Mapping[str, Any]) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def image_count(parsed: ParsedRequest) -> int:
+    """Images given by URL in a chat request."""
+    return sum(1 for p in _image_parts(parsed.body) if _part_url(p))
+
+
 def wants_encode(parsed: ParsedRequest) -> bool:
     """True for a chat request with at least one image given by URL (data: or http)."""
     return parsed.kind == "chat" and any(_part_url(p) for p in _image_parts(parsed.body))

@@ -108,6 +108,14 @@ class RouterMetrics:
             "xllm_router_epd_encode_seconds", "Encode stage of multimodal requests (request sent "
             "to the encode instance to its ec_transfer_params back).",
             buckets=_LATENCY_BUCKETS, registry=r)
+        self.epd_strategy = Gauge(
+            "xllm_router_epd_strategy", "1 for the EPD strategy the live profiler chose for the "
+            "model ('E-PD': images through an encode instance; 'none': the language-model "
+            "instance encodes them).", ["model", "strategy"], registry=r)
+        self.epd_picks = Counter(
+            "xllm_router_epd_picks", "EPD profiler decisions by model and event: 'pick' "
+            "(profiled), 'keep' (traffic moved too little), 'stay' (another strategy was not "
+            "better enough), 'switch'.", ["model", "event"], registry=r)
         self.role_switches = Counter(
             "xllm_router_role_switches", "Instance role changes asked for by the policy, by "
             "instance, old and new role, and the policy's reason.",

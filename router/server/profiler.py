@@ -75,7 +75,7 @@ class InstanceProfiler:
         if session is None:
             return
         try:
-            model, max_len = await self._model(session, load)
+            model, max_len = await served_model(session, load.record.url, self.headers)
             plan = [(p, o) for p, o in policy.profile_plan() if p + o <= max_len]
             rng = random.Random(hash((load.instance_id, load.record.incarnation)))
             if plan:
@@ -94,36 +94,51 @@ class InstanceProfiler:
             log.info("profiled %s: %s", load.instance_id, ", ".join(
                 f"{s.prompt_tokens} tok -> TTFT {s.ttft_ms:.0f} ms" for s in samples))
 
-    async def _model(self, session: aiohttp.ClientSession,
-                     load: InstanceLoad) -> tuple[str, int]:
-        async with session.get(load.record.url + "/v1/models", headers=self.headers,
-                               timeout=aiohttp.ClientTimeout(total=10)) as r:
-            data = (await r.json())["data"]
-        first = data[0]
-        return str(first["id"]), int(first.get("max_model_len") or 2048)
-
     async def _probe(self, session: aiohttp.ClientSession, url: str, model: str, prompt: int,
                      output: int, rng: random.Random) -> ProfileSample | None:
-        ids = [rng.randrange(*TOKEN_ID_RANGE) for _ in range(prompt)]
-        body = {"model": model, "prompt": ids, "max_tokens": output, "temperature": 0.0,
-                "ignore_eos": True, "stream": True}
-        times: list[float] = []
-        began = time.perf_counter()
-        async with session.post(url + "/v1/completions", json=body, headers=self.headers,
-                                timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)) as r:
-            if r.status != 200:
-                log.warning("profile probe on %s answered %d", url, r.status)
-                return None
-            async for raw in r.content:
-                line = raw.strip()
-                if not line.startswith(b"data:") or line == b"data: [DONE]":
-                    continue
-                chunk = json.loads(line[5:])
-                if any(c.get("text") is not None and (c.get("text") or c.get("finish_reason")
-                                                      is None)
-                       for c in chunk.get("choices") or ()):
-                    times.append(time.perf_counter() - began)
-        if not times:
+        return await probe_completion(session, url, model, random_ids(rng, prompt), output,
+                                      self.headers)
+
+
+async def served_model(session: aiohttp.ClientSession, url: str,
+                       headers: dict[str, str]) -> tuple[str, int]:
+    """The first model the instance at ``url`` serves, and its ``max_model_len``."""
+    async with session.get(url + "/v1/models", headers=headers,
+                           timeout=aiohttp.ClientTimeout(total=10)) as r:
+        data = (await r.json())["data"]
+    first = data[0]
+    return str(first["id"]), int(first.get("max_model_len") or 2048)
+
+
+def random_ids(rng: random.Random, count: int) -> list[int]:
+    """A prompt of ``count`` ordinary token ids that shares no prefix with another's."""
+    return [rng.randrange(*TOKEN_ID_RANGE) for _ in range(count)]
+
+
+async def probe_completion(session: aiohttp.ClientSession, url: str, model: str,
+                           ids: list[int], output: int, headers: dict[str, str],
+                           timeout_s: float = PROBE_TIMEOUT_S) -> ProfileSample | None:
+    """One streamed completion of ``ids`` on the instance at ``url``, timed from this side:
+    TTFT, and TPOT when more than one token came (None when it did not answer 200)."""
+    body = {"model": model, "prompt": ids, "max_tokens": output, "temperature": 0.0,
+            "ignore_eos": True, "stream": True}
+    times: list[float] = []
+    began = time.perf_counter()
+    async with session.post(url + "/v1/completions", json=body, headers=headers,
+                            timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+        if r.status != 200:
+            log.warning("profile probe on %s answered %d", url, r.status)
             return None
-        tpot = ((times[-1] - times[0]) * 1000 / (len(times) - 1)) if len(times) > 1 else None
-        return ProfileSample(prompt, len(times), times[0] * 1000, tpot)
+        async for raw in r.content:
+            line = raw.strip()
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if any(c.get("text") is not None and (c.get("text") or c.get("finish_reason")
+                                                  is None)
+                   for c in chunk.get("choices") or ()):
+                times.append(time.perf_counter() - began)
+    if not times:
+        return None
+    tpot = ((times[-1] - times[0]) * 1000 / (len(times) - 1)) if len(times) > 1 else None
+    return ProfileSample(len(ids), len(times), times[0] * 1000, tpot)

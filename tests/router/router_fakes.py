@@ -312,3 +312,56 @@ async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0,
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         await asyncio.sleep(0.05)
     return time.monotonic() - began
+
+
+class FakeEncoder:
+    """An encode-only instance: answers a chat request with ``ec_transfer_params`` keyed by
+    each image's uuid, as vLLM's ECExampleConnector producer does (or fails as told)."""
+
+    def __init__(self, status: int = 200, delay_s: float = 0.0) -> None:
+        self.status = status
+        self.delay_s = delay_s  # encoder time per request
+        self.requests: list[dict[str, Any]] = []
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> FakeEncoder:
+        app = web.Application()
+        app.router.add_get("/health", self._empty)
+        app.router.add_get("/metrics", self._empty)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    @staticmethod
+    async def _empty(request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    @staticmethod
+    async def _models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "tiny", "object": "model"}]})
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append(body)
+        await asyncio.sleep(self.delay_s)
+        if self.status != 200:
+            return web.json_response({"error": {"message": "encoder broke"}}, status=self.status)
+        uuids = [p["uuid"] for m in body["messages"] for p in m["content"]
+                 if isinstance(p, dict) and p.get("type") == "image_url"]
+        return web.json_response({
+            "id": "e", "object": "chat.completion", "model": "tiny",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": ""},
+                         "finish_reason": "stop"}],
+            "ec_transfer_params": {u: {"item_indices": [i], "metadata": {}}
+                                   for i, u in enumerate(uuids)}})

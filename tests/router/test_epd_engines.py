@@ -152,6 +152,37 @@ async def test_an_encoder_error_falls_back_to_pd_encoding_with_the_same_answer(
     assert router.load.instances["e"].healthy  # an answered error is not an outage
 
 
+async def test_the_live_profiler_measures_both_paths_and_routes_by_its_pick(
+        epd_engines, start_router, client):
+    """``--epd-profile`` on the real pair: the profiler's binary searches and probe workload
+    run against vLLM, it picks the better measured path (ties to aggregated), and image
+    requests then follow the pick with the same greedy answer as PD alone."""
+    e, pd = epd_engines["e"], epd_engines["pd"]
+    image = sample_image_url(4)
+    want_ids, want_text, _ = await _chat(client, pd.url, _body(image))
+    router, url = await start_router(
+        instances=[f"{e.url};id=e;role=encode", f"{pd.url};id=pd"], first_byte_timeout_s=120,
+        admin_token="admin", epd_profile=True, slo_ttft_ms=10000, slo_tpot_ms=2000,
+        epd_probe_requests=4)
+    await wait_for(lambda: router.epd.models.get(MODEL) is not None
+                   and router.epd.models[MODEL].status in ("ready", "failed"), 240,
+                   "the EPD profile")
+    state = router.epd.snapshot()[MODEL]
+    assert state["status"] == "ready", state["error"]
+    measured = state["measured"]
+    # tiny-mm: 4 image tokens (a 28-pixel side in 14-pixel patches), plus what the chat
+    # template adds around an image
+    assert measured["tokens_per_image"] >= 4
+    assert measured["encode_batch"] >= 1 and measured["token_budget"] >= 16
+    assert measured["probe_attainment"] == {"none EPD1": 1.0, "E-PD E1:PD1": 1.0}
+    goodput = measured["probe_goodput"]
+    best = max(goodput, key=goodput.get)  # first of equals: "none EPD1"
+    assert state["config"] == best and state["history"] == [["pick", best]]
+    ids, text, headers = await _chat(client, url, _body(image))
+    assert (headers.get("x-xllm-epd") == "loaded") == (state["strategy"] == "E-PD")
+    assert (ids, text) == (want_ids, want_text)
+
+
 async def test_a_killed_encoder_loses_no_request(epd_engines, start_router, client):
     """Last in the module: it kills E. Whether the router's health scrape or the encode
     stage sees it first, PD answers, and as it would alone."""

@@ -1,0 +1,169 @@
+"""The live EPD profiler (router/server/epd_profile.py) against fake engines: it measures,
+picks by probe goodput, routes image requests by its pick, re-picks per traffic window, and
+never counts its own probes as traffic. The real-engine path is in test_epd_engines.py."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+from PIL import Image
+from router_fakes import FakeEncoder, FakeEngine, metric_total, wait_for
+
+from router.policies.epd import feasible_search, max_feasible
+from router.policies.epd_live import TrafficWindow, deployment_configs
+from router.server.epd_profile import drive_search, probe_png
+
+ASYNC = pytest.mark.asyncio(loop_scope="session")
+ADMIN = {"Authorization": "Bearer admin"}
+IMAGE = "data:image/png;base64,iVBORw0KGgo="
+
+
+def _chat(**extra: Any) -> dict[str, Any]:
+    return {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": IMAGE}},
+        {"type": "text", "text": "What is in the image?"}]}], **extra}
+
+
+def test_probe_png_is_a_real_png_of_the_asked_size() -> None:
+    image = Image.open(io.BytesIO(probe_png(64, seed=3)))
+    assert image.size == (64, 64) and image.mode == "RGB"
+    assert image.getpixel((32, 16)) == (128, 64, 51)  # (x, y, x + y + seed) scaled as written
+
+
+def test_a_live_deployment_runs_aggregated_or_through_its_encoders() -> None:
+    assert deployment_configs(0, 0) == ()
+    assert [c.label for c in deployment_configs(0, 2)] == ["none EPD2"]
+    none, apart = deployment_configs(1, 3)
+    assert (none.label, apart.label) == ("none EPD3", "E-PD E1:PD3")
+    assert apart.encodes_apart and not none.encodes_apart
+
+
+def test_traffic_window_is_due_once_per_window_of_new_requests() -> None:
+    window = TrafficWindow(3)
+    for k in range(2):
+        window.add(float(k), 10, 100, 1, 20)
+    assert not window.due
+    window.add(2.0, 40, 0, 0, 20)
+    assert window.due
+    summary = window.take()
+    assert summary.rate == pytest.approx(1.0) and summary.text_tokens == 20
+    assert not window.due
+    with pytest.raises(ValueError):
+        TrafficWindow(1)
+
+
+@ASYNC
+async def test_the_async_search_asks_the_same_questions_as_the_sync_one() -> None:
+    asked: list[int] = []
+
+    async def fits(x: int) -> bool:
+        asked.append(x)
+        return x <= 37
+
+    assert await drive_search(feasible_search(1, 100), fits) == 37
+    again: list[int] = []
+    assert max_feasible(lambda x: again.append(x) or x <= 37, 1, 100) == 37
+    assert asked == again and len(asked) <= 8
+    assert await drive_search(feasible_search(5, 9), fits) == 9
+
+
+async def _profiled(start_router, client, encoder: FakeEncoder, pd: FakeEngine,
+                    window: int = 4) -> tuple[Any, str, dict[str, Any]]:
+    router, url = await start_router(
+        instances=[f"{encoder.url};id=e;role=encode", f"{pd.url};id=pd"], policy="least_load",
+        admin_token="admin", epd_profile=True, slo_ttft_ms=300, slo_tpot_ms=100,
+        epd_probe_requests=4, epd_window=window)
+    await wait_for(lambda: router.epd.models.get("tiny") is not None
+                   and router.epd.models["tiny"].status in ("ready", "failed"), 30, "profile")
+    async with client.get(url + "/admin/epd", headers=ADMIN) as r:
+        assert r.status == 200
+        state = (await r.json())["models"]["tiny"]
+    return router, url, state
+
+
+@ASYNC
+async def test_a_slow_encoder_is_bypassed_and_images_stay_with_the_language_model(
+        start_router, client):
+    """E takes 0.5 s per request against a 300 ms TTFT SLO: on the probe E-PD meets no
+    request, aggregated meets all, so the profiler picks none and image requests skip E."""
+    encoder = await FakeEncoder(delay_s=0.5).start()
+    pd = await FakeEngine("pd").start()
+    try:
+        router, url, state = await _profiled(start_router, client, encoder, pd)
+        assert state["status"] == "ready", state["error"]
+        measured = state["measured"]
+        assert measured["encoder"] == "e" and measured["generator"] == "pd"
+        assert measured["encode_batch"] == 1  # 0.5 s > a quarter of the TTFT SLO
+        assert measured["token_budget"] >= 16 and len(measured["step_samples"]) >= 4
+        assert measured["probe_attainment"] == {"none EPD1": 1.0, "E-PD E1:PD1": 0.0}
+        assert state["strategy"] == "none" and state["history"] == [["pick", "none EPD1"]]
+        assert set(state["compared"]) == {"none EPD1", "E-PD E1:PD1"}
+        encodes = len(encoder.requests)
+        async with client.post(url + "/v1/chat/completions", json=_chat()) as r:
+            assert r.status == 200 and "x-xllm-epd" not in r.headers
+        assert len(encoder.requests) == encodes  # bypassed
+        # A client may still force E, and a bad value is a 400 in OpenAI's shape.
+        forced = {"x-xllm-epd-strategy": "E-PD"}
+        async with client.post(url + "/v1/chat/completions", json=_chat(), headers=forced) as r:
+            assert r.status == 200 and r.headers["x-xllm-epd"] == "loaded"
+        async with client.post(url + "/v1/chat/completions", json=_chat(),
+                               headers={"x-xllm-epd-strategy": "E-P-D"}) as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["param"] == "x-xllm-epd-strategy"
+        metrics = (await (await client.get(url + "/metrics")).read()).decode()
+        assert metric_total(metrics, "xllm_router_epd_strategy", model="tiny",
+                            strategy="none") == 1
+        assert metric_total(metrics, "xllm_router_epd_picks_total", model="tiny",
+                            event="pick") == 1
+    finally:
+        await encoder.stop()
+        await pd.stop()
+
+
+@ASYNC
+async def test_client_traffic_windows_trigger_re_picks_and_probes_do_not_count(
+        start_router, client):
+    encoder = await FakeEncoder().start()
+    pd = await FakeEngine("pd").start()
+    try:
+        router, url, state = await _profiled(start_router, client, encoder, pd, window=3)
+        assert state["status"] == "ready", state["error"]
+        # 2 strategies x 4 probe chats went through the front door: none of them counted.
+        assert len(state["history"]) == 1
+        for k in range(3):
+            async with client.post(url + "/v1/chat/completions", json=_chat()) as r:
+                assert r.status == 200
+            history = router.epd.models["tiny"].controller.history
+            assert len(history) == (1 if k < 2 else 2)
+        assert history[-1][0] in ("keep", "stay", "switch")
+        metrics = (await (await client.get(url + "/metrics")).read()).decode()
+        assert metric_total(metrics, "xllm_router_epd_picks_total", model="tiny",
+                            event=history[-1][0]) == 1
+        # On demand, waiting for the answer: a fresh profile, a fresh history.
+        async with client.post(url + "/admin/epd/profile", headers=ADMIN,
+                               json={"model": "tiny", "wait": True}) as r:
+            assert r.status == 200
+            again = await r.json()
+        assert again["status"] == "ready" and [e for e, _ in again["history"]] == ["pick"]
+        async with client.post(url + "/admin/epd/profile", headers=ADMIN,
+                               json={"model": "nope"}) as r:
+            assert r.status == 404
+    finally:
+        await encoder.stop()
+        await pd.stop()
+
+
+@ASYNC
+async def test_profile_on_demand_is_refused_when_the_profiler_is_off(start_router, client):
+    pd = await FakeEngine("pd").start()
+    try:
+        router, url = await start_router(instances=[f"{pd.url};id=pd"], admin_token="admin")
+        async with client.post(url + "/admin/epd/profile", headers=ADMIN,
+                               json={"model": "tiny"}) as r:
+            assert r.status == 409 and (await r.json())["error"]["code"] == "epd_profile_disabled"
+        async with client.get(url + "/admin/epd", headers=ADMIN) as r:
+            assert (await r.json()) == {"enabled": False, "models": {}}
+    finally:
+        await pd.stop()
