@@ -732,7 +732,10 @@ class Router:
                 extra[HEADER_MIGRATIONS] = str(ledger.migrations)
                 return web.Response(body=_json_bytes(response.body()), status=200,
                                     headers=extra, content_type="application/json")
-            await response.write_eof()
+            try:
+                await response.write_eof()
+            except ConnectionResetError:  # the client read [DONE] and hung up before the end
+                log.debug("request %s: client closed after [DONE]", parsed.request_id)
             return response
         finally:
             if ctx.get("move") is not None:
@@ -978,7 +981,7 @@ class Router:
                  prompt_tokens: int, ctx: dict[str, Any], started: float,
                  tpot_ms: float | None, output_tokens: int, ok: bool) -> None:
         if ok and ctx.get("epd_traffic"):  # a client's image request: EPD traffic summary
-            self.epd.record(parsed.model, parsed.prompt_chars, image_count(parsed),
+            self.epd.record(parsed.model, started, parsed.prompt_chars, image_count(parsed),
                             output_tokens or parsed.max_tokens or 0)
         if not isinstance(policy, ObservingPolicy):
             return
