@@ -15,9 +15,16 @@ Pure: :mod:`router.server.epd_profile` feeds it measurements and requests.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from router.policies.epd import EPDConfig, WorkloadSummary, summarize_requests
+from router.policies.epd import (
+    EPDConfig,
+    LinearCost,
+    StageCosts,
+    WorkloadSummary,
+    summarize_requests,
+)
 
 
 def deployment_configs(encoders: int, generators: int) -> tuple[EPDConfig, ...]:
@@ -58,3 +65,61 @@ class TrafficWindow:
         """The summary of the window; counting towards the next one starts again."""
         self._new = 0
         return summarize_requests(self._items)
+
+
+@dataclass
+class Calibration:
+    """Measured goodput over the analytic estimate, per config, from the probe workload.
+
+    The analytic estimate knows stage compute (what the profile measured) but not what a
+    path adds around it: E -> PD's extra request, the encoder output's trip through the
+    connector, the API servers' work. Re-picks on live traffic cannot run the probe again,
+    so they scale each config's estimate for the new traffic by its factor: the estimate
+    follows the traffic's shape, the factor keeps what the probe measured.
+    """
+
+    factors: dict[str, float] = field(default_factory=dict)
+
+    def measured(self, values: dict[str, float]) -> Callable[[EPDConfig, float], float]:
+        """A ``goodput(config, estimate)`` for the first pick: the probe's measurement, the
+        factor recorded on the way."""
+        def goodput(config: EPDConfig, estimate: float) -> float:
+            value = values[config.label]
+            self.factors[config.label] = value / estimate if estimate > 0 else 0.0
+            return value
+        return goodput
+
+    def __call__(self, config: EPDConfig, estimate: float) -> float:
+        """The calibrated estimate (a config the probe never measured keeps its estimate)."""
+        return estimate * self.factors.get(config.label, 1.0)
+
+
+@dataclass
+class Measured:
+    """What one live profile of a model measured (shown at ``/admin/epd``): encode samples
+    are ``(images sent at once, seconds until all came back)``, step samples ``(prefill
+    tokens, decode sequences, seconds of one step)``."""
+
+    encoder: str
+    generator: str
+    tokens_per_image: int
+    text_tokens: int
+    encode_batch: int
+    token_budget: int
+    encode_samples: list[tuple[int, float]] = field(default_factory=list)
+    step_samples: list[tuple[int, int, float]] = field(default_factory=list)
+    probe_goodput: dict[str, float] = field(default_factory=dict)
+    probe_attainment: dict[str, float] = field(default_factory=dict)
+
+
+def fitted_costs(measured: Measured) -> StageCosts:
+    """Stage costs from the profile's timings, clamped at zero (noise can make a slope
+    negative). Encode time per image scales with its tokens relative to the probe image."""
+    encode = LinearCost.fit([((b,), s) for b, s in measured.encode_samples])
+    step = LinearCost.fit([((t, n), s) for t, n, s in measured.step_samples])
+    per_image_s = max(encode.coef[1], 0.0)
+    probe_tokens = max(1, measured.tokens_per_image)
+    return StageCosts(
+        encode_s=lambda images, tokens: per_image_s * images * tokens / probe_tokens,
+        step_s=lambda prefill, seqs, ctx: max(step(prefill, seqs), 1e-6),
+        encode_overhead_s=max(encode.coef[0], 0.0))

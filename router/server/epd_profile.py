@@ -10,11 +10,13 @@ router's front door is bound, it runs xLLM's profiler (§3.3) against them:
 2. **encoder batch** by binary search: the most images whose encodes, sent to E at
    once, all come back within ``encode_ttft_share`` of the TTFT SLO (each image has its
    own media uuid, so nothing is served from a cache);
-3. **token budget** by binary search: the longest prompt (random token ids: no prefix
-   hits) whose single prefill step on the idle language-model instance fits in
-   ``headroom`` x the TPOT SLO; plus the TPOT of 1 and 4 concurrent decodes. These and
-   step 2's timings are fitted into the :class:`~router.policies.epd.StageCosts` the
-   analytic estimate needs (context length is not varied: the probes are short);
+3. **token budget** by binary search: the TPOT of 1 and 4 concurrent decodes first, then
+   the longest prompt (random token ids: no prefix hits) whose prefill, as a step beside
+   one decode (that decode's step plus what the prompt adds to TTFT over a 16-token
+   prompt's), fits in ``headroom`` x the TPOT SLO on the idle language-model instance.
+   These and step 2's timings are fitted into the
+   :class:`~router.policies.epd.StageCosts` the analytic estimate needs (context length
+   is not varied: the probes are short);
 4. **probe workload**: for every config the deployment can run
    (:func:`~router.policies.epd_live.deployment_configs`), ``probe_requests`` image
    chats through the router's own front door, forced onto the config with
@@ -24,8 +26,11 @@ router's front door is bound, it runs xLLM's profiler (§3.3) against them:
 
 After that, each ``window`` finished image requests the
 :class:`~router.policies.epd.EPDController` re-picks on their summary with the
-analytic estimates of the fitted costs (no probe traffic on a serving deployment), with
-its hysteresis: a small shift keeps the choice, a new strategy must win by a margin.
+analytic estimates of the fitted costs, each scaled by what the probe measured for that
+config over what the estimate said (:class:`~router.policies.epd_live.Calibration`: no
+probe traffic on a serving deployment, but no forgetting what it showed), with the
+controller's hysteresis: a small shift keeps the choice, a new strategy must win by a
+margin.
 
 Until a model's profile is done, and without ``--epd-profile``, images go through an
 encode instance whenever one is healthy. A client may force either path with the
@@ -38,12 +43,13 @@ import asyncio
 import base64
 import logging
 import random
+import statistics
 import struct
 import time
 import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Generator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import aiohttp
@@ -55,12 +61,16 @@ from router.policies.epd import (
     EPDConfig,
     EPDController,
     EPDProfiler,
-    LinearCost,
-    StageCosts,
     WorkloadSummary,
     feasible_search,
 )
-from router.policies.epd_live import TrafficWindow, deployment_configs
+from router.policies.epd_live import (
+    Calibration,
+    Measured,
+    TrafficWindow,
+    deployment_configs,
+    fitted_costs,
+)
 from router.server.epd import ENCODE_ROLE, encode_body
 from router.server.load_view import InstanceLoad, LoadView
 from router.server.metrics import RouterMetrics
@@ -144,22 +154,6 @@ class EPDSettings:
 
 
 @dataclass
-class Measured:
-    """What one profile of a model measured (shown at ``/admin/epd``)."""
-
-    encoder: str
-    generator: str
-    tokens_per_image: int
-    text_tokens: int
-    encode_batch: int
-    token_budget: int
-    encode_samples: list[tuple[int, float]] = field(default_factory=list)
-    step_samples: list[tuple[int, int, float]] = field(default_factory=list)
-    probe_goodput: dict[str, float] = field(default_factory=dict)
-    probe_attainment: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
 class ModelState:
     """One model's profile, controller and traffic window."""
 
@@ -167,25 +161,13 @@ class ModelState:
     error: str = ""
     measured: Measured | None = None
     controller: EPDController | None = None
+    calibration: Calibration | None = None
     window: TrafficWindow | None = None
     task: asyncio.Task[None] | None = None
 
     @property
     def choice(self) -> Choice | None:
         return self.controller.current if self.controller is not None else None
-
-
-def fitted_costs(measured: Measured) -> StageCosts:
-    """Stage costs from the profile's timings, clamped at zero (noise can make a slope
-    negative). Encode time per image scales with its tokens relative to the probe image."""
-    encode = LinearCost.fit([((b,), s) for b, s in measured.encode_samples])
-    step = LinearCost.fit([((t, n), s) for t, n, s in measured.step_samples])
-    per_image_s = max(encode.coef[1], 0.0)
-    probe_tokens = max(1, measured.tokens_per_image)
-    return StageCosts(
-        encode_s=lambda images, tokens: per_image_s * images * tokens / probe_tokens,
-        step_s=lambda prefill, seqs, ctx: max(step(prefill, seqs), 1e-6),
-        encode_overhead_s=max(encode.coef[0], 0.0))
 
 
 class EPDAutoStrategy:
@@ -264,14 +246,15 @@ class EPDAutoStrategy:
                 rate=max(measured.probe_goodput.values()), image_tokens=measured.tokens_per_image,
                 images=1.0, text_tokens=measured.text_tokens,
                 output_tokens=self.settings.probe_max_tokens)
-            controller = EPDController(profiler)
-            controller.update(summary, lambda config, _: measured.probe_goodput[config.label])
+            controller, calibration = EPDController(profiler), Calibration()
+            controller.update(summary, calibration.measured(measured.probe_goodput))
         except (ProfileError, aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
             state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
-            log.warning("EPD profile of %s failed (%s); images keep going through an encode "
-                        "instance when one is healthy", model, state.error)
+            log.warning("EPD profile of %s failed (%s); %s", model, state.error,
+                        "the previous choice stays" if state.controller is not None else
+                        "images go through an encode instance when one is healthy")
             return
-        state.measured, state.controller = measured, controller
+        state.measured, state.controller, state.calibration = measured, controller, calibration
         state.window = TrafficWindow(self.settings.window)
         state.status = "ready"
         self._metrics.epd_picks.labels(model, "pick").inc()
@@ -300,10 +283,10 @@ class EPDAutoStrategy:
                             text_tokens=text_only, encode_batch=0, token_budget=0)
         measured.encode_batch = await self._encoder_batch(session, e.record.url, model,
                                                           measured)
+        await self._decode_steps(session, g.record.url, model, measured)
         measured.token_budget = await self._token_budget(session, g.record.url, model,
                                                          min(self.settings.max_budget,
                                                              max_len - 2), measured)
-        await self._decode_steps(session, g.record.url, model, measured)
         for config in configs:
             goodput, attainment = await self._probe_workload(model, config)
             measured.probe_goodput[config.label] = goodput
@@ -357,20 +340,32 @@ class EPDAutoStrategy:
 
     async def _token_budget(self, session: aiohttp.ClientSession, url: str, model: str,
                             longest: int, measured: Measured) -> int:
+        """Binary search on the step a prefill of ``t`` tokens makes beside one decode: the
+        measured one-decode step plus what ``t`` tokens add to TTFT over the shortest probe's.
+        TTFT alone would also count the HTTP round trip and the API server, which are not
+        in any step and, on a busy host, can exceed a tight TPOT SLO by themselves."""
         limit_s = self.settings.headroom * self.settings.slo_tpot_s
         rng = random.Random(f"{model}-budget")
+        decode_s = next(sec for t, seqs, sec in measured.step_samples if (t, seqs) == (0, 1))
 
-        async def fits(tokens: int) -> bool:
+        async def ttft_s(tokens: int) -> float:
             sample = await probe_completion(session, url, model, random_ids(rng, tokens), 1,
                                             self._upstream_headers)
             if sample is None:
                 raise ProfileError(f"{url} refused a {tokens}-token prefill probe")
-            measured.step_samples.append((tokens, 0, sample.ttft_ms / 1e3))
-            return sample.ttft_ms / 1e3 <= limit_s
+            return sample.ttft_ms / 1e3
+
+        base_s = statistics.median([await ttft_s(MIN_BUDGET) for _ in range(3)])
+        measured.step_samples.append((MIN_BUDGET, 1, decode_s))
+
+        async def fits(tokens: int) -> bool:
+            step_s = decode_s + max(0.0, await ttft_s(tokens) - base_s)
+            measured.step_samples.append((tokens, 1, step_s))
+            return step_s <= limit_s
 
         budget = await drive_search(feasible_search(MIN_BUDGET, max(MIN_BUDGET, longest)), fits)
-        if len({t for t, _, _ in measured.step_samples}) < 2:
-            await fits(4 * MIN_BUDGET if budget < 4 * MIN_BUDGET else MIN_BUDGET)
+        if len({t for t, _, _ in measured.step_samples}) < 3:  # the fit needs two prefill sizes
+            await fits(4 * MIN_BUDGET)
         return max(budget, 1)
 
     async def _decode_steps(self, session: aiohttp.ClientSession, url: str, model: str,
@@ -412,19 +407,22 @@ class EPDAutoStrategy:
 
     # -- live traffic ---------------------------------------------------------------------------
 
-    def record(self, model: str, text_chars: int, images: int, output_tokens: int) -> None:
-        """One finished image request; every ``window`` of them the controller re-picks."""
+    def record(self, model: str, arrival_s: float, text_chars: int, images: int,
+               output_tokens: int) -> None:
+        """One finished image request (``arrival_s`` on any one clock); every ``window`` of
+        them the controller re-picks."""
         state = self.models.get(model)
         if state is None or state.status != "ready" or state.window is None:
             return
         assert state.measured is not None and state.controller is not None
-        state.window.add(time.monotonic(), -(-text_chars // CHARS_PER_TOKEN),
+        assert state.calibration is not None
+        state.window.add(arrival_s, -(-text_chars // CHARS_PER_TOKEN),
                          images * state.measured.tokens_per_image, images, output_tokens)
         if not state.window.due:
             return
         summary = state.window.take()
         before = state.controller.current
-        choice = state.controller.update(summary, lambda _, estimate: estimate)
+        choice = state.controller.update(summary, state.calibration)
         event = state.controller.history[-1][0]
         self._metrics.epd_picks.labels(model, event).inc()
         if before is None or choice.config.strategy != before.config.strategy:
@@ -450,6 +448,8 @@ class EPDAutoStrategy:
                 "limits": asdict(choice.limits) if choice is not None else None,
                 "goodput": choice.goodput if choice is not None else None,
                 "compared": dict(choice.measured) if choice is not None else {},
+                "calibration": dict(state.calibration.factors)
+                if state.calibration is not None else {},
                 "history": [list(h) for h in state.controller.history]
                 if state.controller is not None else [],
             }

@@ -119,9 +119,13 @@ async def probe_completion(session: aiohttp.ClientSession, url: str, model: str,
                            ids: list[int], output: int, headers: dict[str, str],
                            timeout_s: float = PROBE_TIMEOUT_S) -> ProfileSample | None:
     """One streamed completion of ``ids`` on the instance at ``url``, timed from this side:
-    TTFT, and TPOT when more than one token came (None when it did not answer 200)."""
+    TTFT, and TPOT when more than one token came (None when it did not answer 200).
+
+    A token's arrival is a chunk with ``token_ids`` (vLLM's ``return_token_ids``), or, from
+    a server without them, with text: a token can decode to no text (part of a UTF-8
+    character), which with one output token used to leave no arrival at all."""
     body = {"model": model, "prompt": ids, "max_tokens": output, "temperature": 0.0,
-            "ignore_eos": True, "stream": True}
+            "ignore_eos": True, "stream": True, "return_token_ids": True}
     times: list[float] = []
     began = time.perf_counter()
     async with session.post(url + "/v1/completions", json=body, headers=headers,
@@ -134,8 +138,7 @@ async def probe_completion(session: aiohttp.ClientSession, url: str, model: str,
             if not line.startswith(b"data:") or line == b"data: [DONE]":
                 continue
             chunk = json.loads(line[5:])
-            if any(c.get("text") is not None and (c.get("text") or c.get("finish_reason")
-                                                  is None)
+            if any(c.get("token_ids") or (c.get("token_ids") is None and c.get("text"))
                    for c in chunk.get("choices") or ()):
                 times.append(time.perf_counter() - began)
     if not times:

@@ -50,7 +50,8 @@ def epd_engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     """E (``--mm-encoder-only``, ``ec_producer``) and PD (``ec_consumer``) on one storage
     path. Stock vLLM plus only the plugin's general entry point (its Pixtral import alias
     lets vLLM size SigLIP images without torchvision)."""
-    from xllm_plugin.launcher.engine import EngineProcess, EngineSpec, free_port, start_engines
+    from xllm_plugin.launcher.engine import (EngineProcess, EngineSpec, ec_engine_args, free_port,
+                                             start_engines)
     from xllm_plugin.models import build_model
 
     model = build_model(MODEL)
@@ -58,23 +59,18 @@ def epd_engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     storage = work / "ec-store"
     storage.mkdir()
 
-    def ec_config(role: str) -> str:
-        return json.dumps({"ec_connector": "ECExampleConnector", "ec_role": role,
-                           "ec_buffer_device": "cpu",
-                           "ec_connector_extra_config": {"shared_storage_path": str(storage)}})
-
     common = ["--dtype", "float32"]  # the same greedy tokens whichever side encodes
     specs = {
         "pd": EngineSpec(model=model, port=free_port(), served_model_name=MODEL, plugin=False,
                          cpu_bind="0", max_model_len=512,
-                         extra_args=[*common, "--ec-transfer-config", ec_config("ec_consumer")],
+                         extra_args=[*common, *ec_engine_args("ec_consumer", storage)],
                          env={"VLLM_PLUGINS": "xllm",
                               "VLLM_LOGGING_CONFIG_PATH": str(_logging_config(
                                   work / "logging.json"))}),
         "e": EngineSpec(model=model, port=free_port(), served_model_name=MODEL, plugin=False,
                         cpu_bind="1", max_model_len=ENCODER_MAX_LEN,
                         extra_args=[*common, "--mm-encoder-only",
-                                    "--ec-transfer-config", ec_config("ec_producer")],
+                                    *ec_engine_args("ec_producer", storage)],
                         env={"VLLM_PLUGINS": "xllm"}),
     }
     engines = {name: EngineProcess(spec, log_path=Path(f"/tmp/xllm-epd-test-{name}.log"))

@@ -11,8 +11,21 @@ import pytest
 from PIL import Image
 from router_fakes import FakeEncoder, FakeEngine, metric_total, wait_for
 
-from router.policies.epd import feasible_search, max_feasible
-from router.policies.epd_live import TrafficWindow, deployment_configs
+from router.policies.epd import (
+    EPDController,
+    EPDProfiler,
+    StageCosts,
+    WorkloadSummary,
+    feasible_search,
+    max_feasible,
+)
+from router.policies.epd_live import (
+    Calibration,
+    Measured,
+    TrafficWindow,
+    deployment_configs,
+    fitted_costs,
+)
 from router.server.epd_profile import drive_search, probe_png
 
 ASYNC = pytest.mark.asyncio(loop_scope="session")
@@ -52,6 +65,52 @@ def test_traffic_window_is_due_once_per_window_of_new_requests() -> None:
     assert not window.due
     with pytest.raises(ValueError):
         TrafficWindow(1)
+
+
+def test_fitted_costs_recover_the_timings_they_were_fitted_to() -> None:
+    """Encode: 30 ms per batch + 12 ms per image of the probe's 5 tokens; a step: 8 ms +
+    0.05 ms per prefill token + 1 ms per decode sequence (context is not profiled)."""
+    measured = Measured("e", "pd", tokens_per_image=5, text_tokens=7, encode_batch=4,
+                        token_budget=512,
+                        encode_samples=[(b, 0.030 + 0.012 * b) for b in (1, 2, 4, 8)],
+                        step_samples=[(t, 0, 0.008 + 5e-5 * t) for t in (16, 256, 512)]
+                        + [(0, n, 0.008 + 0.001 * n) for n in (1, 4)])
+    costs = fitted_costs(measured)
+    assert costs.encode_overhead_s == pytest.approx(0.030)
+    assert costs.encode_s(3, 5) == pytest.approx(0.036)
+    assert costs.encode_s(3, 10) == pytest.approx(0.072)  # twice the tokens per image
+    assert costs.step_s(100, 2, 9999) == pytest.approx(0.008 + 0.005 + 0.002)
+    noisy = Measured("e", "pd", 5, 7, 1, 16, encode_samples=[(1, 0.05), (2, 0.04)],
+                     step_samples=measured.step_samples)
+    assert fitted_costs(noisy).encode_s(4, 5) == 0.0  # a negative slope clamps to zero
+
+
+def test_re_picks_keep_what_the_probe_measured() -> None:
+    """Encoding dominates the analytic model (50 ms per image), so it favours E-PD; the probe
+    measured aggregated well ahead (what a hop and the connector cost is not in the model).
+    A re-pick on shifted traffic with the calibrated estimates keeps none; with the raw
+    estimates it would switch (what ran live before calibration: auto at 0.51x)."""
+    costs = StageCosts(encode_s=lambda images, tokens: 0.05 * images,
+                       step_s=lambda prefill, seqs, ctx: 0.005 + 1e-5 * prefill + 1e-3 * seqs)
+    configs = deployment_configs(1, 1)
+
+    def controller() -> EPDController:
+        return EPDController(EPDProfiler(costs, slo_ttft_s=1.0, slo_tpot_s=0.1, instances=1,
+                                         configs=configs))
+
+    probe = WorkloadSummary(rate=8.0, image_tokens=5, images=1, text_tokens=7,
+                            output_tokens=16)
+    shifted = WorkloadSummary(rate=16.0, image_tokens=5, images=1, text_tokens=7,
+                              output_tokens=40)
+    measured = {"none EPD1": 10.0, "E-PD E1:PD1": 6.0}
+    calibrated, calibration = controller(), Calibration()
+    assert calibrated.update(probe, calibration.measured(measured)).config.strategy == "none"
+    assert set(calibration.factors) == set(measured)
+    raw = controller()
+    raw.update(probe, Calibration().measured(measured))
+    assert raw.update(shifted, lambda _, estimate: estimate).config.strategy == "E-PD"
+    assert calibrated.update(shifted, calibration).config.strategy == "none"
+    assert calibrated.history[-1][0] == "stay"
 
 
 @ASYNC

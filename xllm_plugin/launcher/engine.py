@@ -227,6 +227,16 @@ def pd_engine_args(side_channel_port: int, device: str = "cpu") -> tuple[list[st
     return ["--kv-transfer-config", json.dumps(config)], env
 
 
+def ec_engine_args(role: str, storage: Path, device: str = "cpu") -> list[str]:
+    """``vllm serve`` flags for an instance in an E -> PD pair: vLLM's ECExampleConnector
+    (encoder outputs as files under ``storage``, shared by both sides) in ``role``
+    (``ec_producer`` on the ``--mm-encoder-only`` instance, ``ec_consumer`` on PD). The
+    example connector is the one that runs on CPU (``ECCPUConnector`` needs Triton)."""
+    config = {"ec_connector": "ECExampleConnector", "ec_role": role, "ec_buffer_device": device,
+              "ec_connector_extra_config": {"shared_storage_path": str(storage)}}
+    return ["--ec-transfer-config", json.dumps(config)]
+
+
 def start_engines(engines: Sequence[EngineProcess], timeout_s: float = 300.0) -> None:
     """Start ``engines`` side by side (a start is mostly waiting on imports and the model
     load); raise the first failure once all have finished trying. The caller stops them."""
