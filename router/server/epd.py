@@ -74,7 +74,7 @@ def image_count(parsed: ParsedRequest) -> int:
 
 def wants_encode(parsed: ParsedRequest) -> bool:
     """True for a chat request with at least one image given by URL (data: or http)."""
-    return parsed.kind == "chat" and any(_part_url(p) for p in _image_parts(parsed.body))
+    return parsed.kind == "chat" and image_count(parsed) > 0
 
 
 def media_uuid(model: str, url: str) -> str:
