@@ -307,10 +307,8 @@ async def start_router(instances: list[str], migration_limit: int,
                        stall_multiple: float | None,
                        liveness_multiple: float | None) -> tuple[Any, Any, str]:
     """An in-process router on a free port (same settings as the migration test)."""
-    from aiohttp import web
-
     from router.config import RouterConfig
-    from router.server.app import Router
+    from router.server.app import Router, listen
 
     settings: dict[str, Any] = {"instances": instances, "scrape_interval_s": 0.2,
                                 "unhealthy_after": 2, "first_byte_timeout_s": 120,
@@ -320,13 +318,7 @@ async def start_router(instances: list[str], migration_limit: int,
     if liveness_multiple is not None:
         settings["liveness_probe_multiple"] = liveness_multiple
     router = Router(RouterConfig.from_args(settings))
-    runner = web.AppRunner(router.build_app(), handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    url = f"http://127.0.0.1:{port}"
-    router.attach_front_url(url)
+    runner, url = await listen(router)
     deadline = time.monotonic() + 60
     while not all(i.healthy for i in router.load.instances.values()):
         if time.monotonic() > deadline:

@@ -83,23 +83,15 @@ def start_engines(storage: Path) -> list[Any]:
 
 async def start_router(e_url: str, pd_url: str, args: argparse.Namespace) -> tuple[Any, Any, str]:
     """An in-process router with --epd-profile on a free port (its profile not yet done)."""
-    from aiohttp import web
-
     from router.config import RouterConfig
-    from router.server.app import Router
+    from router.server.app import Router, listen
 
     router = Router(RouterConfig.from_args({
         "instances": [f"{e_url};id=e;role=encode", f"{pd_url};id=pd"], "policy": "least_load",
         "scrape_interval_s": 0.2, "first_byte_timeout_s": 120, "epd_profile": True,
         "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms,
         "epd_window": args.window, "epd_probe_requests": args.probe_requests}))
-    runner = web.AppRunner(router.build_app(), handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    url = f"http://127.0.0.1:{port}"
-    router.attach_front_url(url)
+    runner, url = await listen(router)
     return router, runner, url
 
 

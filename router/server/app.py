@@ -1153,16 +1153,24 @@ def _json_loads(text: str) -> Any:
     return msgspec.json.decode(text)
 
 
-async def serve(config: RouterConfig, *, ready: asyncio.Event | None = None) -> None:
-    """Run the router until cancelled (the CLI calls this)."""
-    router = Router(config)
+async def listen(router: Router, host: str = "127.0.0.1",
+                 port: int = 0) -> tuple[web.AppRunner, str]:
+    """Serve ``router`` on ``host:port`` (0: a free port) in this event loop; the runner (to
+    ``cleanup()``) and the loopback URL, which the router also learns (batch jobs, probes)."""
     runner = web.AppRunner(router.build_app(), handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    router.attach_front_url(f"http://{_loopback(config.host)}:{port}")
-    log.info("xllm-router listening on http://%s:%d", config.host, port)
+    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    url = f"http://{_loopback(host)}:{bound}"
+    router.attach_front_url(url)
+    return runner, url
+
+
+async def serve(config: RouterConfig, *, ready: asyncio.Event | None = None) -> None:
+    """Run the router until cancelled (the CLI calls this)."""
+    runner, url = await listen(Router(config), config.host, config.port)
+    log.info("xllm-router listening on http://%s:%s", config.host, url.rsplit(":", 1)[1])
     if ready is not None:
         ready.set()
     try:

@@ -19,7 +19,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from router.config import RouterConfig
-from router.server.app import Router
+from router.server.app import Router, listen
 from etcd_server import EtcdServer
 from router_fakes import FakeEngine, wait_for  # noqa: F401 (re-exported)
 
@@ -64,14 +64,9 @@ async def start_router() -> AsyncIterator[RouterFactory]:
         instances = values.pop("instances", [])
         config = RouterConfig.from_args({"instances": list(instances), **values})
         router = Router(config)
-        runner = web.AppRunner(router.build_app(), handler_cancellation=True, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+        runner, url = await listen(router)
         runners.append(runner)
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        router.attach_front_url(f"http://127.0.0.1:{port}")
-        return router, f"http://127.0.0.1:{port}"
+        return router, url
 
     yield start
     for runner in runners:
