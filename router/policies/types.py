@@ -211,7 +211,8 @@ class ProfileSample:
     """One isolated request a driver ran on a new instance for a profiling policy.
 
     ``ttft_ms`` is arrival to first token with nothing else running there;
-    ``tpot_ms`` the mean gap between later tokens (None for one output token).
+    ``tpot_ms`` the mean time per token after the first chunk (None when every token came
+    in one chunk: one output token, or an API server far behind its engine).
     """
 
     prompt_tokens: int

@@ -86,6 +86,7 @@ MIN_BUDGET = 16
 DECODE_PROBE_SEQS = (1, 4)
 DECODE_PROBE_TOKENS = 16
 DECODE_PROBE_PROMPT = 32
+DECODE_PROBE_ROUNDS = 3  # 16, 32, then 64 tokens
 CHARS_PER_TOKEN = 4
 
 
@@ -370,17 +371,29 @@ class EPDAutoStrategy:
 
     async def _decode_steps(self, session: aiohttp.ClientSession, url: str, model: str,
                             measured: Measured) -> None:
+        """Mean TPOT at each of ``DECODE_PROBE_SEQS`` concurrent sequences. An API server
+        that falls behind its engine sends a probe's tokens in one chunk, which times
+        nothing; the probes then run again with twice the tokens, so that decoding outlasts
+        the stall (seen under the full test suite on two cores with a tiny model)."""
         rng = random.Random(f"{model}-decode")
         for seqs in DECODE_PROBE_SEQS:
-            samples = await asyncio.gather(*(probe_completion(
-                session, url, model, random_ids(rng, DECODE_PROBE_PROMPT), DECODE_PROBE_TOKENS,
-                self._upstream_headers) for _ in range(seqs)))
-            # A starved API server may send a probe's tokens in one chunk (no gap to time):
-            # the others still time the step.
-            tpots = [s.tpot_ms for s in samples if s is not None and s.tpot_ms is not None]
-            if not tpots:
-                raise ProfileError(f"{url} gave no timeable decode probe of {seqs}")
-            measured.step_samples.append((0, seqs, sum(tpots) / len(tpots) / 1e3))
+            tokens = DECODE_PROBE_TOKENS
+            for _ in range(DECODE_PROBE_ROUNDS):
+                samples = await asyncio.gather(*(probe_completion(
+                    session, url, model, random_ids(rng, DECODE_PROBE_PROMPT), tokens,
+                    self._upstream_headers) for _ in range(seqs)))
+                if any(s is None for s in samples):
+                    raise ProfileError(f"{url} refused a decode probe")
+                tpots = [s.tpot_ms for s in samples if s.tpot_ms is not None]
+                if tpots:
+                    measured.step_samples.append((0, seqs, sum(tpots) / len(tpots) / 1e3))
+                    break
+                log.info("decode probes of %d on %s came in one chunk each; again with %d "
+                         "tokens", seqs, url, 2 * tokens)
+                tokens *= 2
+            else:
+                raise ProfileError(f"{url} sent every decode probe of {seqs} in one chunk, "
+                                   f"up to {tokens // 2} tokens")
 
     async def _probe_workload(self, model: str, config: EPDConfig) -> tuple[float, float]:
         """(requests within both SLOs per second, their share) for image chats forced onto

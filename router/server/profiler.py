@@ -119,14 +119,15 @@ async def probe_completion(session: aiohttp.ClientSession, url: str, model: str,
                            ids: list[int], output: int, headers: dict[str, str],
                            timeout_s: float = PROBE_TIMEOUT_S) -> ProfileSample | None:
     """One streamed completion of ``ids`` on the instance at ``url``, timed from this side:
-    TTFT, and TPOT when more than one token came (None when it did not answer 200).
+    TTFT, and TPOT when tokens came in more than one chunk (None when it did not answer 200).
 
-    A token's arrival is a chunk with ``token_ids`` (vLLM's ``return_token_ids``), or, from
-    a server without them, with text: a token can decode to no text (part of a UTF-8
-    character), which with one output token used to leave no arrival at all."""
+    Tokens are counted from each chunk's ``token_ids`` (vLLM's ``return_token_ids``), or one
+    per chunk with text from a server without them. A token can decode to no text (part of
+    a UTF-8 character), and an API server that falls behind its engine sends the tokens it
+    has in one chunk, so neither chunks nor texts count tokens."""
     body = {"model": model, "prompt": ids, "max_tokens": output, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "return_token_ids": True}
-    times: list[float] = []
+    arrivals: list[tuple[float, int]] = []  # (seconds since the request, tokens it brought)
     began = time.perf_counter()
     async with session.post(url + "/v1/completions", json=body, headers=headers,
                             timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
@@ -137,11 +138,20 @@ async def probe_completion(session: aiohttp.ClientSession, url: str, model: str,
             line = raw.strip()
             if not line.startswith(b"data:") or line == b"data: [DONE]":
                 continue
-            chunk = json.loads(line[5:])
-            if any(c.get("token_ids") or (c.get("token_ids") is None and c.get("text"))
-                   for c in chunk.get("choices") or ()):
-                times.append(time.perf_counter() - began)
-    if not times:
+            tokens = sum(chunk_tokens(c) for c in json.loads(line[5:]).get("choices") or ())
+            if tokens:
+                arrivals.append((time.perf_counter() - began, tokens))
+    if not arrivals:
         return None
-    tpot = ((times[-1] - times[0]) * 1000 / (len(times) - 1)) if len(times) > 1 else None
-    return ProfileSample(len(ids), len(times), times[0] * 1000, tpot)
+    total = sum(n for _, n in arrivals)
+    (first_s, first_n), last_s = arrivals[0], arrivals[-1][0]
+    tpot = (last_s - first_s) * 1000 / (total - first_n) if len(arrivals) > 1 else None
+    return ProfileSample(len(ids), total, first_s * 1000, tpot)
+
+
+def chunk_tokens(choice: dict) -> int:
+    """Output tokens one streamed choice brings: its ``token_ids``, else one per text."""
+    ids = choice.get("token_ids")
+    if ids is not None:
+        return len(ids)
+    return 1 if choice.get("text") else 0

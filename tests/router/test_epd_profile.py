@@ -4,10 +4,15 @@ never counts its own probes as traffic. The real-engine path is in test_epd_engi
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from PIL import Image
 from router_fakes import FakeEncoder, FakeEngine, metric_total, wait_for
 
@@ -27,6 +32,7 @@ from router.policies.epd_live import (
     fitted_costs,
 )
 from router.server.epd_profile import drive_search, probe_png
+from router.server.profiler import probe_completion
 
 ASYNC = pytest.mark.asyncio(loop_scope="session")
 ADMIN = {"Authorization": "Bearer admin"}
@@ -226,3 +232,34 @@ async def test_profile_on_demand_is_refused_when_the_profiler_is_off(start_route
             assert (await r.json()) == {"enabled": False, "models": {}}
     finally:
         await pd.stop()
+
+
+@ASYNC
+async def test_a_probe_counts_tokens_not_chunks_when_the_server_coalesces_them() -> None:
+    """An API server behind its engine sends several tokens in one chunk; TPOT is the time
+    after the first chunk over the tokens that came after it, and one chunk times nothing."""
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await stream.prepare(request)
+        # 1 token, then 0.2 s later 3 tokens in one chunk (the middle one decodes to no
+        # text), or, for the 4-token prompt, all 4 tokens in one chunk.
+        chunks = [[7, 8, 9, 10]] if len(body["prompt"]) == 4 else [[7], [8, 9, 10]]
+        for k, ids in enumerate(chunks):
+            if k:
+                await asyncio.sleep(0.2)
+            event = {"choices": [{"index": 0, "text": "" if k else "a", "token_ids": ids}]}
+            await stream.write(f"data: {json.dumps(event)}\n\n".encode())
+        await stream.write(b"data: [DONE]\n\n")
+        return stream
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    async with TestServer(app) as server, aiohttp.ClientSession() as session:
+        url = str(server.make_url("")).rstrip("/")
+        spread = await probe_completion(session, url, "m", [1, 2, 3], 4, {})
+        lumped = await probe_completion(session, url, "m", [1, 2, 3, 4], 4, {})
+    assert spread is not None and lumped is not None
+    assert spread.output_tokens == 4 and spread.tpot_ms is not None
+    assert 0.2 * 1000 / 3 <= spread.tpot_ms < 0.4 * 1000 / 3  # 0.2 s over three tokens
+    assert lumped.output_tokens == 4 and lumped.tpot_ms is None
