@@ -13,12 +13,12 @@ shared).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from ec_logs import ec_logging_config, encoder_loads
 from router_fakes import wait_for
 
 from router.server.epd import media_uuid
@@ -28,21 +28,7 @@ pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session")]
 
 MODEL = "tiny-mm"
 MAX_TOKENS = 12
-# vLLM's ECExampleConnector logs every load at DEBUG under this logger; only it is raised.
-EC_LOGGER = "vllm.distributed.ec_transfer.ec_connector.example_connector"
-LOAD_LINE = "Success load encoder cache for hash"
 ENCODER_MAX_LEN = 128  # E rejects longer prompts (HTTP 400): a failure its health cannot see
-
-
-def _logging_config(path: Path) -> Path:
-    path.write_text(json.dumps({
-        "version": 1, "disable_existing_loggers": False,
-        "formatters": {"plain": {"format": "%(levelname)s %(asctime)s %(name)s: %(message)s"}},
-        "handlers": {"out": {"class": "logging.StreamHandler", "formatter": "plain",
-                             "level": "DEBUG", "stream": "ext://sys.stdout"}},
-        "loggers": {"vllm": {"handlers": ["out"], "level": "INFO", "propagate": False},
-                    EC_LOGGER: {"level": "DEBUG"}}}))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +51,7 @@ def epd_engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
                          cpu_bind="0", max_model_len=512,
                          extra_args=[*common, *ec_engine_args("ec_consumer", storage)],
                          env={"VLLM_PLUGINS": "xllm",
-                              "VLLM_LOGGING_CONFIG_PATH": str(_logging_config(
+                              "VLLM_LOGGING_CONFIG_PATH": str(ec_logging_config(
                                   work / "logging.json"))}),
         "e": EngineSpec(model=model, port=free_port(), served_model_name=MODEL, plugin=False,
                         cpu_bind="1", max_model_len=ENCODER_MAX_LEN,
@@ -99,11 +85,6 @@ async def _chat(client, url: str, body: dict[str, Any]) -> tuple[list[int], str,
         return choice["token_ids"], choice["message"]["content"], r.headers
 
 
-def _loads(log: Path, key: str) -> int:
-    return sum(1 for line in log.read_text(errors="replace").splitlines()
-               if LOAD_LINE in line and key in line)
-
-
 async def test_e_to_pd_equals_aggregated_and_pd_loads_the_encoder_output(
         epd_engines, start_router, client):
     e, pd, storage = epd_engines["e"], epd_engines["pd"], epd_engines["storage"]
@@ -112,7 +93,7 @@ async def test_e_to_pd_equals_aggregated_and_pd_loads_the_encoder_output(
     # Aggregated: PD alone, no media id, so it hashes the pixels and encodes them itself.
     want_ids, want_text, _ = await _chat(client, pd.url, _body(image))
     assert len(want_ids) == MAX_TOKENS
-    assert _loads(pd.log_path, key) == 0
+    assert encoder_loads(pd.log_path, key) == 0
 
     router, url = await start_router(instances=[f"{e.url};id=e;role=encode",
                                                 f"{pd.url};id=pd"],
@@ -125,7 +106,7 @@ async def test_e_to_pd_equals_aggregated_and_pd_loads_the_encoder_output(
     assert (ids, text) == (want_ids, want_text)
     # E stored the encoder output under the pinned id; PD loaded it (vLLM's own log line).
     assert (storage / key / "encoder_cache.safetensors").is_file()
-    await wait_for(lambda: _loads(pd.log_path, key) == 1, 10, "PD's load log line")
+    await wait_for(lambda: encoder_loads(pd.log_path, key) == 1, 10, "PD's load log line")
     metrics = (await (await client.get(url + "/metrics")).read()).decode()
     assert 'xllm_router_epd_encodes_total{instance="e",outcome="loaded"} 1.0' in metrics
 
@@ -144,7 +125,7 @@ async def test_an_encoder_error_falls_back_to_pd_encoding_with_the_same_answer(
     assert headers["x-xllm-epd"] == "fallback_http_400"  # longer than E's context
     assert headers["x-xllm-instance"] == "pd"
     assert (ids, text_out) == (want_ids, want_text)
-    assert _loads(pd.log_path, media_uuid(MODEL, image)) == 0  # PD encoded it itself
+    assert encoder_loads(pd.log_path, media_uuid(MODEL, image)) == 0  # PD encoded it itself
     assert router.load.instances["e"].healthy  # an answered error is not an outage
 
 
