@@ -172,6 +172,7 @@ class DynamicPDPolicy:
     """The rule in the module docstring; one object serves one model's instances."""
 
     name = "dynamic_pd"
+    splits_prefill = True  # prefill on P, decode on D (the live EPD profiler names paths by it)
     default_prefill_fraction = 0.5
     """The simulator's initial split when the deployment names no roles."""
 

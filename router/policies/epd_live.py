@@ -3,11 +3,12 @@
 A live deployment cannot move an instance between the vision encoder and the
 language model: vLLM's ``--mm-encoder-only`` is a start-up flag. So the choice
 the router makes at run time is whether a model's images go through its encode
-instances first (``E-PD``: E encodes, the language-model instance loads E's
-output) or stay with the language-model instance that serves the request
-(``none``: it encodes in its own steps). How the language-model instances split
-prefill from decode is the PD policy's business (``static_pd``/``dynamic_pd``),
-so here they count as one pool.
+instances first (E encodes, the language-model instance loads E's output) or stay
+with the language-model instance that serves the request (it encodes in its own
+steps). Which language-model instance prefills and which decodes is the routing
+policy's business: under a PD policy (``static_pd``/``dynamic_pd``) over instances
+labelled ``prefill`` and ``decode`` the two paths are ``EP-D`` and ``E-P-D``, else the
+language-model instances count as one pool and the paths are ``none`` and ``E-PD``.
 
 Pure: :mod:`router.server.epd_profile` feeds it measurements and requests.
 """
@@ -27,15 +28,23 @@ from router.policies.epd import (
 )
 
 
-def deployment_configs(encoders: int, generators: int) -> tuple[EPDConfig, ...]:
+def deployment_configs(encoders: int, generators: int, decoders: int = 0
+                       ) -> tuple[EPDConfig, ...]:
     """The configs a deployment of ``encoders`` encode-only and ``generators`` language-model
-    instances can run without restarting any: aggregated first (ties go to it), then E-PD."""
+    instances can run without restarting any: images with the language model first (ties
+    go to it), then through the encoders. ``decoders`` of the generators only decode (a PD
+    policy's P/D split; 0: one aggregated pool)."""
     if generators < 1:
         return ()
-    aggregated = EPDConfig("none", encode=generators)
-    if encoders < 1:
-        return (aggregated,)
-    return aggregated, EPDConfig("E-PD", encode=encoders, prefill=generators)
+    prefillers = generators - decoders
+    if decoders > 0 and prefillers > 0:
+        kept = EPDConfig("EP-D", encode=prefillers, decode=decoders)
+        apart = EPDConfig("E-P-D", encode=encoders, prefill=prefillers, decode=decoders) \
+            if encoders > 0 else None
+    else:
+        kept = EPDConfig("none", encode=generators)
+        apart = EPDConfig("E-PD", encode=encoders, prefill=generators) if encoders > 0 else None
+    return (kept,) if apart is None else (kept, apart)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from router.policies.types import ClusterView, NoInstanceAvailable, RequestInfo,
 
 class StaticPDPolicy:
     name = "static_pd"
+    splits_prefill = True  # prefill on P, decode on D (the live EPD profiler names paths by it)
     # Share of instances a driver should make prefill instances when the
     # deployment names no roles (the simulator's default split).
     default_prefill_fraction = 0.5

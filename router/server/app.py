@@ -161,7 +161,8 @@ class Router:
         self.epd = EPDAutoStrategy(
             config.epd_settings(), self.load, self.metrics, lambda: self.session,
             lambda: self.front_url, upstream_headers,
-            {"Authorization": f"Bearer {config.api_keys[0]}"} if config.api_keys else {})
+            {"Authorization": f"Bearer {config.api_keys[0]}"} if config.api_keys else {},
+            splits_prefill=getattr(self.policies[config.policy], "splits_prefill", False))
         # Batch lines go through this router's own front door at offline class;
         # its loopback URL is known once the listening socket is bound.
         self.front_url: str | None = None

@@ -32,9 +32,15 @@ probe traffic on a serving deployment, but no forgetting what it showed), with t
 controller's hysteresis: a small shift keeps the choice, a new strategy must win by a
 margin.
 
+Under a PD routing policy over instances labelled ``prefill`` and ``decode`` the two
+paths are ``EP-D`` and ``E-P-D`` (:func:`~router.policies.epd_live.deployment_configs`);
+the measurements of steps 1-3 run on one of them, which serves a direct request whole.
+
 Until a model's profile is done, and without ``--epd-profile``, images go through an
 encode instance whenever one is healthy. A client may force either path with the
-request header ``x-xllm-epd-strategy: none|E-PD``.
+request header ``x-xllm-epd-strategy``: ``none`` or ``EP-D`` keep the images with the
+language-model instances, ``E-PD`` or ``E-P-D`` send them through an encode instance
+(the names differ only in whether the routing policy splits prefill from decode).
 """
 
 from __future__ import annotations
@@ -78,9 +84,10 @@ from router.server.profiler import probe_completion, random_ids, served_model
 
 log = logging.getLogger("xllm.router.epd_profile")
 
-HEADER_EPD_STRATEGY = "x-xllm-epd-strategy"  # request: force "none" or "E-PD"
+HEADER_EPD_STRATEGY = "x-xllm-epd-strategy"  # request: force one of LIVE_STRATEGIES
 HEADER_PROBE = "x-xllm-probe"  # the profiler's own requests: not counted as traffic
-LIVE_STRATEGIES = ("none", "E-PD")
+LIVE_STRATEGIES = ("none", "EP-D", "E-PD", "E-P-D")
+ENCODE_APART = frozenset({"E-PD", "E-P-D"})  # the live strategies that send images to E
 PROBE_TEXT = "Describe the image."
 MIN_BUDGET = 16
 DECODE_PROBE_SEQS = (1, 4)
@@ -177,8 +184,9 @@ class EPDAutoStrategy:
     def __init__(self, settings: EPDSettings, load: LoadView, metrics: RouterMetrics,
                  session: Callable[[], aiohttp.ClientSession | None],
                  front_url: Callable[[], str | None], upstream_headers: dict[str, str],
-                 client_headers: dict[str, str]) -> None:
+                 client_headers: dict[str, str], splits_prefill: bool = False) -> None:
         self.settings = settings
+        self._splits_prefill = splits_prefill  # the routing policy separates P from D
         self._load = load
         self._metrics = metrics
         self._session = session
@@ -192,7 +200,7 @@ class EPDAutoStrategy:
     def encodes_apart(self, model: str, forced: str | None = None) -> bool:
         """Whether an image request for ``model`` should go through an encode instance."""
         if forced is not None:
-            return forced == "E-PD"
+            return forced in ENCODE_APART
         state = self.models.get(model)
         choice = state.choice if state is not None else None
         return True if choice is None else choice.config.encodes_apart
@@ -271,7 +279,9 @@ class EPDAutoStrategy:
         if session is None:
             raise ProfileError("the router is shutting down")
         encoders, generators = self.pools(model)
-        configs = deployment_configs(len(encoders), len(generators))
+        decoders = sum(i.role == "decode" for i in generators) if self._splits_prefill and all(
+            i.role in ("prefill", "decode") for i in generators) else 0
+        configs = deployment_configs(len(encoders), len(generators), decoders)
         if len(configs) < 2:
             raise ProfileError("needs a healthy encode instance and a healthy language-model "
                                "instance")

@@ -110,8 +110,8 @@ class RouterMetrics:
             buckets=_LATENCY_BUCKETS, registry=r)
         self.epd_strategy = Gauge(
             "xllm_router_epd_strategy", "1 for the EPD strategy the live profiler chose for the "
-            "model ('E-PD': images through an encode instance; 'none': the language-model "
-            "instance encodes them).", ["model", "strategy"], registry=r)
+            "model ('E-PD', 'E-P-D': images through an encode instance; 'none', 'EP-D': the "
+            "language-model instance encodes them).", ["model", "strategy"], registry=r)
         self.epd_picks = Counter(
             "xllm_router_epd_picks", "EPD profiler decisions by model and event: 'pick' "
             "(profiled), 'keep' (traffic moved too little), 'stay' (another strategy was not "

@@ -147,3 +147,30 @@ async def test_e_to_p_to_d_equals_aggregated_and_each_stage_loads_the_last_ones_
         await wait_for(lambda: encoder_loads(p.log_path, key) == 1, 10, "P's load log line")
         loaded = await _external(client, d.url) - before
         assert loaded >= ROUTER_TEST_BLOCK_SIZE, f"D loaded {loaded} prompt tokens over NIXL"
+
+
+async def test_the_live_profiler_names_and_measures_the_p_d_paths(
+        epd_engines, start_router, client):
+    """``--epd-profile`` under ``static_pd`` over P and D: the paths it measures through the
+    front door are EP-D and E-P-D, and image requests follow its pick P -> D with the same
+    answer as P alone."""
+    e, p, d = epd_engines["e"], epd_engines["p"], epd_engines["d"]
+    image = sample_image_url(5)
+    want, _ = await _answer(client, p.url, _body(image, stream=False))
+    router, url = await start_router(
+        instances=[f"{e.url};id=e;role=encode", f"{p.url};id=p;role=prefill",
+                   f"{d.url};id=d;role=decode"],
+        policy="static_pd", first_byte_timeout_s=120, admin_token="admin", epd_profile=True,
+        slo_ttft_ms=20000, slo_tpot_ms=2000, epd_probe_requests=4)
+    await wait_for(lambda: router.epd.models.get(MODEL) is not None
+                   and router.epd.models[MODEL].status in ("ready", "failed"), 300,
+                   "the EPD profile")
+    state = router.epd.snapshot()[MODEL]
+    assert state["status"] == "ready", state["error"]
+    assert state["measured"]["probe_attainment"] == {"EP-D EP1:D1": 1.0, "E-P-D E1:P1:D1": 1.0}
+    goodput = state["measured"]["probe_goodput"]
+    assert state["config"] == max(goodput, key=goodput.get)
+    text, headers = await _answer(client, url, _body(image, stream=False))
+    assert (headers.get("x-xllm-epd") == "loaded") == (state["strategy"] == "E-P-D")
+    assert (headers["x-xllm-prefill-instance"], headers["x-xllm-instance"]) == ("p", "d")
+    assert text == want

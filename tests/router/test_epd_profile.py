@@ -57,6 +57,13 @@ def test_a_live_deployment_runs_aggregated_or_through_its_encoders() -> None:
     none, apart = deployment_configs(1, 3)
     assert (none.label, apart.label) == ("none EPD3", "E-PD E1:PD3")
     assert apart.encodes_apart and not none.encodes_apart
+    # Under a PD policy, 1 of 3 language-model instances only decoding: EP-D or E-P-D.
+    kept, apart = deployment_configs(1, 3, decoders=1)
+    assert (kept.label, apart.label) == ("EP-D EP2:D1", "E-P-D E1:P2:D1")
+    assert apart.encodes_apart and not kept.encodes_apart
+    assert [c.label for c in deployment_configs(0, 2, decoders=1)] == ["EP-D EP1:D1"]
+    assert [c.label for c in deployment_configs(1, 2, decoders=2)] == [
+        "none EPD2", "E-PD E1:PD2"]  # no prefill instance left: one pool
 
 
 def test_traffic_window_is_due_once_per_window_of_new_requests() -> None:
@@ -169,12 +176,13 @@ async def test_a_slow_encoder_is_bypassed_and_images_stay_with_the_language_mode
         async with client.post(url + "/v1/chat/completions", json=_chat()) as r:
             assert r.status == 200 and "x-xllm-epd" not in r.headers
         assert len(encoder.requests) == encodes  # bypassed
-        # A client may still force E, and a bad value is a 400 in OpenAI's shape.
+        # A client may still force E, and a strategy the live router cannot run (ED-P: E and D
+        # share an instance) is a 400 in OpenAI's shape.
         forced = {"x-xllm-epd-strategy": "E-PD"}
         async with client.post(url + "/v1/chat/completions", json=_chat(), headers=forced) as r:
             assert r.status == 200 and r.headers["x-xllm-epd"] == "loaded"
         async with client.post(url + "/v1/chat/completions", json=_chat(),
-                               headers={"x-xllm-epd-strategy": "E-P-D"}) as r:
+                               headers={"x-xllm-epd-strategy": "ED-P"}) as r:
             assert r.status == 400
             assert (await r.json())["error"]["param"] == "x-xllm-epd-strategy"
         metrics = (await (await client.get(url + "/metrics")).read()).decode()
