@@ -51,7 +51,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from dynamic_pd_live import rate_at  # noqa: E402
 
 from router.bench.load import RequestResult, stream_chat  # noqa: E402
-from router.policies.epd import STRATEGY_CODES  # noqa: E402
+from router.policies.epd import STRATEGY_CODES, EPDConfig  # noqa: E402
+from router.policies.epd_live import deployment_configs  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = "tiny-mm"
@@ -59,14 +60,17 @@ TARGET = 0.9
 TEXT = "Describe the image."
 
 
+def configs(pd: bool) -> tuple[EPDConfig, EPDConfig]:
+    """What the router's profiler compares on this deployment: images kept with the language
+    model, then through E (one E and one PD instance, or one E, P and D)."""
+    kept, apart = deployment_configs(1, 2 if pd else 1, decoders=1 if pd else 0)
+    return kept, apart
+
+
 def modes(pd: bool) -> tuple[str, str, str]:
     """(images kept with the language model, images through E, the profiler's pick)."""
-    return ("EP-D", "E-P-D", "auto") if pd else ("none", "E-PD", "auto")
-
-
-def probe_labels(pd: bool) -> tuple[str, str]:
-    """The profiler's labels of the two configs of this deployment (one of each pool)."""
-    return ("EP-D EP1:D1", "E-P-D E1:P1:D1") if pd else ("none EPD1", "E-PD E1:PD1")
+    kept, apart = configs(pd)
+    return kept.strategy, apart.strategy, "auto"
 
 
 def key(mode: str) -> str:
@@ -221,8 +225,8 @@ def summarize(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "profile_encode_batch": measured["encode_batch"],
         "profile_token_budget": measured["token_budget"],
         "profile_tokens_per_image": measured["tokens_per_image"],
-        **{f"profile_goodput_{key(mode)}": measured["probe_goodput"][label]
-           for mode, label in zip((kept, apart), probe_labels(args.pd))},
+        **{f"profile_goodput_{key(c.strategy)}": measured["probe_goodput"][c.label]
+           for c in configs(args.pd)},
         "auto_switches": sum(1 for event, _ in raw["history"] if event == "switch"),
         "auto_repicks": sum(1 for event, _ in raw["history"] if event != "pick"),
     })

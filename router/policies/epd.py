@@ -51,6 +51,8 @@ STRATEGIES: tuple[Strategy, ...] = ("none", "EP-D", "ED-P", "E-P-D", "E-PD")
 STRATEGY_CODES: dict[str, int] = {s: k for k, s in enumerate(STRATEGIES)}
 """Numeric codes for result files (values must be numbers): none 0, EP-D 1, ED-P 2, E-P-D 3,
 E-PD 4."""
+ENCODE_APART: frozenset[Strategy] = frozenset({"E-P-D", "E-PD"})
+"""The strategies whose images go to instances that run only the encoder."""
 
 
 # -- deployment candidates ------------------------------------------------------------------
@@ -97,7 +99,7 @@ class EPDConfig:
     @property
     def encodes_apart(self) -> bool:
         """True when images go to instances that run only the encoder."""
-        return self.strategy in ("E-P-D", "E-PD")
+        return self.strategy in ENCODE_APART
 
     def pools(self) -> list[tuple[str, int]]:
         """``(phases, count)`` per pool, e.g. ``[("EP", 5), ("D", 3)]``."""

@@ -63,6 +63,7 @@ import numpy as np
 
 from router.bench.load import stream_chat
 from router.policies.epd import (
+    ENCODE_APART,
     Choice,
     EPDConfig,
     EPDController,
@@ -87,7 +88,6 @@ log = logging.getLogger("xllm.router.epd_profile")
 HEADER_EPD_STRATEGY = "x-xllm-epd-strategy"  # request: force one of LIVE_STRATEGIES
 HEADER_PROBE = "x-xllm-probe"  # the profiler's own requests: not counted as traffic
 LIVE_STRATEGIES = ("none", "EP-D", "E-PD", "E-P-D")
-ENCODE_APART = frozenset({"E-PD", "E-P-D"})  # the live strategies that send images to E
 PROBE_TEXT = "Describe the image."
 MIN_BUDGET = 16
 DECODE_PROBE_SEQS = (1, 4)
@@ -279,8 +279,8 @@ class EPDAutoStrategy:
         if session is None:
             raise ProfileError("the router is shutting down")
         encoders, generators = self.pools(model)
-        decoders = sum(i.role == "decode" for i in generators) if self._splits_prefill and all(
-            i.role in ("prefill", "decode") for i in generators) else 0
+        split = self._splits_prefill and all(i.role in ("prefill", "decode") for i in generators)
+        decoders = sum(i.role == "decode" for i in generators) if split else 0
         configs = deployment_configs(len(encoders), len(generators), decoders)
         if len(configs) < 2:
             raise ProfileError("needs a healthy encode instance and a healthy language-model "
