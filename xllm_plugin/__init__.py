@@ -49,6 +49,9 @@ def register() -> None:
         from xllm_plugin.nixl_affinity import install_from_env as keep_nixl_affinity
 
         keep_nixl_affinity()  # the engine's compute thread stays on its cores (nixl_affinity.py)
+        from xllm_plugin.shm_spin import install_from_env as set_shm_busy_loop
+
+        set_shm_busy_loop()  # XLLM_SHM_POLL_MS: workers sleep, not spin (shm_spin.py)
     except XLLMConfigError as error:
         print(f"xllm-plugin: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -98,16 +98,17 @@ def _cpu_seconds(engine) -> float:
 
 
 async def test_idle_nixl_engines_leave_their_cores_free(router_engines, start_router, client):
-    """After P->D transfers (agents connected), an idle engine with NixlConnector uses a
-    sliver of a core: the plugin pauses NIXL's progress thread between polls
-    (xllm_plugin/nixl_progress.py), where NIXL's own default spins a whole core."""
+    """Right after a P->D transfer (agents connected), an idle engine with NixlConnector
+    uses a sliver of a core: the plugin pauses NIXL's progress thread between polls
+    (xllm_plugin/nixl_progress.py), where NIXL's own default spins a whole core, and vLLM's
+    worker sleeps on its step queue (xllm_plugin/shm_spin.py) instead of spinning for a
+    second after each step (about half a core over these 3 s)."""
     router, url = await start_router(instances=_pd_instances(router_engines), policy="static_pd")
     await wait_for(lambda: all(i.healthy for i in router.load.instances.values()), 10, "health")
     _, headers = await _complete(client, f"{url}/v1/completions",
                                  {"prompt": _prompt(300, 7), "max_tokens": 4}, stream=False)
     assert headers["x-xllm-pd"] == "handoff"
     await router.load.stop()  # no scrapes during the measurement
-    await asyncio.sleep(1.0)
     before = [_cpu_seconds(e) for e in router_engines]
     await asyncio.sleep(3.0)
     cores = [(_cpu_seconds(e) - b) / 3.0 for e, b in zip(router_engines, before)]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from xllm_plugin.nixl_progress import ENV as NIXL_PROGRESS_ENV
+from xllm_plugin.shm_spin import ENV as SHM_POLL_ENV
 
 log = logging.getLogger("xllm.launcher")
 
@@ -30,6 +31,9 @@ PLUGIN_NAMES = "xllm,xllm_status"  # VLLM_PLUGINS filters every group once set: 
 XLLM_SCHEDULER = "xllm_plugin.scheduler.XLLMScheduler"
 # The pause of NIXL's progress thread in CPU PD engines (xllm_plugin/nixl_progress.py).
 CPU_NIXL_PROGRESS_DELAY_US = 1000
+# How long a CPU engine's worker sleeps between looks at its step queue instead of
+# spinning (xllm_plugin/shm_spin.py); applies where the plugin's general entry point loads.
+CPU_SHM_POLL_MS = 1
 
 
 class EngineStartError(RuntimeError):
@@ -90,7 +94,8 @@ class EngineSpec:
         env.update({"VLLM_PLUGINS": PLUGIN_NAMES if self.plugin else "",
                     "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib),
                     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                    "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"})
+                    "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1",
+                    SHM_POLL_ENV: str(CPU_SHM_POLL_MS)})
         if self.cpu_bind is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_bind
         env.update(self.env)
