@@ -287,9 +287,11 @@ def write_md(data: dict[str, Any], raw: dict[str, Any], path: Path) -> None:
               "engines; it says nothing about large vision encoders on GPUs (`epd_sim.md` "
               "models those).",
               *([f"- {apart}'s TTFT p50 {data[f'ttft_p50_ms_{key(apart)}']:.0f} ms against "
-                 f"{kept}'s {data[f'ttft_p50_ms_{key(kept)}']:.0f} ms: the request to E comes "
-                 "first and answers late on these engines (see the E-PD run, `epd_live.md`), "
-                 "and here E shares its core with P."] if pd else []),
+                 f"{kept}'s {data[f'ttft_p50_ms_{key(kept)}']:.0f} ms. E shares core 1 with P: "
+                 "the engines here sleep between steps (`XLLM_SHM_POLL_MS=1`, "
+                 "`xllm_plugin/shm_spin.py`); with vLLM's one-second spin after every step, "
+                 "each slowed the other and E-P-D fell below the grid (this page's git "
+                 "history)."] if pd else []),
               "- Two cores hold every engine's API server and engine core, the router and the "
               "client: attainment moves by a few points between repetitions at any rate.", "",
               f"Rerun: `flock /tmp/xllm-vllm.lock {data['command']}`; "

@@ -15,7 +15,8 @@ single request, and P's prefill of an image E had just encoded took 360-920 ms i
 of 40-90 ms. Turning the spin off alone (never spin, vLLM's 5 s recheck) was worse:
 notifications went missing often enough that D's answers took 10-55 s in steps of 5 s.
 Never spinning and rechecking every 1 ms: P 21-25 ms, D 122-155 ms for 16 tokens, idle
-engines at about 5% of a core each.
+engines at about 5% of a core each; decoding speed within the spread of engine starts
+(``benchmarks/results/engine_spin.md``).
 
 ``XLLM_SHM_POLL_MS=N``: readers never spin; they sleep on the notification for at most N
 ms before they look at the queue again. Read by the plugin's general entry point, so it
