@@ -233,6 +233,28 @@ def summarize(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def probe_levels(profile: dict[str, Any]) -> str:
+    """Where each probe goodput was measured (profiles before the concurrency ladder
+    probed at one level and did not record it)."""
+    levels = profile.get("measured", {}).get("probe_concurrency")
+    if not levels:
+        return " (one probe level: 2 in flight)"
+    return " (best probe level within the SLOs: " + ", ".join(
+        f"{k} {v} in flight" for k, v in levels.items()) + ")"
+
+
+def auto_reading(data: dict[str, Any], mode_order: tuple[str, ...]) -> list[str]:
+    """When auto never switched, it ran one forced mode's path: their difference is
+    between-run variation, not the profiler's doing."""
+    ran = next((m for m in mode_order if m != "auto"
+                and STRATEGY_CODES[m] == data["auto_strategy"]), None)
+    if data["auto_switches"] or ran is None:
+        return []
+    return [f"- auto ran {ran}'s path throughout (no switch): its goodput against forced "
+            f"{ran}'s ({data['goodput_auto']:.2f} vs {data[f'goodput_{key(ran)}']:.2f} "
+            "req/s) is variation between runs of one path."]
+
+
 def write_md(data: dict[str, Any], raw: dict[str, Any], path: Path) -> None:
     pd = bool(data.get("pd"))
     mode_order = modes(pd)
@@ -266,6 +288,7 @@ def write_md(data: dict[str, Any], raw: dict[str, Any], path: Path) -> None:
     lines += ["", "## The profile and the re-picks", "",
               f"- picked **{profile['config']}** from probe goodput "
               + ", ".join(f"{k} {v:.2f} req/s" for k, v in profile["compared"].items())
+              + probe_levels(profile)
               + "; calibration (probe / analytic estimate) "
               + (", ".join(f"{k} {v:.2f}" for k, v in profile["calibration"].items())
                  if "calibration" in profile else "none: re-picks used raw estimates"),
@@ -281,6 +304,7 @@ def write_md(data: dict[str, Any], raw: dict[str, Any], path: Path) -> None:
               f"(goodput {data['goodput_auto']:.2f} vs {kept} {data[f'goodput_{key(kept)}']:.2f}"
               f", {apart} {data[f'goodput_{key(apart)}']:.2f} req/s; a goodput read 'at least' "
               "is the grid's top).",
+              *auto_reading(data, mode_order),
               "- tiny-mm's vision tower is two layers on 28x28 images: encoding is cheap, so "
               "sending it to E saves the language model little and adds a request, a file write "
               "and a read per image. This run checks the live profiler's measurements and choices on real "

@@ -103,6 +103,7 @@ def build_serve_parser(prog: str = "xllm-router") -> argparse.ArgumentParser:
         help=_help("epd_profile"))
     add("--epd-probe-requests", type=int, help=_help("epd_probe_requests"))
     add("--epd-probe-concurrency", type=int, help=_help("epd_probe_concurrency"))
+    add("--epd-probe-max-concurrency", type=int, help=_help("epd_probe_max_concurrency"))
     add("--epd-probe-max-tokens", type=int, help=_help("epd_probe_max_tokens"))
     add("--epd-window", type=int, help=_help("epd_window"))
     add("--epd-probe-image", metavar="FILE|URL", help=_help("epd_probe_image"))

@@ -147,9 +147,13 @@ class RouterConfig(BaseModel):
                               "--slo-ttft-ms and --slo-tpot-ms. Off: images go through an "
                               "encode instance whenever one is healthy.")
     epd_probe_requests: int = Field(8, ge=2, le=1024, description="Image chats per strategy "
-                                    "in the EPD profiler's probe workload.")
-    epd_probe_concurrency: int = Field(2, ge=1, le=256, description="Of those, in flight at "
-                                       "once.")
+                                    "and concurrency level in the EPD profiler's probe "
+                                    "workload (at least two per request in flight).")
+    epd_probe_concurrency: int = Field(2, ge=1, le=256, description="In flight at once at the "
+                                       "probe's first level; each next level doubles it while "
+                                       "nine in ten of a level's chats meet both SLOs.")
+    epd_probe_max_concurrency: int = Field(16, ge=1, le=256, description="The probe's last "
+                                           "level (goodput: the best level within the SLOs).")
     epd_probe_max_tokens: int = Field(16, ge=2, le=4096, description="Tokens each probe chat "
                                       "generates.")
     epd_window: int = Field(32, ge=2, le=100000, description="The EPD profiler re-picks after "
@@ -213,6 +217,10 @@ class RouterConfig(BaseModel):
                 or Path(self.epd_probe_image).is_file()):
             raise ValueError(f"--epd-probe-image {self.epd_probe_image!r} is neither a file "
                              "nor a data:image/ or http(s) URL")
+        if self.epd_probe_max_concurrency < self.epd_probe_concurrency:
+            raise ValueError(f"--epd-probe-max-concurrency ({self.epd_probe_max_concurrency}) "
+                             "must be at least --epd-probe-concurrency "
+                             f"({self.epd_probe_concurrency})")
         if self.failed_hold_max_s < self.failed_hold_s:
             raise ValueError(f"--failed-hold-max-s ({self.failed_hold_max_s:g}) must be at "
                              f"least --failed-hold-s ({self.failed_hold_s:g})")
@@ -236,6 +244,7 @@ class RouterConfig(BaseModel):
                            slo_tpot_s=(self.slo_tpot_ms or 0) / 1e3,
                            probe_requests=self.epd_probe_requests,
                            probe_concurrency=self.epd_probe_concurrency,
+                           probe_max_concurrency=self.epd_probe_max_concurrency,
                            probe_max_tokens=self.epd_probe_max_tokens, window=self.epd_window,
                            image_url=url)
 

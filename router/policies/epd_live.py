@@ -119,6 +119,7 @@ class Measured:
     step_samples: list[tuple[int, int, float]] = field(default_factory=list)
     probe_goodput: dict[str, float] = field(default_factory=dict)
     probe_attainment: dict[str, float] = field(default_factory=dict)
+    probe_concurrency: dict[str, int] = field(default_factory=dict)  # the goodput's level
 
 
 def fitted_costs(measured: Measured) -> StageCosts:

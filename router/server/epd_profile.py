@@ -18,9 +18,14 @@ router's front door is bound, it runs xLLM's profiler (§3.3) against them:
    :class:`~router.policies.epd.StageCosts` the analytic estimate needs (context length
    is not varied: the probes are short);
 4. **probe workload**: for every config the deployment can run
-   (:func:`~router.policies.epd_live.deployment_configs`), ``probe_requests`` image
-   chats through the router's own front door, forced onto the config with
-   ``x-xllm-epd-strategy``; goodput = requests within both SLOs per second of the probe;
+   (:func:`~router.policies.epd_live.deployment_configs`), image chats through the
+   router's own front door, forced onto the config with ``x-xllm-epd-strategy``, at
+   ``probe_concurrency`` in flight, then twice that, up to ``probe_max_concurrency``
+   (``probe_requests`` chats per level, at least two per slot), until fewer than
+   ``PROBE_TARGET`` of a level's chats meet both SLOs; goodput = the most requests within
+   both SLOs per second of a level that met the target. One level measures a path at one
+   load only: on two CPU cores the path that won at 2 in flight (E-P-D) lost at saturation
+   (``benchmarks/results/epd_live_pd.md`` as of commit f4cf790);
 5. the :class:`~router.policies.epd.EPDProfiler`, restricted to those configs, picks the
    best measured goodput (ties go to ``none``: fewer moving parts).
 
@@ -89,6 +94,7 @@ HEADER_EPD_STRATEGY = "x-xllm-epd-strategy"  # request: force one of LIVE_STRATE
 HEADER_PROBE = "x-xllm-probe"  # the profiler's own requests: not counted as traffic
 LIVE_STRATEGIES = ("none", "EP-D", "E-PD", "E-P-D")
 PROBE_TEXT = "Describe the image."
+PROBE_TARGET = 0.9  # share of a probe level's chats within both SLOs for its goodput to count
 MIN_BUDGET = 16
 DECODE_PROBE_SEQS = (1, 4)
 DECODE_PROBE_TOKENS = 16
@@ -99,6 +105,14 @@ CHARS_PER_TOKEN = 4
 
 class ProfileError(Exception):
     """A probe the profile cannot do without (an instance refused or broke off)."""
+
+
+def probe_ladder(start: int, stop: int) -> list[int]:
+    """The probe workload's concurrency levels: ``start``, doubling, capped at ``stop``."""
+    levels = [start]
+    while levels[-1] < stop:
+        levels.append(min(2 * levels[-1], stop))
+    return levels
 
 
 def probe_png(side: int = 448, seed: int = 0) -> bytes:
@@ -152,6 +166,7 @@ class EPDSettings:
     slo_tpot_s: float
     probe_requests: int = 8
     probe_concurrency: int = 2
+    probe_max_concurrency: int = 16
     probe_max_tokens: int = 16
     window: int = 32
     image_url: str = ""
@@ -299,9 +314,10 @@ class EPDAutoStrategy:
                                                          min(self.settings.max_budget,
                                                              max_len - 2), measured)
         for config in configs:
-            goodput, attainment = await self._probe_workload(model, config)
+            concurrency, (goodput, attainment) = await self._probe_workload(model, config)
             measured.probe_goodput[config.label] = goodput
             measured.probe_attainment[config.label] = attainment
+            measured.probe_concurrency[config.label] = concurrency
         return measured, configs
 
     async def _prompt_tokens(self, session: aiohttp.ClientSession, url: str, model: str,
@@ -405,16 +421,31 @@ class EPDAutoStrategy:
                 raise ProfileError(f"{url} sent every decode probe of {seqs} in one chunk, "
                                    f"up to {tokens // 2} tokens")
 
-    async def _probe_workload(self, model: str, config: EPDConfig) -> tuple[float, float]:
-        """(requests within both SLOs per second, their share) for image chats forced onto
-        ``config`` through the front door, ``probe_concurrency`` at a time."""
+    async def _probe_workload(self, model: str, config: EPDConfig
+                              ) -> tuple[int, tuple[float, float]]:
+        """(concurrency, (goodput, attainment)) of image chats forced onto ``config``: the
+        best level of the concurrency ladder that met ``PROBE_TARGET``, else the first."""
+        s = self.settings
+        levels: list[tuple[int, tuple[float, float]]] = []
+        for concurrency in probe_ladder(s.probe_concurrency, s.probe_max_concurrency):
+            levels.append((concurrency, await self._probe_level(
+                model, config, concurrency, max(s.probe_requests, 2 * concurrency))))
+            if levels[-1][1][1] < PROBE_TARGET:
+                break
+        met = [level for level in levels if level[1][1] >= PROBE_TARGET]
+        return max(met, key=lambda level: level[1][0]) if met else levels[0]
+
+    async def _probe_level(self, model: str, config: EPDConfig, concurrency: int,
+                           requests: int) -> tuple[float, float]:
+        """(requests within both SLOs per second, their share) for ``requests`` image chats
+        forced onto ``config`` through the front door, ``concurrency`` at a time."""
         session, front = self._session(), self._front_url()
         if session is None or front is None:
             raise ProfileError("the router is shutting down")
         s = self.settings
         headers = {**self._client_headers, HEADER_EPD_STRATEGY: config.strategy,
                    HEADER_PROBE: "epd"}
-        gate = asyncio.Semaphore(s.probe_concurrency)
+        gate = asyncio.Semaphore(concurrency)
 
         async def one() -> bool:
             async with gate:
@@ -427,8 +458,8 @@ class EPDAutoStrategy:
                     and (tpot is None or tpot <= s.slo_tpot_s))
 
         began = time.perf_counter()
-        met = sum(await asyncio.gather(*(one() for _ in range(s.probe_requests))))
-        return met / (time.perf_counter() - began), met / s.probe_requests
+        met = sum(await asyncio.gather(*(one() for _ in range(requests))))
+        return met / (time.perf_counter() - began), met / requests
 
     # -- live traffic ---------------------------------------------------------------------------
 

@@ -140,7 +140,7 @@ async def test_the_live_profiler_measures_both_paths_and_routes_by_its_pick(
     router, url = await start_router(
         instances=[f"{e.url};id=e;role=encode", f"{pd.url};id=pd"], first_byte_timeout_s=120,
         admin_token="admin", epd_profile=True, slo_ttft_ms=10000, slo_tpot_ms=2000,
-        epd_probe_requests=4)
+        epd_probe_requests=4, epd_probe_max_concurrency=4)
     await wait_for(lambda: router.epd.models.get(MODEL) is not None
                    and router.epd.models[MODEL].status in ("ready", "failed"), 240,
                    "the EPD profile")
@@ -152,6 +152,7 @@ async def test_the_live_profiler_measures_both_paths_and_routes_by_its_pick(
     assert measured["tokens_per_image"] >= 4
     assert measured["encode_batch"] >= 1 and measured["token_budget"] >= 16
     assert measured["probe_attainment"] == {"none EPD1": 1.0, "E-PD E1:PD1": 1.0}
+    assert set(measured["probe_concurrency"].values()) <= {2, 4}  # the ladder's levels
     goodput = measured["probe_goodput"]
     best = max(goodput, key=goodput.get)  # first of equals: "none EPD1"
     assert state["config"] == best and state["history"] == [["pick", best]]

@@ -161,13 +161,14 @@ async def test_the_live_profiler_names_and_measures_the_p_d_paths(
         instances=[f"{e.url};id=e;role=encode", f"{p.url};id=p;role=prefill",
                    f"{d.url};id=d;role=decode"],
         policy="static_pd", first_byte_timeout_s=120, admin_token="admin", epd_profile=True,
-        slo_ttft_ms=20000, slo_tpot_ms=2000, epd_probe_requests=4)
+        slo_ttft_ms=20000, slo_tpot_ms=2000, epd_probe_requests=4, epd_probe_max_concurrency=4)
     await wait_for(lambda: router.epd.models.get(MODEL) is not None
                    and router.epd.models[MODEL].status in ("ready", "failed"), 300,
                    "the EPD profile")
     state = router.epd.snapshot()[MODEL]
     assert state["status"] == "ready", state["error"]
     assert state["measured"]["probe_attainment"] == {"EP-D EP1:D1": 1.0, "E-P-D E1:P1:D1": 1.0}
+    assert set(state["measured"]["probe_concurrency"].values()) <= {2, 4}
     goodput = state["measured"]["probe_goodput"]
     assert state["config"] == max(goodput, key=goodput.get)
     text, headers = await _answer(client, url, _body(image, stream=False))

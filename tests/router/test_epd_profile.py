@@ -31,7 +31,14 @@ from router.policies.epd_live import (
     deployment_configs,
     fitted_costs,
 )
-from router.server.epd_profile import drive_search, probe_png
+from router.server.epd_profile import (
+    PROBE_TARGET,
+    EPDAutoStrategy,
+    EPDSettings,
+    drive_search,
+    probe_ladder,
+    probe_png,
+)
 from router.server.profiler import probe_completion
 
 ASYNC = pytest.mark.asyncio(loop_scope="session")
@@ -155,6 +162,43 @@ async def _profiled(start_router, client, encoder: FakeEncoder, pd: FakeEngine,
     return router, url, state
 
 
+def test_the_probe_ladder_doubles_from_the_first_level_to_the_cap() -> None:
+    assert probe_ladder(2, 16) == [2, 4, 8, 16]
+    assert probe_ladder(3, 16) == [3, 6, 12, 16]
+    assert probe_ladder(4, 4) == [4]
+
+
+@pytest.mark.parametrize("levels,expected,asked", [
+    # Goodput grows with load until a level misses the target: the best level that met it.
+    ({2: (5.0, 1.0), 4: (9.0, 0.95), 8: (12.0, 0.5)}, (4, (9.0, 0.95)), [2, 4, 8]),
+    # Even the first level misses: its measurement is all there is.
+    ({2: (1.0, 0.25)}, (2, (1.0, 0.25)), [2]),
+    # Every level meets it: the best, not the last.
+    ({2: (5.0, 1.0), 4: (8.0, 1.0), 8: (7.5, 1.0), 16: (7.0, PROBE_TARGET)}, (4, (8.0, 1.0)),
+     [2, 4, 8, 16]),
+])
+@ASYNC
+async def test_probe_goodput_is_the_best_level_of_the_ladder_within_the_slos(
+        levels: dict[int, tuple[float, float]], expected: tuple[int, tuple[float, float]],
+        asked: list[int]) -> None:
+    """At one concurrency the probe sees one load: on two CPU cores E-P-D won at 2 in flight
+    and lost at saturation. The ladder stops at the first level under the target."""
+    strategy = EPDAutoStrategy(EPDSettings(enabled=True, slo_ttft_s=1.0, slo_tpot_s=0.1,
+                                           probe_requests=8), load=None, metrics=None,
+                               session=lambda: None, front_url=lambda: None,
+                               upstream_headers={}, client_headers={})
+    seen: list[tuple[int, int]] = []
+
+    async def level(model: str, config: Any, concurrency: int, requests: int
+                    ) -> tuple[float, float]:
+        seen.append((concurrency, requests))
+        return levels[concurrency]
+
+    strategy._probe_level = level  # type: ignore[method-assign]
+    assert await strategy._probe_workload("tiny", None) == expected
+    assert seen == [(c, max(8, 2 * c)) for c in asked]
+
+
 @ASYNC
 async def test_a_slow_encoder_is_bypassed_and_images_stay_with_the_language_model(
         start_router, client):
@@ -203,7 +247,8 @@ async def test_client_traffic_windows_trigger_re_picks_and_probes_do_not_count(
     try:
         router, url, state = await _profiled(start_router, client, encoder, pd, window=3)
         assert state["status"] == "ready", state["error"]
-        # 2 strategies x 4 probe chats went through the front door: none of them counted.
+        # Every probe chat (2 strategies x the ladder's levels) went through the front
+        # door: none of them counted.
         assert len(state["history"]) == 1
         for k in range(3):
             async with client.post(url + "/v1/chat/completions", json=_chat()) as r:
