@@ -61,7 +61,7 @@ import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import numpy as np
@@ -105,6 +105,14 @@ CHARS_PER_TOKEN = 4
 
 class ProfileError(Exception):
     """A probe the profile cannot do without (an instance refused or broke off)."""
+
+
+class ProbeLevel(NamedTuple):
+    """One level of the probe workload: image chats ``concurrency`` at a time."""
+
+    concurrency: int
+    goodput: float  # requests within both SLOs per second
+    attainment: float  # their share of the level's requests
 
 
 def probe_ladder(start: int, stop: int) -> list[int]:
@@ -314,10 +322,10 @@ class EPDAutoStrategy:
                                                          min(self.settings.max_budget,
                                                              max_len - 2), measured)
         for config in configs:
-            concurrency, (goodput, attainment) = await self._probe_workload(model, config)
-            measured.probe_goodput[config.label] = goodput
-            measured.probe_attainment[config.label] = attainment
-            measured.probe_concurrency[config.label] = concurrency
+            level = await self._probe_workload(model, config)
+            measured.probe_goodput[config.label] = level.goodput
+            measured.probe_attainment[config.label] = level.attainment
+            measured.probe_concurrency[config.label] = level.concurrency
         return measured, configs
 
     async def _prompt_tokens(self, session: aiohttp.ClientSession, url: str, model: str,
@@ -421,24 +429,23 @@ class EPDAutoStrategy:
                 raise ProfileError(f"{url} sent every decode probe of {seqs} in one chunk, "
                                    f"up to {tokens // 2} tokens")
 
-    async def _probe_workload(self, model: str, config: EPDConfig
-                              ) -> tuple[int, tuple[float, float]]:
-        """(concurrency, (goodput, attainment)) of image chats forced onto ``config``: the
-        best level of the concurrency ladder that met ``PROBE_TARGET``, else the first."""
+    async def _probe_workload(self, model: str, config: EPDConfig) -> ProbeLevel:
+        """Image chats forced onto ``config`` up the concurrency ladder: the level with the
+        best goodput among those that met ``PROBE_TARGET``, else the first level."""
         s = self.settings
-        levels: list[tuple[int, tuple[float, float]]] = []
+        levels: list[ProbeLevel] = []
         for concurrency in probe_ladder(s.probe_concurrency, s.probe_max_concurrency):
-            levels.append((concurrency, await self._probe_level(
-                model, config, concurrency, max(s.probe_requests, 2 * concurrency))))
-            if levels[-1][1][1] < PROBE_TARGET:
+            levels.append(await self._probe_level(model, config, concurrency,
+                                                  max(s.probe_requests, 2 * concurrency)))
+            if levels[-1].attainment < PROBE_TARGET:
                 break
-        met = [level for level in levels if level[1][1] >= PROBE_TARGET]
-        return max(met, key=lambda level: level[1][0]) if met else levels[0]
+        met = [level for level in levels if level.attainment >= PROBE_TARGET]
+        return max(met, key=lambda level: level.goodput) if met else levels[0]
 
     async def _probe_level(self, model: str, config: EPDConfig, concurrency: int,
-                           requests: int) -> tuple[float, float]:
-        """(requests within both SLOs per second, their share) for ``requests`` image chats
-        forced onto ``config`` through the front door, ``concurrency`` at a time."""
+                           requests: int) -> ProbeLevel:
+        """``requests`` image chats forced onto ``config`` through the front door,
+        ``concurrency`` at a time."""
         session, front = self._session(), self._front_url()
         if session is None or front is None:
             raise ProfileError("the router is shutting down")
@@ -459,7 +466,7 @@ class EPDAutoStrategy:
 
         began = time.perf_counter()
         met = sum(await asyncio.gather(*(one() for _ in range(requests))))
-        return met / (time.perf_counter() - began), met / requests
+        return ProbeLevel(concurrency, met / (time.perf_counter() - began), met / requests)
 
     # -- live traffic ---------------------------------------------------------------------------
 

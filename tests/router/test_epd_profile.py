@@ -35,6 +35,7 @@ from router.server.epd_profile import (
     PROBE_TARGET,
     EPDAutoStrategy,
     EPDSettings,
+    ProbeLevel,
     drive_search,
     probe_ladder,
     probe_png,
@@ -170,16 +171,16 @@ def test_the_probe_ladder_doubles_from_the_first_level_to_the_cap() -> None:
 
 @pytest.mark.parametrize("levels,expected,asked", [
     # Goodput grows with load until a level misses the target: the best level that met it.
-    ({2: (5.0, 1.0), 4: (9.0, 0.95), 8: (12.0, 0.5)}, (4, (9.0, 0.95)), [2, 4, 8]),
+    ({2: (5.0, 1.0), 4: (9.0, 0.95), 8: (12.0, 0.5)}, (4, 9.0, 0.95), [2, 4, 8]),
     # Even the first level misses: its measurement is all there is.
-    ({2: (1.0, 0.25)}, (2, (1.0, 0.25)), [2]),
+    ({2: (1.0, 0.25)}, (2, 1.0, 0.25), [2]),
     # Every level meets it: the best, not the last.
-    ({2: (5.0, 1.0), 4: (8.0, 1.0), 8: (7.5, 1.0), 16: (7.0, PROBE_TARGET)}, (4, (8.0, 1.0)),
+    ({2: (5.0, 1.0), 4: (8.0, 1.0), 8: (7.5, 1.0), 16: (7.0, PROBE_TARGET)}, (4, 8.0, 1.0),
      [2, 4, 8, 16]),
 ])
 @ASYNC
 async def test_probe_goodput_is_the_best_level_of_the_ladder_within_the_slos(
-        levels: dict[int, tuple[float, float]], expected: tuple[int, tuple[float, float]],
+        levels: dict[int, tuple[float, float]], expected: tuple[int, float, float],
         asked: list[int]) -> None:
     """At one concurrency the probe sees one load: on two CPU cores E-P-D won at 2 in flight
     and lost at saturation. The ladder stops at the first level under the target."""
@@ -189,10 +190,9 @@ async def test_probe_goodput_is_the_best_level_of_the_ladder_within_the_slos(
                                upstream_headers={}, client_headers={})
     seen: list[tuple[int, int]] = []
 
-    async def level(model: str, config: Any, concurrency: int, requests: int
-                    ) -> tuple[float, float]:
+    async def level(model: str, config: Any, concurrency: int, requests: int) -> ProbeLevel:
         seen.append((concurrency, requests))
-        return levels[concurrency]
+        return ProbeLevel(concurrency, *levels[concurrency])
 
     strategy._probe_level = level  # type: ignore[method-assign]
     assert await strategy._probe_workload("tiny", None) == expected
