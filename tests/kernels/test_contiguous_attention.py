@@ -73,6 +73,29 @@ _TRITON_CHECK = textwrap.dedent("""
             vp[p] = vs[slot_ids[i], j * page:(j + 1) * page]
     paged = paged_attention(query, kp, vp, table, qsl_t, lens, max_q, 0.125, block_n=32)
     torch.testing.assert_close(paged, out, atol=1e-5, rtol=1e-5)
+    # Decode with the keys split over programs (flash-decoding), both ways: splits that
+    # end mid-request, a request shorter than one split, and one split left empty.
+    decode = [i for i, (q, _) in enumerate(rows) if q == 1] + [3]
+    d_query = torch.randn(len(decode), num_heads, head)
+    d_qsl = torch.arange(len(decode) + 1, dtype=torch.int32)
+    d_lens = torch.tensor([37, 1, 70], dtype=torch.int32)
+    d_slots = slot_ids[decode]
+    for splits in (2, 3):
+        got = contiguous_attention(d_query, ks, vs, d_slots, d_qsl, d_lens, 1, 0.125,
+                                   block_n=16, num_splits=splits)
+        got_paged = paged_attention(d_query, kp, vp, table[decode], d_qsl, d_lens, 1, 0.125,
+                                    block_n=16, num_splits=splits)
+        for j, slot in enumerate(d_slots.tolist()):
+            kv = int(d_lens[j])
+            ref = reference_attention(d_query[j:j + 1], ks[slot, :kv], vs[slot, :kv], 0.125)
+            torch.testing.assert_close(got[j:j + 1], ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got_paged[j:j + 1], ref, atol=1e-5, rtol=1e-5)
+    try:
+        contiguous_attention(query, ks, vs, slot_ids, qsl_t, lens, max_q, 0.125, num_splits=2)
+    except ValueError as error:
+        assert "decode" in str(error)
+    else:
+        raise AssertionError("splitting the keys of a prefill was accepted")
     print("ok")
 """)
 
@@ -107,6 +130,38 @@ def test_triton_kernel_on_gpu_matches_reference() -> None:
         ref = reference_attention(query[qsl[i]:qsl[i + 1]].cpu(), ks[slot_ids[i], :kv].cpu(),
                                   vs[slot_ids[i], :kv].cpu(), 128 ** -0.5)
         torch.testing.assert_close(out[qsl[i]:qsl[i + 1]].cpu(), ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton GPU kernel needs a CUDA device")
+@pytest.mark.parametrize("num_splits", [1, 4, 32])
+def test_triton_decode_paged_and_contiguous_agree_on_gpu(num_splits: int) -> None:
+    """Decode, both addressings, with and without split keys: the benchmark's two sides."""
+    from xllm_plugin.kernels.triton_attention import contiguous_attention, paged_attention
+
+    torch.manual_seed(1)
+    dev, dt, page = "cuda", torch.bfloat16, 16
+    lens = [3000, 1, 17, 1024]
+    ks = torch.randn(len(lens), 3072, 8, 128, device=dev, dtype=dt)
+    vs = torch.randn_like(ks)
+    per_row = ks.shape[1] // page
+    table = torch.randperm(len(lens) * per_row, device=dev).view(len(lens), per_row)
+    kp = torch.empty(len(lens) * per_row, page, 8, 128, device=dev, dtype=dt)
+    vp = torch.empty_like(kp)
+    kp[table.flatten()] = ks.view(-1, page, 8, 128)
+    vp[table.flatten()] = vs.view(-1, page, 8, 128)
+    query = torch.randn(len(lens), 32, 128, device=dev, dtype=dt)
+    qsl = torch.arange(len(lens) + 1, device=dev, dtype=torch.int32)
+    seq = torch.tensor(lens, device=dev, dtype=torch.int32)
+    slot_ids = torch.arange(len(lens), device=dev, dtype=torch.int32)
+    got = contiguous_attention(query, ks, vs, slot_ids, qsl, seq, 1, 128 ** -0.5,
+                               num_splits=num_splits)
+    got_paged = paged_attention(query, kp, vp, table.to(torch.int32), qsl, seq, 1, 128 ** -0.5,
+                                num_splits=num_splits)
+    for i, kv in enumerate(lens):
+        ref = reference_attention(query[i:i + 1].cpu(), ks[i, :kv].cpu(), vs[i, :kv].cpu(),
+                                  128 ** -0.5)
+        torch.testing.assert_close(got[i:i + 1].cpu(), ref, atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(got_paged[i:i + 1].cpu(), ref, atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.parametrize("force_isa", [None, "avx2", "generic"])
