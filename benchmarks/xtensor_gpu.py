@@ -1,4 +1,4 @@
-"""Decode attention on a GPU: xTensor's contiguous virtual KV vs the same kernel through a block table.
+"""xTensor on a GPU: decode attention over contiguous views vs a block table; page mapping.
 
 Both sides run the Triton kernel of ``xllm_plugin/kernels/triton_attention.py`` on the
 same K/V values: the contiguous side reads each request's view of an ``XTensor`` backed by
@@ -6,6 +6,10 @@ the CUDA mapper (``cuMemCreate``/``cuMemMap``, 2 MiB pages); the paged side read
 of the same tokens scattered over shuffled 16-token blocks (vLLM's GPU block size)
 through a block table. Sizes: Llama-3-8B-like heads (32 query, 8 KV, head 128, bf16),
 several batch sizes and context lengths.
+
+A second part runs a decode loop whose requests grow into new pages, with and without
+pre-mapping, to show whether mapping (``cuMemMap`` per page per layer and K/V) lands on
+the step's critical path.
 
 Each side is timed at every kernel configuration (key tile ``--block-n`` x one split or
 flash-decoding splits) and keeps its fastest, so neither wins on a tile tuned for the
@@ -25,6 +29,7 @@ import json
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -67,6 +72,17 @@ class Case:
         self.mapper.close()
 
 
+def page_tokens_of_one_chunk() -> int:
+    """Tokens in one allocation chunk (2 MiB on current GPUs): xTensor's page here."""
+    from xllm_plugin.memory.cuda_mapper import CudaMapper
+
+    probe = CudaMapper(2 << 20)
+    try:
+        return probe.granularity // (KV_HEADS * HEAD_SIZE * 2)
+    finally:
+        probe.close()
+
+
 def build_case(context: int, batch: int) -> Case:
     import torch
 
@@ -75,10 +91,7 @@ def build_case(context: int, batch: int) -> Case:
     from xllm_plugin.memory.xtensor import XTensor
 
     dev, dtype = torch.device("cuda"), torch.bfloat16
-    token_bytes = KV_HEADS * HEAD_SIZE * 2
-    probe = CudaMapper(2 << 20)
-    page_tokens = probe.granularity // token_bytes  # one 2 MiB chunk per page
-    probe.close()
+    page_tokens = page_tokens_of_one_chunk()
     pages_per_req = -(-context // page_tokens)
     geometry = KVGeometry(num_layers=1, num_pages=batch * pages_per_req + 2,
                           page_tokens=page_tokens, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE,
@@ -204,6 +217,74 @@ def measure(case: Case, block_ns: list[int], splits: list[int], reps: int,
     return times
 
 
+def growth(layers: int, batch: int, steps: int, premap: bool) -> dict[str, float]:
+    """A decode loop whose requests grow into new 2 MiB pages: is the mapping on the step's path?
+
+    ``batch`` requests with prompts spread over one page decode ``steps`` tokens each, so
+    every request crosses one page boundary. A step is what an engine's step does to KV
+    memory: grow every request by a token (``XTensor.extend``), upload the lengths, run
+    the decode kernel on each of ``layers`` layers, wait for the GPU. A crossing maps a
+    page into each of the ``2 x layers`` planes; with ``premap`` that happens on the
+    background thread during the step before it is needed.
+    """
+    import torch
+
+    from xllm_plugin.kernels.triton_attention import contiguous_attention
+    from xllm_plugin.memory.cuda_mapper import CudaMapper
+    from xllm_plugin.memory.geometry import KVGeometry
+    from xllm_plugin.memory.xtensor import XTensor
+
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    page_tokens = page_tokens_of_one_chunk()
+    prompts = [page_tokens // 2 + i * page_tokens // batch for i in range(batch)]
+    max_pages = -(-(max(prompts) + steps) // page_tokens) + 1
+    geometry = KVGeometry(num_layers=layers, num_pages=batch * max_pages + 2,
+                          page_tokens=page_tokens, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE,
+                          dtype_bytes=2, num_slots=batch + 1, max_pages=max_pages)
+    mapper = CudaMapper(geometry.store_bytes)
+    xt = XTensor(geometry, mapper, dtype, premap=premap)
+    try:
+        for i, tokens in enumerate(prompts):
+            xt.add_request(i, tokens)
+        planes = [xt.slot_tensors(layer) for layer in range(layers)]
+        slot_ids = torch.tensor([xt.slot_of(i) for i in range(batch)], device=dev,
+                                dtype=torch.int32)
+        query = torch.randn(batch, HEADS, HEAD_SIZE, device=dev, dtype=dtype)
+        out = torch.empty_like(query)
+        qsl = torch.arange(batch + 1, device=dev, dtype=torch.int32)
+        lengths = list(prompts)
+        step_us, crossing_step_us = [], []
+        torch.cuda.synchronize()
+        for _ in range(steps):
+            start = time.perf_counter()
+            crossing = False
+            for i in range(batch):
+                lengths[i] += 1
+                crossing |= lengths[i] % page_tokens == 1
+                xt.extend(i, lengths[i])
+            lens = torch.tensor(lengths, dtype=torch.int32).to(dev, non_blocking=True)
+            for slot_k, slot_v in planes:
+                contiguous_attention(query, slot_k, slot_v, slot_ids, qsl, lens, 1,
+                                     HEAD_SIZE ** -0.5, out=out)
+            torch.cuda.synchronize()
+            elapsed = (time.perf_counter() - start) * 1e6
+            step_us.append(elapsed)
+            if crossing:
+                crossing_step_us.append(elapsed)
+        snapshot = xt.snapshot()
+    finally:
+        xt.close()
+        mapper.close()
+    steady = sorted(step_us)
+    return {"step_us_p50": statistics.median(step_us),
+            "step_us_p99": steady[int(0.99 * (len(steady) - 1))],
+            "step_us_max": steady[-1],
+            "crossing_step_us_mean": statistics.fmean(crossing_step_us),
+            "crossing_steps": len(crossing_step_us),
+            "premap_hit_rate": snapshot["premap_hit_rate"] or 0.0,
+            "map_calls": snapshot["map_calls"]}
+
+
 def plot(tags: list[str], ratios: list[float], same_config: list[float]) -> str:
     """Bars of paged/contiguous time per case, against the 1.1x target."""
     import matplotlib
@@ -234,6 +315,9 @@ def main() -> None:
                         help="key tiles each side is timed at (multiples of 16)")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--iters", type=int, default=20, help="calls per CUDA graph replay")
+    parser.add_argument("--growth", type=int, nargs=3, default=[32, 32, 1024],
+                        metavar=("LAYERS", "BATCH", "STEPS"),
+                        help="decode loop growing into new pages, with and without pre-mapping")
     args = parser.parse_args()
 
     import torch
@@ -277,6 +361,15 @@ def main() -> None:
                         f"{at_paged_best:.2f} |")
             print(f"{tag}: paged {p:.1f} us {best_p}, contiguous {c:.1f} us {best_c}, "
                   f"ratio {p / c:.2f}, same config {at_paged_best:.2f}", flush=True)
+    # After the attention cases: this part was written after the session's GPU loan ended
+    # and has run only on a CPU (CpuMapper, Triton interpreter), not on a GPU yet.
+    layers, batch, steps = args.growth
+    for premap in (True, False):
+        mode = "premap" if premap else "on_demand"
+        measured = growth(layers, batch, steps, premap)
+        result.update({f"growth_{key}_{mode}": round(value, 3)
+                       for key, value in measured.items()})
+        print(f"growth {mode}: {measured}", flush=True)
     result["decode_attention_ratio_vs_paged"] = round(statistics.median(ratios), 3)
     result["decode_attention_ratio_same_config"] = round(statistics.median(same_config), 3)
     result["decode_attention_ratio_min"] = round(min(ratios), 3)
@@ -299,6 +392,18 @@ def main() -> None:
         f"(cuMemMap + cuMemSetAccess): p50 {result['map_latency_us_p50']} µs, p99 "
         f"{result['map_latency_us_p99']} µs; unmapping it: p50 "
         f"{result['unmap_latency_us_p50']} µs.\n\n"
+        f"## Growing into new pages ({layers} layers, {batch} requests, {steps} decode steps)"
+        "\n\nEvery request crosses one page boundary; a crossing maps a page into each of "
+        f"the {2 * layers} K/V planes. Step = grow every request by a token, run the decode "
+        "kernel on every layer, wait for the GPU.\n\n"
+        "| mapping | step µs p50 | step µs p99 | step µs max | steps with a crossing, mean µs "
+        "| pre-map hit rate |\n|---|---|---|---|---|---|\n" + "\n".join(
+            f"| {mode} | {result[f'growth_step_us_p50_{mode}']:.0f} | "
+            f"{result[f'growth_step_us_p99_{mode}']:.0f} | "
+            f"{result[f'growth_step_us_max_{mode}']:.0f} | "
+            f"{result[f'growth_crossing_step_us_mean_{mode}']:.0f} | "
+            f"{result[f'growth_premap_hit_rate_{mode}']} |" for mode in ("premap", "on_demand"))
+        + "\n\n## Decode attention, contiguous vs paged\n\n"
         "| case | paged µs (block_n, splits) | contiguous µs (block_n, splits) | ratio | "
         "ratio at paged's config |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
         f"![paged / contiguous per case]({png})\n\n"
