@@ -72,11 +72,11 @@ class Case:
         self.mapper.close()
 
 
-def page_tokens_of_one_chunk() -> int:
+def page_tokens_of_one_chunk(mapper_cls: Any = None) -> int:
     """Tokens in one allocation chunk (2 MiB on current GPUs): xTensor's page here."""
     from xllm_plugin.memory.cuda_mapper import CudaMapper
 
-    probe = CudaMapper(2 << 20)
+    probe = (mapper_cls or CudaMapper)(2 << 20)
     try:
         return probe.granularity // (KV_HEADS * HEAD_SIZE * 2)
     finally:
@@ -217,7 +217,8 @@ def measure(case: Case, block_ns: list[int], splits: list[int], reps: int,
     return times
 
 
-def growth(layers: int, batch: int, steps: int, premap: bool) -> dict[str, float]:
+def growth(layers: int, batch: int, steps: int, premap: bool,
+           mapper_cls: Any = None) -> dict[str, float]:
     """A decode loop whose requests grow into new 2 MiB pages: is the mapping on the step's path?
 
     ``batch`` requests with prompts spread over one page decode ``steps`` tokens each, so
@@ -225,7 +226,8 @@ def growth(layers: int, batch: int, steps: int, premap: bool) -> dict[str, float
     memory: grow every request by a token (``XTensor.extend``), upload the lengths, run
     the decode kernel on each of ``layers`` layers, wait for the GPU. A crossing maps a
     page into each of the ``2 x layers`` planes; with ``premap`` that happens on the
-    background thread during the step before it is needed.
+    background thread during the step before it is needed. ``mapper_cls`` (default the
+    CUDA mapper) lets a test run the loop on the CPU mapper under Triton's interpreter.
     """
     import torch
 
@@ -234,14 +236,21 @@ def growth(layers: int, batch: int, steps: int, premap: bool) -> dict[str, float
     from xllm_plugin.memory.geometry import KVGeometry
     from xllm_plugin.memory.xtensor import XTensor
 
-    dev, dtype = torch.device("cuda"), torch.bfloat16
-    page_tokens = page_tokens_of_one_chunk()
+    mapper_cls = mapper_cls or CudaMapper
+    dtype = torch.bfloat16
+    page_tokens = page_tokens_of_one_chunk(mapper_cls)
     prompts = [page_tokens // 2 + i * page_tokens // batch for i in range(batch)]
     max_pages = -(-(max(prompts) + steps) // page_tokens) + 1
     geometry = KVGeometry(num_layers=layers, num_pages=batch * max_pages + 2,
                           page_tokens=page_tokens, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE,
                           dtype_bytes=2, num_slots=batch + 1, max_pages=max_pages)
-    mapper = CudaMapper(geometry.store_bytes)
+    mapper = mapper_cls(geometry.store_bytes)
+    dev = torch.device(mapper.device)
+
+    def wait_for_device() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     xt = XTensor(geometry, mapper, dtype, premap=premap)
     try:
         for i, tokens in enumerate(prompts):
@@ -254,7 +263,7 @@ def growth(layers: int, batch: int, steps: int, premap: bool) -> dict[str, float
         qsl = torch.arange(batch + 1, device=dev, dtype=torch.int32)
         lengths = list(prompts)
         step_us, crossing_step_us = [], []
-        torch.cuda.synchronize()
+        wait_for_device()
         for _ in range(steps):
             start = time.perf_counter()
             crossing = False
@@ -266,7 +275,7 @@ def growth(layers: int, batch: int, steps: int, premap: bool) -> dict[str, float
             for slot_k, slot_v in planes:
                 contiguous_attention(query, slot_k, slot_v, slot_ids, qsl, lens, 1,
                                      HEAD_SIZE ** -0.5, out=out)
-            torch.cuda.synchronize()
+            wait_for_device()
             elapsed = (time.perf_counter() - start) * 1e6
             step_us.append(elapsed)
             if crossing:
