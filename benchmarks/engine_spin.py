@@ -35,34 +35,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from router.bench.load import stream_chat  # noqa: E402
+from xllm_plugin.launcher.engine import EngineProcess, EngineSpec, free_port  # noqa: E402
 
 SETTINGS = {"spin": "", "poll1": "1"}  # label -> XLLM_SHM_POLL_MS ("" = vLLM's spin)
 MODEL = "smollm2"
 TOKENS = 128
 
 
-def engine_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process tree so far."""
-    import psutil
-
-    root = psutil.Process(pid)
-    total = 0.0
-    for process in (root, *root.children(recursive=True)):
-        try:
-            times = process.cpu_times()
-        except psutil.Error:
-            continue
-        total += times.user + times.system
-    return total
-
-
-async def measure_engine(url: str, pid: int) -> dict[str, float]:
+async def measure_engine(url: str, engine: EngineProcess) -> dict[str, float]:
     """Idle CPU after one request, then decode throughput at concurrency 1 and 4."""
     async with aiohttp.ClientSession() as session:
         await stream_chat(session, url, MODEL, "warm up", 8)
-        before = engine_cpu_seconds(pid)
+        before = engine.cpu_seconds()
         await asyncio.sleep(2.0)
-        result = {"idle_cores_after_request": (engine_cpu_seconds(pid) - before) / 2.0}
+        result = {"idle_cores_after_request": (engine.cpu_seconds() - before) / 2.0}
         for concurrency in (1, 4):
             rates = []
             for rep in range(3):
@@ -78,13 +64,10 @@ async def measure_engine(url: str, pid: int) -> dict[str, float]:
 
 
 def run_setting(model: Path, poll: str, label: str) -> dict[str, float]:
-    from xllm_plugin.launcher.engine import EngineProcess, EngineSpec, free_port
-
     spec = EngineSpec(model=model, port=free_port(), served_model_name=MODEL, cpu_bind="0",
                       max_model_len=1024, env={"XLLM_SHM_POLL_MS": poll})
     with EngineProcess(spec, log_path=Path(f"/tmp/xllm-engine-spin-{label}.log")) as engine:
-        assert engine.process is not None
-        return asyncio.run(measure_engine(spec.url, engine.process.pid))
+        return asyncio.run(measure_engine(spec.url, engine))
 
 
 def decode_reading(data: dict[str, Any], concurrency: int) -> str:

@@ -15,9 +15,9 @@ unless ``--dtype float32``):
    page size; checked to be engaged (every row read a view, none fell back).
 
 Writes ``results/xtensor_cpu.json`` and ``results/xtensor_cpu.md`` (``xtensor_cpu_float32.*``
-with ``--dtype float32``: on CPUs without bf16 units, where vLLM's bf16 matrix products take a
-slow fallback, float32 is the faster choice and a run there is a different workload). Run engine parts under
-``flock /tmp/xllm-vllm.lock`` on a shared machine.
+with ``--dtype float32``: on CPUs without bf16 units, where vLLM's bf16 matrix products take
+a slow fallback, float32 is the faster choice and a run there is a different workload). Run
+engine parts under ``flock /tmp/xllm-vllm.lock`` on a shared machine.
 """
 
 from __future__ import annotations
@@ -38,17 +38,17 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "xtensor_cpu"
 DTYPES = ("bfloat16", "float32")
-
-
-def result_name(dtype: str) -> str:
-    """bf16 keeps the file name the issue names; another dtype gets its own files."""
-    return NAME if dtype == "bfloat16" else f"{NAME}_{dtype}"
 HEADS, KV_HEADS, HEAD_SIZE, LAYERS = 9, 3, 64, 30
 WORKER_CLS = "xllm_plugin.memory.XTensorCPUWorker"
 #: Key prefixes each part writes (the e2e part also reads the engine's xTensor counters).
 PART_KEYS = {"attention": ("attention_",),
              "e2e": ("e2e_", "xtensor_", "map_latency_", "wasted_", "page_bytes",
                      "stock_side_xtensor")}
+
+
+def result_name(dtype: str) -> str:
+    """bf16 keeps the file name the issue names; another dtype gets its own files."""
+    return NAME if dtype == "bfloat16" else f"{NAME}_{dtype}"
 
 
 # -- part 1: attention kernels -------------------------------------------------------------

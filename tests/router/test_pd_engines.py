@@ -83,20 +83,6 @@ async def test_p_to_d_output_equals_whole_request_greedy_output_and_kv_came_over
     assert 'xllm_router_pd_prefills_total{instance="engine-0",outcome="handoff"} 4.0' in text
 
 
-def _cpu_seconds(engine) -> float:
-    import psutil
-
-    root = psutil.Process(engine.process.pid)
-    total = 0.0
-    for process in (root, *root.children(recursive=True)):
-        try:
-            times = process.cpu_times()
-        except psutil.Error:
-            continue
-        total += times.user + times.system
-    return total
-
-
 async def test_idle_nixl_engines_leave_their_cores_free(router_engines, start_router, client):
     """Right after a P->D transfer (agents connected), an idle engine with NixlConnector
     uses a sliver of a core: the plugin pauses NIXL's progress thread between polls
@@ -109,9 +95,9 @@ async def test_idle_nixl_engines_leave_their_cores_free(router_engines, start_ro
                                  {"prompt": _prompt(300, 7), "max_tokens": 4}, stream=False)
     assert headers["x-xllm-pd"] == "handoff"
     await router.load.stop()  # no scrapes during the measurement
-    before = [_cpu_seconds(e) for e in router_engines]
+    before = [e.cpu_seconds() for e in router_engines]
     await asyncio.sleep(3.0)
-    cores = [(_cpu_seconds(e) - b) / 3.0 for e, b in zip(router_engines, before)]
+    cores = [(e.cpu_seconds() - b) / 3.0 for e, b in zip(router_engines, before)]
     assert max(cores) < 0.25, f"idle engines used {cores} cores"
 
 

@@ -173,6 +173,23 @@ class ManagedProcess:
         except OSError:
             return "(no log)"
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the process and its children so far: what an engine
+        takes from neighbours on its cores (vLLM's workers are child processes)."""
+        import psutil  # a vLLM dependency: present wherever engines run
+
+        if self.process is None:
+            raise RuntimeError(f"{self.name} was never started")
+        root = psutil.Process(self.process.pid)
+        total = 0.0
+        for process in (root, *root.children(recursive=True)):
+            try:
+                times = process.cpu_times()
+            except psutil.Error:  # exited between listing and reading
+                continue
+            total += times.user + times.system
+        return total
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the whole process group (SIGKILL simulates a crash)."""
         if self.process is not None and self.process.poll() is None:

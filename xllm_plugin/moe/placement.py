@@ -42,7 +42,7 @@ import numpy as np
 
 # Pairwise-swap passes after greedy packing; each pass is O(slots^2).
 MAX_SWAP_PASSES = 64
-# Step 4: replica moves tried per round (width x width packings) and rounds at most.
+# Step 3: replica moves tried per round (width x width packings) and rounds at most.
 COUNT_SEARCH_WIDTH = 4
 MAX_COUNT_MOVES = 32
 # The search's placement replaces the fixed vectors' only when its max rank load is this
@@ -171,7 +171,10 @@ def _improve_by_swaps(ranks: list[list[int]], totals: np.ndarray, weight: np.nda
         totals[other] += weight[a] - weight[b]
 
 
-def _evenness(load: np.ndarray, ranks: list[list[int]], num_ranks: int) -> tuple[float, float]:
+Evenness = tuple[float, float]  # (max rank load, sum of squared rank loads), over the mean
+
+
+def _evenness(load: np.ndarray, ranks: list[list[int]], num_ranks: int) -> Evenness:
     """Sort key of a packing: max rank load, then sum of squares (both over the mean)."""
     totals = rank_loads(load, np.array([e for rank in ranks for e in rank]), num_ranks)
     mean = max(float(totals.mean()), 1e-300)
@@ -179,9 +182,8 @@ def _evenness(load: np.ndarray, ranks: list[list[int]], num_ranks: int) -> tuple
 
 
 def _search_counts(load: np.ndarray, counts: np.ndarray, ranks: list[list[int]],
-                   num_ranks: int) -> list[list[int]]:
-    """Step 4: move single replicas between experts while the packing gets more even."""
-    best = _evenness(load, ranks, num_ranks)
+                   best: Evenness, num_ranks: int) -> tuple[Evenness, list[list[int]]]:
+    """Step 3: move single replicas between experts while the packing gets more even."""
     counts = counts.copy()
     for _ in range(MAX_COUNT_MOVES):
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -189,7 +191,7 @@ def _search_counts(load: np.ndarray, counts: np.ndarray, ranks: list[list[int]],
             loss = np.where(counts > 1, load / (counts - 1) - load / counts, np.inf)
         takers = [int(e) for e in np.argsort(-gain)[:COUNT_SEARCH_WIDTH] if np.isfinite(gain[e])]
         givers = [int(e) for e in np.argsort(loss)[:COUNT_SEARCH_WIDTH] if np.isfinite(loss[e])]
-        move: tuple[tuple[float, float], np.ndarray, list[list[int]]] | None = None
+        move: tuple[Evenness, np.ndarray, list[list[int]]] | None = None
         for taker in takers:
             for giver in givers:
                 if giver == taker:
@@ -204,7 +206,7 @@ def _search_counts(load: np.ndarray, counts: np.ndarray, ranks: list[list[int]],
         if move is None:
             break
         best, counts, ranks = move
-    return ranks
+    return best, ranks
 
 
 def _assign_ranks(new: list[list[int]], old: list[list[int]]) -> list[int]:
@@ -254,18 +256,18 @@ def place(load: np.ndarray, num_slots: int, num_ranks: int,
                   proportional_counts(load, num_slots, num_ranks),
                   replica_counts_of(initial_placement(len(load), num_slots), len(load))]
     packed = [pack(load, counts, num_ranks) for counts in candidates]
-    start = min(range(len(packed)), key=lambda i: _evenness(load, packed[i], num_ranks))
-    ranks = packed[start]
-    fixed_max = _evenness(load, ranks, num_ranks)[0]
+    keys = [_evenness(load, ranks, num_ranks) for ranks in packed]
+    start = min(range(len(packed)), key=keys.__getitem__)
+    ranks, key = packed[start], keys[start]
     # max/mean is at least 1, so below 1 / (1 - gain) the search cannot win; skip its cost
     # (up to 512 packings: about 0.5 s for 256 experts on 32 ranks on one CPU core).
-    if fixed_max * (1 - SEARCH_MIN_GAIN) > 1.0:
-        searched = _search_counts(load, candidates[start], ranks, num_ranks)
-        if _evenness(load, searched, num_ranks)[0] < (1 - SEARCH_MIN_GAIN) * fixed_max:
-            ranks = searched
+    if key[0] * (1 - SEARCH_MIN_GAIN) > 1.0:
+        searched_key, searched = _search_counts(load, candidates[start], ranks, key, num_ranks)
+        if searched_key[0] < (1 - SEARCH_MIN_GAIN) * key[0]:
+            ranks, key = searched, searched_key
     # Greedy packing can miss an arrangement vLLM's own placement already has.
     initial = initial_placement(len(load), num_slots).reshape(num_ranks, -1).tolist()
-    if _evenness(load, initial, num_ranks)[0] <= _evenness(load, ranks, num_ranks)[0]:
+    if _evenness(load, initial, num_ranks)[0] <= key[0]:
         ranks = initial
     if old_phy2log is not None and len(old_phy2log) == num_slots:
         old_flat = np.asarray(old_phy2log, dtype=np.int64)
