@@ -1,7 +1,9 @@
 """EPD disaggregation in the trace simulator: hybrid (profiler's choice) vs static vs aggregated.
 
-Setup: 4 simulated Qwen2-VL-7B instances on H100 (``router.sim.encoder``: the
-``qwen2-7b-h100`` roofline plus a 675M-ViT roofline), ServeGen mm-image
+Setup: 4 simulated Qwen2-VL-7B instances on H200 (``router.sim.encoder``): by default
+with the costs measured on an H200 (``benchmarks/epd_gpu_costs.py``: the 675M ViT's fitted
+encode time, the ``qwen2-7b-h200`` roofline at the compute efficiency Qwen2-7B prefill
+reached there); ``--costs roofline`` prices both at the assumed 50% MFU. ServeGen mm-image
 windows (``../shared/data/servegen/mm-image``; one window = a group of clients
 from a start time, its first 1,500 sampled requests), SLOs TTFT <= 1 s and
 TPOT <= 50 ms (the simulator's GPU defaults), plus a tight-TPOT sensitivity run
@@ -54,9 +56,10 @@ from router.policies.epd import (  # noqa: E402
     EPDProfiler,
     splits,
 )
-from router.sim.encoder import MMDeployment, qwen2_vl_deployment  # noqa: E402
+from router.sim.encoder import FittedEncoder, MMDeployment, qwen2_vl_deployment  # noqa: E402
 from router.sim.epd import max_goodput, stage_costs, workload_summary  # noqa: E402
 from router.sim.metrics import SLO  # noqa: E402
+from router.sim.roofline import GPUS  # noqa: E402
 from router.sim.workload import Workload, read_servegen  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -178,15 +181,34 @@ def flat(results: dict[float, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def cost_notes(data: dict[str, Any]) -> list[str]:
+    """How encode and prefill/decode were priced in this run."""
+    gpu = data["gpu"].upper()
+    if data["costs"] == "measured":
+        return [
+            f"- Encode: the Qwen2-VL 675M ViT's cost fitted to eager BF16 forwards timed on an {gpu} "
+            f"(`benchmarks/epd_gpu_costs.py`, `router/sim/perf_models/measured/`): "
+            f"{data['encoder_intercept_ms']:.1f} ms + {data['encoder_ms_per_kilo_patch']:.2f} ms per "
+            f"1k patches + {data['encoder_ms_per_mega_pair']:.2f} ms per 1M patch pairs within an "
+            f"image; a 1,200-token image costs {data['encoder_1200tok_ms']:.0f} ms (the roofline at "
+            "50% of peak says 21 ms). A request's image tokens are split evenly over its images "
+            "(the trace gives totals).",
+            f"- Prefill/decode: the `qwen2-7b-{data['gpu']}` roofline with the compute efficiency "
+            f"Qwen2-7B prefill reached on the same GPU (dense layers {data['llm_mfu']:.2f} and "
+            f"attention {data['llm_attn_mfu']:.2f} of peak, instead of the assumed 0.5); decode stays "
+            "memory-bound at 80% of HBM bandwidth. KV and encoder outputs cross a 40 GB/s NIC per "
+            "sender (1 ms latency each)."]
+    return [
+        "- Encode: a 675M-parameter Qwen2-VL ViT roofline (`router/sim/encoder.py`): 4 patches per "
+        "image token, `2 x params` FLOPs per patch plus `4 x layers x hidden` per attended patch pair "
+        f"(full attention within each image), at 50% of {gpu} dense BF16 peak; a 1,200-token image "
+        f"costs {data['encoder_1200tok_ms']:.0f} ms. A request's image tokens are split evenly over "
+        "its images (the trace gives totals).",
+        f"- Prefill/decode: the `qwen2-7b-{data['gpu']}` roofline step model of the other simulator "
+        "runs; KV and encoder outputs cross a 40 GB/s NIC per sender (1 ms latency each)."]
+
+
 NOTES = [
-    "## Modelling assumptions", "",
-    "- Encode: a 675M-parameter Qwen2-VL ViT roofline (`router/sim/encoder.py`): 4 patches per "
-    "image token, `2 x params` FLOPs per patch plus `4 x layers x hidden` per attended patch pair "
-    "(full attention within each image), at 50% of H100 dense BF16 peak; a 1,200-token image "
-    "costs 21 ms. No measured encoder figure was available. A request's image tokens are split "
-    "evenly over its images (the trace gives totals).",
-    "- Prefill/decode: the `qwen2-7b-h100` roofline step model of the other simulator runs; "
-    "KV and encoder outputs cross a 40 GB/s NIC per sender (1 ms latency each).",
     "- Phase-aware batching and the profiled limits (TPOT-bound token budget for pools that "
     "decode, encoder batch in images) apply to every profiled config, static or hybrid; the "
     "no-disaggregation baseline is vLLM's defaults. `none + profiled limits` separates the "
@@ -203,7 +225,7 @@ def write_markdown(path: Path, data: dict[str, Any], results: dict[float, dict[s
     lines = ["# EPD disaggregation in the simulator (hybrid vs static vs aggregated)", "",
              f"`{data['command']}`, {data['date']}, {data['machine']}, "
              f"{data['wall_s']:.0f} s wall.", "",
-             f"{INSTANCES} x Qwen2-VL-7B on H100 (roofline: `qwen2-7b-h100` + 675M ViT, "
+             f"{INSTANCES} x Qwen2-VL-7B on {data['gpu'].upper()} ({data['deployment']}, "
              "`router/sim/encoder.py`), ServeGen mm-image windows (first "
              f"{EVAL_REQUESTS} sampled requests of an hour; hybrid probes {PROBE_REQUESTS} "
              "requests of another seed), goodput = max req/s at >= 90% of requests meeting "
@@ -261,9 +283,11 @@ def write_markdown(path: Path, data: dict[str, Any], results: dict[float, dict[s
               "TPOT SLO costs more than that idle share (image-heavy, short-output windows at "
               f"25 ms). With {INSTANCES} instances, never the hybrid's choice nor a window's "
               f"best split: {', '.join(never) or 'none of the strategies'}.", ""]
-    lines += NOTES + ["Rerun: `nice -n 10 python benchmarks/epd_sim.py` (all windows, both SLOs); "
-                      "`--windows NAME,...` for a subset; `--render` rewrites this file and the "
-                      "plot from the saved JSON. Deterministic for fixed seeds.", ""]
+    lines += ["## Modelling assumptions", ""] + cost_notes(data) + NOTES + [
+        f"Rerun: `nice -n 10 {data['command'].strip()}` (all windows, both SLOs); `--costs roofline` "
+        "prices both sides at the assumed 50% MFU instead; `--windows NAME,...` for a subset; "
+        "`--render` rewrites this file and the plot from the saved JSON. Deterministic for fixed "
+        "seeds.", ""]
     path.write_text("\n".join(lines))
 
 
@@ -300,6 +324,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--windows", default="", help="comma-separated window names (default all)")
     parser.add_argument("--out", default="epd_sim", help="result file stem in benchmarks/results")
+    parser.add_argument("--gpu", default="h200", choices=sorted(GPUS), help="GPU of every instance")
+    parser.add_argument("--costs", default="measured", choices=("measured", "roofline"),
+                        help="measured: ViT cost and LLM compute efficiency timed on --gpu "
+                             "(benchmarks/epd_gpu_costs.py); roofline: both at the assumed 50%% MFU")
     parser.add_argument("--render", action="store_true",
                         help="only rewrite the markdown and plot from the saved JSON files")
     args = parser.parse_args()
@@ -312,16 +340,24 @@ def main() -> None:
         return
     names = [n for n in args.windows.split(",") if n] or None
     began = time.perf_counter()
-    mm = qwen2_vl_deployment("h100")
+    mm = qwen2_vl_deployment(args.gpu, measured=args.costs == "measured")
     results = {tpot: run_slo(tpot, mm, names) for tpot in TPOT_MS}
     data: dict[str, Any] = {
         "command": "python benchmarks/epd_sim.py " + shlex.join(sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node() or 'vm'} {platform.machine()}",
-        "deployment": mm.name, "instances": INSTANCES, "slo_ttft_ms": TTFT_MS,
+        "deployment": mm.name, "gpu": args.gpu, "costs": args.costs,
+        "encoder_1200tok_ms": mm.encoder.compute_s([1200]) * 1e3, "instances": INSTANCES,
+        "slo_ttft_ms": TTFT_MS,
         "slo_tpot_ms": TPOT_MS[0], "slo_tpot_sensitivity_ms": TPOT_MS[1], "target": 0.9,
         "strategy_codes": CODES,
     }
+    if isinstance(mm.encoder, FittedEncoder):
+        step = mm.llm.step_model
+        data.update(encoder_intercept_ms=mm.encoder.intercept_ms,
+                    encoder_ms_per_kilo_patch=mm.encoder.ms_per_patch * 1e3,
+                    encoder_ms_per_mega_pair=mm.encoder.ms_per_pair * 1e6,
+                    llm_mfu=step.mfu, llm_attn_mfu=step.attn_mfu)
     data.update(flat(results))
     data["wall_s"] = time.perf_counter() - began
     RESULTS.mkdir(parents=True, exist_ok=True)

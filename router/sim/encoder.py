@@ -1,4 +1,6 @@
-"""Vision-encoder cost from a roofline, for the EPD simulator (``router.sim.epd``).
+"""Vision-encoder cost for the EPD simulator (``router.sim.epd``): a roofline, or a fit to
+GPU timings (:class:`FittedEncoder`, :class:`MeasuredCosts`, from
+``benchmarks/epd_gpu_costs.py``), which replaces the roofline's assumed efficiency.
 
 An image of ``t`` language-model image tokens is ``t * merge**2`` ViT patches
 (Qwen2-VL merges 2x2 patches of 14x14 pixels into one token). The encoder is
@@ -22,16 +24,22 @@ Sources (public figures, checked when this module was written):
 - Qwen2-VL paper (arXiv 2409.12191, Table 1): a 675 M-parameter ViT for every
   model size; its language model is Qwen2-7B (``roofline.MODELS["qwen2-7b"]``).
 - Peaks and ``MFU``/overhead: the same H100/H200 figures and settings as
-  ``router.sim.roofline`` (no encoder measurement was available here).
+  ``router.sim.roofline``. Timed on an H200 (``benchmarks/results/epd_gpu_costs.md``), the
+  ViT reached about 0.48 of peak in its dense layers and Qwen2-7B prefill about 0.70, so
+  the roofline's single 0.5 understates the encoder's share of the work.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from router.sim.perf_model import Deployment, load_deployment
-from router.sim.roofline import GPUS, MFU, STEP_OVERHEAD_MS
+import numpy as np
+
+from router.sim.perf_model import PERF_MODEL_DIR, Deployment, load_deployment
+from router.sim.roofline import GPUS, MFU, STEP_OVERHEAD_MS, roofline_deployment
 
 
 @dataclass(frozen=True)
@@ -84,19 +92,133 @@ class RooflineEncoder:
         return image_tokens * self.spec.out_hidden * self.spec.bytes_per_value
 
 
+def attended_pairs(lengths: Sequence[int], causal: bool) -> float:
+    """Query-key pairs of attention within each segment (an image's patches, a prompt)."""
+    return float(sum(n * (n + 1) / 2 if causal else n * n for n in lengths))
+
+
+def fit_linear_quadratic(samples: Sequence[tuple[Sequence[int], float]],
+                         causal: bool = False) -> tuple[float, float, float]:
+    """Least-squares ``ms = intercept + a * sum(lengths) + b * pairs`` over measured forwards.
+
+    Each sample is one forward's segment lengths and its milliseconds. Errors are weighted
+    relative to the measurement, so the small batches that dominate a serving trace are fitted
+    as closely as the large ones; a negative coefficient (noise on a near-zero term) is
+    dropped and the rest refitted, so the model never predicts less work costing more.
+    """
+    rows = np.array([[1.0, float(sum(lengths)), attended_pairs(lengths, causal)]
+                     for lengths, _ in samples])
+    ms = np.array([m for _, m in samples])
+    keep = [0, 1, 2]
+    while True:
+        weights = 1.0 / ms
+        coef, *_ = np.linalg.lstsq(rows[:, keep] * weights[:, None], ms * weights, rcond=None)
+        if (coef >= 0).all() or len(keep) == 1:
+            break
+        keep = [k for k, c in zip(keep, coef) if c >= 0] or [0]
+    full = [0.0, 0.0, 0.0]
+    for k, c in zip(keep, coef):
+        full[k] = max(float(c), 0.0)
+    return full[0], full[1], full[2]
+
+
+@dataclass(frozen=True)
+class FittedEncoder:
+    """Encoder cost fitted to GPU measurements (``benchmarks/epd_gpu_costs.py``):
+    ``ms = intercept + per_patch * patches + per_pair * patch pairs within each image``.
+
+    Same interface as :class:`RooflineEncoder`; the intercept is the eager ViT's own launch
+    time, paid by every forward that encodes, and ``overhead_ms`` the engine step's
+    scheduling around it, as for the roofline.
+    """
+
+    spec: VisionEncoderSpec
+    intercept_ms: float
+    ms_per_patch: float
+    ms_per_pair: float
+    overhead_ms: float = STEP_OVERHEAD_MS
+
+    def patches_ms(self, patches: Sequence[int], causal: bool = False) -> float:
+        return (self.intercept_ms + self.ms_per_patch * sum(patches)
+                + self.ms_per_pair * attended_pairs(patches, causal))
+
+    def compute_s(self, image_tokens: Sequence[int]) -> float:
+        if not image_tokens:
+            return 0.0
+        return self.patches_ms([t * self.spec.patches_per_token for t in image_tokens]) * 1e-3
+
+    def batch_s(self, images: int, tokens_per_image: int) -> float:
+        return self.compute_s([tokens_per_image] * images) if images > 0 else 0.0
+
+    def output_bytes(self, image_tokens: int) -> float:
+        return image_tokens * self.spec.out_hidden * self.spec.bytes_per_value
+
+
+@dataclass(frozen=True)
+class MeasuredCosts:
+    """What ``benchmarks/epd_gpu_costs.py`` measured on one GPU: the ViT's fitted cost and
+    the compute efficiency Qwen2-7B prefill reached (dense layers and attention), which
+    replace the roofline's assumed 50% of peak for both sides of the EPD trade-off."""
+
+    gpu: str
+    encoder: FittedEncoder
+    llm_mfu: float
+    llm_attn_mfu: float
+    source: str
+
+    @staticmethod
+    def path(gpu: str) -> Path:
+        return PERF_MODEL_DIR / "measured" / f"qwen2-vl-7b-{gpu}.json"
+
+    def save(self) -> Path:
+        path = self.path(self.gpu)
+        path.parent.mkdir(exist_ok=True)
+        enc = self.encoder
+        path.write_text(json.dumps({
+            "gpu": self.gpu, "source": self.source,
+            "encoder": {"name": enc.spec.name, "intercept_ms": enc.intercept_ms,
+                        "ms_per_patch": enc.ms_per_patch, "ms_per_pair": enc.ms_per_pair},
+            "llm": {"model": "qwen2-7b", "mfu": self.llm_mfu, "attn_mfu": self.llm_attn_mfu},
+        }, indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, gpu: str) -> MeasuredCosts:
+        path = cls.path(gpu)
+        if not path.exists():
+            raise FileNotFoundError(f"no measured costs for {gpu} ({path}); run "
+                                    f"benchmarks/epd_gpu_costs.py --gpu {gpu} on that GPU")
+        data = json.loads(path.read_text())
+        enc = data["encoder"]
+        if enc["name"] != QWEN2_VL_VIT.name:
+            raise ValueError(f"{path} was fitted for {enc['name']!r}, not {QWEN2_VL_VIT.name!r}")
+        encoder = FittedEncoder(QWEN2_VL_VIT, enc["intercept_ms"], enc["ms_per_patch"], enc["ms_per_pair"])
+        return cls(gpu, encoder, data["llm"]["mfu"], data["llm"]["attn_mfu"], data["source"])
+
+
 @dataclass(frozen=True)
 class MMDeployment:
     """A multimodal deployment: the language model's deployment plus its vision encoder."""
 
     llm: Deployment
-    encoder: RooflineEncoder
+    encoder: RooflineEncoder | FittedEncoder
+
+    measured: bool = False
 
     @property
     def name(self) -> str:
-        return f"{self.llm.name}+vit"
+        return f"{self.llm.name}+vit" + (" (measured costs)" if self.measured else "")
 
 
-def qwen2_vl_deployment(gpu: str = "h100") -> MMDeployment:
-    """Qwen2-VL-7B on one GPU per instance: ``qwen2-7b-<gpu>`` plus the 675M ViT."""
-    return MMDeployment(load_deployment(f"qwen2-7b-{gpu}"),
-                        RooflineEncoder(QWEN2_VL_VIT, GPUS[gpu].bf16_flops))
+def qwen2_vl_deployment(gpu: str = "h100", measured: bool = False) -> MMDeployment:
+    """Qwen2-VL-7B on one GPU per instance: ``qwen2-7b-<gpu>`` plus the 675M ViT.
+
+    By default both sides are rooflines at the assumed MFU; ``measured`` takes the ViT's
+    fitted cost and the LLM's compute efficiency from :class:`MeasuredCosts` for ``gpu``.
+    """
+    if not measured:
+        return MMDeployment(load_deployment(f"qwen2-7b-{gpu}"),
+                            RooflineEncoder(QWEN2_VL_VIT, GPUS[gpu].bf16_flops))
+    costs = MeasuredCosts.load(gpu)
+    llm = roofline_deployment("qwen2-7b", gpu, mfu=costs.llm_mfu, attn_mfu=costs.llm_attn_mfu)
+    return MMDeployment(llm, costs.encoder, measured=True)

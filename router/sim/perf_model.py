@@ -63,7 +63,9 @@ class RooflineStepModel:
 
     FLOPs: ``2 * params`` per token processed plus ``4 * layers * q_dim`` per
     query-key pair (QK^T and AV). Bytes: the weights once per step plus the KV
-    read by every decode sequence and prefill chunk.
+    read by every decode sequence and prefill chunk. Attention FLOPs run at
+    ``attn_mfu`` when it is set (measured attention kernels reach a lower share of
+    peak than the dense layers), else at ``mfu``.
     """
 
     params: float
@@ -75,15 +77,17 @@ class RooflineStepModel:
     mfu: float
     mbu: float
     overhead_ms: float
+    attn_mfu: float | None = None
 
     def step_s(self, prefill_tokens: int, prefill_attn: float, decode_seqs: int,
                decode_ctx: int) -> float:
         tokens = prefill_tokens + decode_seqs
-        flops = 2.0 * self.params * tokens + self.flops_per_attn_pair * (prefill_attn + decode_ctx)
+        attn_flops = self.flops_per_attn_pair * (prefill_attn + decode_ctx)
+        compute = (2.0 * self.params * tokens / self.mfu
+                   + attn_flops / (self.attn_mfu or self.mfu)) / self.peak_flops
         kv_read = self.kv_bytes_per_token * (decode_ctx + prefill_attn / max(prefill_tokens, 1))
         memory = self.weight_bytes + kv_read
-        return self.overhead_ms * 1e-3 + max(flops / (self.peak_flops * self.mfu),
-                                             memory / (self.hbm_bytes_per_s * self.mbu))
+        return self.overhead_ms * 1e-3 + max(compute, memory / (self.hbm_bytes_per_s * self.mbu))
 
 
 @dataclass

@@ -89,8 +89,13 @@ TRANSFER_EFFICIENCY = 0.8
 
 
 def roofline_deployment(model_key: str, gpu_key: str, block_size: int = 16,
-                        max_num_batched_tokens: int = 8192, max_num_seqs: int = 256) -> Deployment:
-    """A :class:`Deployment` for one model on one GPU, sized as vLLM would size it."""
+                        max_num_batched_tokens: int = 8192, max_num_seqs: int = 256,
+                        mfu: float = MFU, attn_mfu: float | None = None) -> Deployment:
+    """A :class:`Deployment` for one model on one GPU, sized as vLLM would size it.
+
+    ``mfu``/``attn_mfu`` replace the assumed compute efficiency with measured ones
+    (``benchmarks/epd_gpu_costs.py``); the description says which was used.
+    """
     model, gpu = MODELS[model_key], GPUS[gpu_key]
     weight_bytes = model.params * model.bytes_per_param
     kv_budget = gpu.hbm_bytes * GPU_MEMORY_UTILIZATION - weight_bytes - ACTIVATION_RESERVE_BYTES
@@ -99,10 +104,12 @@ def roofline_deployment(model_key: str, gpu_key: str, block_size: int = 16,
         params=model.params, weight_bytes=weight_bytes,
         flops_per_attn_pair=model.flops_per_attn_pair,
         kv_bytes_per_token=model.kv_bytes_per_token, peak_flops=gpu.bf16_flops,
-        hbm_bytes_per_s=gpu.hbm_bytes_per_s, mfu=MFU, mbu=MBU, overhead_ms=STEP_OVERHEAD_MS)
+        hbm_bytes_per_s=gpu.hbm_bytes_per_s, mfu=mfu, mbu=MBU, overhead_ms=STEP_OVERHEAD_MS,
+        attn_mfu=attn_mfu)
     return Deployment(
         name=f"{model_key}-{gpu_key}", step_model=step,
-        description=f"{model.name} on one {gpu.name} (roofline, mfu={MFU}, mbu={MBU})",
+        description=(f"{model.name} on one {gpu.name} (roofline, mfu={mfu:g}"
+                     + (f", attention mfu={attn_mfu:g}" if attn_mfu else "") + f", mbu={MBU})"),
         block_size=block_size, num_kv_blocks=num_blocks,
         max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
         max_model_len=model.max_model_len, kv_bytes_per_token=model.kv_bytes_per_token,
