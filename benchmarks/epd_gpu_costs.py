@@ -1,4 +1,4 @@
-"""Measure on a GPU what the EPD simulator otherwise assumes: ViT encode and LLM prefill cost.
+"""Measure on a GPU what the EPD simulator otherwise assumes: ViT encode, LLM prefill and decode.
 
 ``router.sim.encoder`` prices a Qwen2-VL image encode from a roofline (50% of dense BF16
 peak), and ``router.sim.roofline`` prices Qwen2-7B prefill the same way. Whether
@@ -9,7 +9,9 @@ the same GPU, from the models' real shapes with random BF16 weights (no model hu
   rotary, a 2x2 patch merger to width 3584), full attention within each image, eager as
   vLLM runs its encoders, batches of equal images and one batch of mixed sizes;
 - Qwen2-7B prefill (28 layers, width 3584, 28/4 heads, MLP 18944, causal attention within
-  each sequence, the LM head on each sequence's last token), eager.
+  each sequence, the LM head on each sequence's last token), eager;
+- Qwen2-7B decode steps over K/V caches, in CUDA graphs, reported as the HBM-bandwidth share
+  the roofline would need (not fed to the simulator: unfused kernels, see the report).
 
 Each is fitted to ``ms = intercept + a * tokens + b * attended pairs`` by least squares
 (``router.sim.encoder.fit_linear_quadratic``); the ViT fit becomes the simulator's
@@ -155,6 +157,28 @@ class LanguageModel:
         last = torch.tensor(lengths, device=x.device).cumsum(0) - 1
         return F.linear(F.rms_norm(x[last], (d.llm_hidden,)), self.lm_head)
 
+    def decode(self, ids: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]],
+               position: int) -> torch.Tensor:
+        """One decode step for ``len(ids)`` sequences whose K/V caches ``[seqs, kv_heads,
+        context, head]`` are full up to ``position``; writes the new K/V there and attends
+        over the whole cache. The query heads sharing a KV head go in as that head's queries
+        (GQA without repeating K/V, as paged decode kernels read it)."""
+        d, hd = self.d, self.head_dim
+        seqs, group = ids.shape[0], d.llm_heads // d.llm_kv_heads
+        x = F.embedding(ids, self.embed)
+        cos, sin = self.cos[position], self.sin[position]
+        for layer, (k_cache, v_cache) in zip(self.layers, caches):
+            h = F.rms_norm(x, (d.llm_hidden,))
+            q = rotate(F.linear(h, layer["q"], layer["q_b"]).view(seqs, d.llm_kv_heads, group, hd), cos, sin)
+            k, v = F.linear(h, layer["kv"], layer["kv_b"]).view(seqs, 2, d.llm_kv_heads, 1, hd).unbind(1)
+            k_cache[:, :, position:position + 1].copy_(rotate(k, cos, sin))
+            v_cache[:, :, position:position + 1].copy_(v)
+            attn = F.scaled_dot_product_attention(q, k_cache, v_cache)
+            x = x + F.linear(attn.reshape(seqs, d.llm_hidden), layer["o"])
+            gate, up = F.linear(F.rms_norm(x, (d.llm_hidden,)), layer["gate_up"]).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer["down"])
+        return F.linear(F.rms_norm(x, (d.llm_hidden,)), self.lm_head)
+
 
 def time_ms(call: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
     """Median wall time of ``call`` (synchronised; CUDA events on a GPU)."""
@@ -208,6 +232,42 @@ def measure_prefill(llm: LanguageModel, grid: Sequence[tuple[int, int]], device:
     return rows
 
 
+def measure_decode(llm: LanguageModel, grid: Sequence[tuple[int, int]], device: torch.device,
+                   dtype: torch.dtype, reps: int, steps_per_graph: int = 10) -> list:
+    """(sequences, context, ms per step): decode steps captured in a CUDA graph, as vLLM runs
+    decode (no launch cost in the figure); eager on a CPU."""
+    rows = []
+    d = llm.d
+    for seqs, context in grid:
+        caches = [tuple(torch.zeros(seqs, d.llm_kv_heads, context, llm.head_dim, device=device,
+                                    dtype=dtype) for _ in range(2)) for _ in llm.layers]
+        ids = torch.randint(0, d.vocab, (seqs,), device=device)
+
+        def steps() -> None:
+            for _ in range(steps_per_graph):
+                llm.decode(ids, caches, context - 1)
+
+        if device.type == "cuda":
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                steps()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                steps()
+            ms = time_ms(graph.replay, device, 1, reps) / steps_per_graph
+            del graph
+        else:
+            ms = time_ms(steps, device, 1, reps) / steps_per_graph
+        rows.append((seqs, context, ms))
+        print(f"decode {seqs} seqs x {context} ctx: {ms:.3f} ms/step", flush=True)
+        caches.clear()  # free this point's K/V before the next point allocates its own
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def measure(smoke: bool, warmup: int, reps: int) -> dict:
     """Time both models over their grids; the raw rows the analysis fits."""
     device = torch.device("cpu" if smoke else "cuda")
@@ -217,16 +277,20 @@ def measure(smoke: bool, warmup: int, reps: int) -> dict:
     if smoke:
         vit_grid = [(1, 16), (2, 16), (1, 64), (2, 64)]
         mixed, prefill_grid = [16, 64, 32], [(1, 64), (1, 256), (2, 128)]
+        decode_grid = [(1, 64), (4, 256)]
     else:
         vit_grid = [(b, t) for t in (64, 256, 576, 1024, 2048) for b in (1, 2, 4, 8, 16) if b * t <= 16384]
         mixed = [1024, 256, 576, 64, 1600, 400]
         prefill_grid = [(1, 256), (1, 1024), (1, 2048), (1, 4096), (1, 8192), (4, 512), (4, 2048), (8, 1024)]
+        decode_grid = [(1, 1024), (1, 8192), (8, 1024), (8, 4096), (32, 1024), (32, 4096),
+                       (128, 1024), (128, 4096)]
     with torch.inference_mode():
         vit = VisionEncoder(dims, device, dtype)
         vit_rows, mixed_ms = measure_vit(vit, vit_grid, mixed, device, dtype, warmup, reps)
         del vit
         llm = LanguageModel(dims, device, dtype)
         prefill_rows = measure_prefill(llm, prefill_grid, device, warmup, reps)
+        decode_rows = measure_decode(llm, decode_grid, device, dtype, reps)
         del llm
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -234,20 +298,22 @@ def measure(smoke: bool, warmup: int, reps: int) -> dict:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
         "patches_per_token": dims.merge * dims.merge, "warmup": warmup, "reps": reps,
         "vit_rows": vit_rows, "vit_mixed_tokens": mixed, "vit_mixed_ms": mixed_ms,
-        "prefill_rows": prefill_rows,
+        "prefill_rows": prefill_rows, "decode_rows": decode_rows,
     }
 
 
-def pooled(runs: Sequence[dict]) -> tuple[dict[tuple[int, int], list[float]], dict[tuple[int, int], list[float]]]:
-    """Each grid point's milliseconds over the runs: (ViT, prefill)."""
-    vit: dict[tuple[int, int], list[float]] = {}
-    prefill: dict[tuple[int, int], list[float]] = {}
+Pooled = dict[tuple[int, int], list[float]]
+
+
+def pooled(runs: Sequence[dict]) -> tuple[Pooled, Pooled, Pooled]:
+    """Each grid point's milliseconds over the runs: (ViT, prefill, decode); runs made before
+    decode was measured have no decode rows."""
+    tables: tuple[Pooled, Pooled, Pooled] = ({}, {}, {})
     for run in runs:
-        for b, t, ms in run["vit_rows"]:
-            vit.setdefault((b, t), []).append(ms)
-        for s, n, ms in run["prefill_rows"]:
-            prefill.setdefault((s, n), []).append(ms)
-    return vit, prefill
+        for table, key in zip(tables, ("vit_rows", "prefill_rows", "decode_rows")):
+            for a, b, ms in run.get(key, ()):
+                table.setdefault((a, b), []).append(ms)
+    return tables
 
 
 def analyse(runs: Sequence[dict], gpu: str) -> tuple[dict, object]:
@@ -257,7 +323,7 @@ def analyse(runs: Sequence[dict], gpu: str) -> tuple[dict, object]:
     so a point that moved between runs weighs as much as its spread says.
     """
     from router.sim.encoder import QWEN2_VL_VIT, FittedEncoder, attended_pairs, fit_linear_quadratic
-    from router.sim.roofline import GPUS, MFU, MODELS
+    from router.sim.roofline import GPUS, MBU, MFU, MODELS
 
     ppt = runs[0]["patches_per_token"]
     vit_rows = [row for run in runs for row in run["vit_rows"]]
@@ -287,7 +353,7 @@ def analyse(runs: Sequence[dict], gpu: str) -> tuple[dict, object]:
     last = runs[-1]
     result: dict = {key: last[key] for key in ("date", "machine", "device", "reps")}
     result["runs"] = len(runs)
-    vit_pooled, prefill_pooled = pooled(runs)
+    vit_pooled, prefill_pooled, decode_pooled = pooled(runs)
     result.update({
         "roofline_gpu_peak_tflops": peak / 1e12, "roofline_mfu": MFU,
         "vit_intercept_ms": round(vit_fit[0], 4),
@@ -311,6 +377,22 @@ def analyse(runs: Sequence[dict], gpu: str) -> tuple[dict, object]:
         "llm_prefill_mfu_equiv": round(mfu(2 * llm_spec.params, llm_fit[1]), 4),
         "llm_prefill_attn_mfu_equiv": round(mfu(llm_spec.flops_per_attn_pair, llm_fit[2]), 4),
     })
+    # Decode is memory-bound: the MBU at which the roofline's bytes (weights once, plus the
+    # KV of every sequence's context) would take the measured time, per point.
+    bandwidth = GPUS[gpu].hbm_bytes_per_s
+    weight_bytes = llm_spec.params * llm_spec.bytes_per_param
+    mbu_by_point = {(seqs, ctx): (weight_bytes + llm_spec.kv_bytes_per_token * seqs * ctx)
+                    / (bandwidth * statistics.median(ms) * 1e-3)
+                    for (seqs, ctx), ms in decode_pooled.items()}
+    if mbu_by_point:
+        result.update({
+            "roofline_hbm_tb_per_s": bandwidth / 1e12, "roofline_mbu": MBU,
+            "decode_mbu_equiv": round(statistics.median(mbu_by_point.values()), 4),
+            "decode_mbu_equiv_min": round(min(mbu_by_point.values()), 4),
+            "decode_mbu_equiv_max": round(max(mbu_by_point.values()), 4),
+        })
+        result.update({f"decode_ms_s{s}_c{c}": round(statistics.median(ms), 4)
+                       for (s, c), ms in decode_pooled.items()})
     result.update({f"vit_ms_b{b}_t{t}": round(statistics.median(ms), 3) for (b, t), ms in vit_pooled.items()})
     result.update({f"prefill_ms_s{s}_n{n}": round(statistics.median(ms), 3)
                    for (s, n), ms in prefill_pooled.items()})
@@ -318,7 +400,7 @@ def analyse(runs: Sequence[dict], gpu: str) -> tuple[dict, object]:
 
 
 def write_markdown(result: dict, runs: Sequence[dict], path: Path) -> None:
-    vit_pooled, prefill_pooled = pooled(runs)
+    vit_pooled, prefill_pooled, decode_pooled = pooled(runs)
     raw = runs[-1]
 
     def each(ms: list[float]) -> str:
@@ -327,7 +409,25 @@ def write_markdown(result: dict, runs: Sequence[dict], path: Path) -> None:
     vit_rows = "\n".join(f"| {b} | {t} | {b * t * raw['patches_per_token']} | {each(ms)} |"
                           for (b, t), ms in vit_pooled.items())
     prefill_rows = "\n".join(f"| {s} | {n} | {each(ms)} |" for (s, n), ms in prefill_pooled.items())
-    path.write_text(f"""# ViT encode and LLM prefill cost on {result['device']}
+    small = [m for (b, t), ms in vit_pooled.items() if b * t * raw["patches_per_token"] <= 1024 for m in ms]
+    floor = (min(small), max(small)) if small else (0.0, 0.0)
+    decode = ""
+    if decode_pooled:
+        decode_rows = "\n".join(f"| {s} | {c} | {each(ms)} |" for (s, c), ms in decode_pooled.items())
+        decode = f"""
+Qwen2-7B decode steps, captured in CUDA graphs (K/V caches of the given context per sequence):
+the roofline's bytes (weights once per step, plus every sequence's KV) moved at
+{result['decode_mbu_equiv']} of the {result['roofline_hbm_tb_per_s']:g} TB/s HBM bandwidth (median over points; range
+{result['decode_mbu_equiv_min']}-{result['decode_mbu_equiv_max']}); the roofline assumes {result['roofline_mbu']}. These steps run one
+unfused kernel per operation (about 12 per layer) and no split-KV attention, so they are a
+pessimistic stand-in for vLLM's fused decode; the simulator keeps the roofline's figure for
+decode (a lower one would favour disaggregation) and takes only the ViT and prefill figures.
+
+| decode sequences | context | ms per step (per run) |
+|---:|---:|---:|
+{decode_rows}
+"""
+    path.write_text(f"""# ViT encode, LLM prefill and decode cost on {result['device']}
 
 Command: `{result['command']}`; {result['date']}; {result['machine']}. {result['runs']} run(s) of the whole
 grid ({', '.join(run['date'] for run in runs)}), each point the median of {result['reps']} timed calls;
@@ -343,7 +443,8 @@ Random-weight BF16 models at their real shapes (`benchmarks/epd_gpu_costs.py`): 
 | Qwen2-7B prefill (per token) | {result['llm_prefill_intercept_ms']} | {result['llm_prefill_ms_per_kilo_token']} ms / 1k tokens | {result['llm_prefill_ms_per_mega_pair']} ms / 1M pairs | {result['llm_prefill_fit_max_rel_err']:.1%} | {result['llm_prefill_mfu_equiv']} / {result['llm_prefill_attn_mfu_equiv']} |
 
 The worst fit errors are where the CPU launching eager kernels, not the GPU, sets the pace
-(small batches sit near a floor of about 8.5 ms for the ViT); for images of 576 tokens or more
+(ViT forwards of up to 1,024 patches took {floor[0]:.1f}-{floor[1]:.1f} ms whatever their size, a floor that
+moved between runs with the host); for images of 576 tokens or more
 the fit is within {result['vit_fit_max_rel_err_576tok_up']:.1%}, for prompts of 1,024 tokens or more within
 {result['llm_prefill_fit_max_rel_err_1024tok_up']:.1%}.
 
@@ -359,7 +460,7 @@ predicted by the fit (which saw only batches of equal images).
 | prefill sequences | tokens each | ms (per run) |
 |---:|---:|---:|
 {prefill_rows}
-
+{decode}
 What this leaves out: vLLM's own kernels (its ViT uses FlashAttention varlen, prefill uses its
 attention backend and may capture graphs), image preprocessing on the CPU, and the step's
 scheduler time; only the two forwards are timed. The simulator takes the ViT fit whole

@@ -215,6 +215,9 @@ def qwen2_vl_deployment(gpu: str = "h100", measured: bool = False) -> MMDeployme
 
     By default both sides are rooflines at the assumed MFU; ``measured`` takes the ViT's
     fitted cost and the LLM's compute efficiency from :class:`MeasuredCosts` for ``gpu``.
+    Decode keeps the roofline's memory efficiency: the decode steps timed beside the rest
+    (``benchmarks/epd_gpu_costs.py``) run unfused kernels, a pessimistic stand-in for
+    vLLM's fused, split-KV decode, and a lower figure would favour disaggregation.
     """
     if not measured:
         return MMDeployment(load_deployment(f"qwen2-7b-{gpu}"),
