@@ -250,13 +250,24 @@ def write_report(result: dict[str, float | str], name: str) -> None:
     plot = _plot(result, levels, name)
     target = float(result["target_attainment"])
     ratio_value = result.get("offline_ratio_vs_stock_priority")
-    if ratio_value is None:
-        idle = " / ".join(f"{float(result[f'attainment_{c}_offline0']):.2f}" for c in CONFIGS)
+    idle_values = [float(result[f"attainment_{c}_offline0"]) for c in CONFIGS]
+    idle = " / ".join(f"{v:.2f}" for v in idle_values)
+    if ratio_value is None and min(idle_values) < target:
         reading = (
             "Reading it: this host cannot serve the online stream alone at the SLOs (median "
             f"attainment with no offline work, FCFS / priority / XLLMScheduler: {idle}), so "
             "no configuration has offline throughput at the target and nothing here compares "
             "co-location policies. Rerun with an `--online-rate` the host serves.\n\n")
+    elif ratio_value is None:
+        reading = (
+            f"Reading it: with no offline work every configuration meets the target ({idle}); "
+            "with offline work in flight none does, XLLMScheduler included. Its learned step "
+            f"model here ({_value(result, 'xllm_step_model_c0')} ms fixed, "
+            f"{_value(result, 'xllm_step_model_per_prefill_token')} ms per prefill token) leaves "
+            f"room for only a few prefill tokens under the {result['tpot_slo_ms']:.0f} ms TPOT "
+            "SLO, fewer than the floor every step may take (`slo.min_prefill_tokens`), so "
+            "offline prefill keeps each step over the SLO (an inference from the step model, "
+            "not measured per step).\n\n")
     else:
         reading = f"""Reading it: stock vLLM lets a long offline prefill (up to the 2048-token step budget)
 into the same step as online decodes, so online TPOT blows through the SLO once a
