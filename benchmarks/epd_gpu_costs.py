@@ -13,14 +13,15 @@ the same GPU, from the models' real shapes with random BF16 weights (no model hu
 - Qwen2-7B decode steps over K/V caches, in CUDA graphs, reported as the HBM-bandwidth share
   the roofline would need (not fed to the simulator: unfused kernels, see the report).
 
-Each is fitted to ``ms = intercept + a * tokens + b * attended pairs`` by least squares
-(``router.sim.encoder.fit_linear_quadratic``); the ViT fit becomes the simulator's
-``FittedEncoder`` (``router/sim/perf_models/qwen2-vl-vit-<gpu>.json``), and both fits are
-also given as the MFU the roofline would need to match them.
+ViT and prefill are fitted to ``ms = intercept + a * tokens + b * attended pairs`` by least
+squares (``router.sim.encoder.fit_linear_quadratic``) and also given as the MFU the roofline
+would need to match them; the ViT fit and the prefill MFUs become the simulator's
+``MeasuredCosts`` (``router/sim/perf_models/measured/qwen2-vl-7b-<gpu>.json``).
 
 The timings go to ``results/epd_gpu_costs_raw.json`` first (this part needs only torch, so
-it runs on a GPU machine without the router's dependencies); ``--raw FILE`` fits and writes
-``results/epd_gpu_costs.{json,md}`` from such a file without measuring again. ``--smoke``
+it runs on a GPU machine without the router's dependencies); ``--raw FILE ...`` fits and
+writes ``results/epd_gpu_costs.{json,md}`` from such files (one per run, fitted together)
+without measuring again. ``--smoke``
 shrinks both models to run on a CPU (a check that the script works, not a measurement).
 """
 
@@ -32,12 +33,17 @@ import platform
 import shlex
 import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from router.sim.encoder import FittedEncoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -72,6 +78,12 @@ def rotary(positions: int, head_dim: int, device: torch.device, dtype: torch.dty
 
 def weight(*shape: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return (torch.randn(*shape, device=device, dtype=torch.float32) * shape[-1] ** -0.5).to(dtype)
+
+
+def segment_rotary(cos: torch.Tensor, sin: torch.Tensor, lengths: Sequence[int]):
+    """The rotary tables for tokens packed segment after segment (positions restart at 0)."""
+    return (torch.cat([cos[:n] for n in lengths]).unsqueeze(1),
+            torch.cat([sin[:n] for n in lengths]).unsqueeze(1))
 
 
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Sequence[int],
@@ -113,8 +125,7 @@ class VisionEncoder:
     def __call__(self, patches: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
         d, hd = self.d, self.head_dim
         x = F.linear(patches, self.embed)
-        cos = torch.cat([self.cos[:n] for n in lengths]).unsqueeze(1)
-        sin = torch.cat([self.sin[:n] for n in lengths]).unsqueeze(1)
+        cos, sin = segment_rotary(self.cos, self.sin, lengths)
         for b in self.blocks:
             h = F.layer_norm(x, (d.vit_hidden,))
             q, k, v = F.linear(h, b["qkv"], b["qkv_b"]).view(-1, 3, d.vit_heads, hd).unbind(1)
@@ -144,8 +155,7 @@ class LanguageModel:
     def __call__(self, ids: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
         d, hd = self.d, self.head_dim
         x = F.embedding(ids, self.embed)
-        cos = torch.cat([self.cos[:n] for n in lengths]).unsqueeze(1)
-        sin = torch.cat([self.sin[:n] for n in lengths]).unsqueeze(1)
+        cos, sin = segment_rotary(self.cos, self.sin, lengths)
         for layer in self.layers:
             h = F.rms_norm(x, (d.llm_hidden,))
             q = F.linear(h, layer["q"], layer["q_b"]).view(-1, d.llm_heads, hd)
@@ -194,7 +204,6 @@ def time_ms(call: Callable[[], object], device: torch.device, warmup: int, reps:
             torch.cuda.synchronize()
             samples.append(start.elapsed_time(end))
         else:
-            import time
             t0 = time.perf_counter()
             call()
             samples.append((time.perf_counter() - t0) * 1e3)
@@ -316,13 +325,19 @@ def pooled(runs: Sequence[dict]) -> tuple[Pooled, Pooled, Pooled]:
     return tables
 
 
-def analyse(runs: Sequence[dict], gpu: str) -> tuple[dict, object]:
+def analyse(runs: Sequence[dict], gpu: str) -> tuple[dict, FittedEncoder]:
     """Fit both grids over every run's timings; the flat result and the encoder model.
 
     Several runs are fitted together (each timing one sample) rather than averaged first,
     so a point that moved between runs weighs as much as its spread says.
     """
-    from router.sim.encoder import QWEN2_VL_VIT, FittedEncoder, attended_pairs, fit_linear_quadratic
+    from router.sim.encoder import (
+        QWEN2_VL_VIT,
+        FittedEncoder,
+        RooflineEncoder,
+        fit_linear_quadratic,
+        linear_quadratic_ms,
+    )
     from router.sim.roofline import GPUS, MBU, MFU, MODELS
 
     ppt = runs[0]["patches_per_token"]
@@ -344,12 +359,10 @@ def analyse(runs: Sequence[dict], gpu: str) -> tuple[dict, object]:
         for count, size, ms in rows:
             if size < min_size:
                 continue
-            lengths = [size * per_size] * count
-            pred = fit[0] + fit[1] * sum(lengths) + fit[2] * attended_pairs(lengths, causal)
+            pred = linear_quadratic_ms(fit, [size * per_size] * count, causal)
             worst = max(worst, abs(pred - ms) / ms)
         return worst
 
-    patches_1200 = 1200 * vit_spec.patches_per_token
     last = runs[-1]
     result: dict = {key: last[key] for key in ("date", "machine", "device", "reps")}
     result["runs"] = len(runs)
@@ -367,8 +380,7 @@ def analyse(runs: Sequence[dict], gpu: str) -> tuple[dict, object]:
         "vit_mixed_predicted_ms": round(encoder.compute_s(last["vit_mixed_tokens"]) * 1e3, 3),
         "vit_1200tok_image_ms": round(encoder.compute_s([1200]) * 1e3, 3),
         "vit_1200tok_image_roofline_ms": round(
-            (2 * vit_spec.params * patches_1200 + vit_spec.flops_per_attn_pair * patches_1200 ** 2)
-            / (peak * MFU) * 1e3, 3),
+            RooflineEncoder(vit_spec, peak).compute_s([1200]) * 1e3, 3),
         "llm_prefill_intercept_ms": round(llm_fit[0], 4),
         "llm_prefill_ms_per_kilo_token": round(llm_fit[1] * 1e3, 5),
         "llm_prefill_ms_per_mega_pair": round(llm_fit[2] * 1e6, 5),
@@ -419,7 +431,7 @@ Qwen2-7B decode steps, captured in CUDA graphs (K/V caches of the given context 
 the roofline's bytes (weights once per step, plus every sequence's KV) moved at
 {result['decode_mbu_equiv']} of the {result['roofline_hbm_tb_per_s']:g} TB/s HBM bandwidth (median over points; range
 {result['decode_mbu_equiv_min']}-{result['decode_mbu_equiv_max']}); the roofline assumes {result['roofline_mbu']}. These steps run one
-unfused kernel per operation (about 12 per layer) and no split-KV attention, so they are a
+unfused kernel per operation (some two dozen per layer) and no split-KV attention, so they are a
 pessimistic stand-in for vLLM's fused decode; the simulator keeps the roofline's figure for
 decode (a lower one would favour disaggregation) and takes only the ViT and prefill figures.
 

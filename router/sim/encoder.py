@@ -32,6 +32,7 @@ Sources (public figures, checked when this module was written):
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,8 +67,37 @@ class VisionEncoderSpec:
 QWEN2_VL_VIT = VisionEncoderSpec("Qwen2-VL ViT (675M)", 675e6, 32, 1280, 2, 3584)
 
 
+def attended_pairs(lengths: Sequence[int], causal: bool) -> float:
+    """Query-key pairs of attention within each segment (an image's patches, a prompt)."""
+    return float(sum(n * (n + 1) / 2 if causal else n * n for n in lengths))
+
+
+def linear_quadratic_ms(coefficients: tuple[float, float, float], lengths: Sequence[int],
+                        causal: bool = False) -> float:
+    """``intercept + a * sum(lengths) + b * pairs``: the model :func:`fit_linear_quadratic` fits."""
+    intercept, per_unit, per_pair = coefficients
+    return intercept + per_unit * sum(lengths) + per_pair * attended_pairs(lengths, causal)
+
+
+class ImageEncoderCost(ABC):
+    """What the EPD simulator and profiler ask of an encoder model, given its ``compute_s``."""
+
+    spec: VisionEncoderSpec
+
+    @abstractmethod
+    def compute_s(self, image_tokens: Sequence[int]) -> float:
+        """Seconds of one forward pass over images of these token counts."""
+
+    def batch_s(self, images: int, tokens_per_image: int) -> float:
+        """``compute_s`` of ``images`` equal images (the profiler's cost model)."""
+        return self.compute_s([tokens_per_image] * images) if images > 0 else 0.0
+
+    def output_bytes(self, image_tokens: int) -> float:
+        return image_tokens * self.spec.out_hidden * self.spec.bytes_per_value
+
+
 @dataclass(frozen=True)
-class RooflineEncoder:
+class RooflineEncoder(ImageEncoderCost):
     """Seconds to encode a batch of images, and the bytes of its output."""
 
     spec: VisionEncoderSpec
@@ -78,23 +108,10 @@ class RooflineEncoder:
     def compute_s(self, image_tokens: Sequence[int]) -> float:
         """Encoder compute for images of these token counts, one forward pass (no overhead)."""
         spec = self.spec
-        flops = 0.0
-        for tokens in image_tokens:
-            patches = tokens * spec.patches_per_token
-            flops += 2.0 * spec.params * patches + spec.flops_per_attn_pair * patches * patches
+        patches = [tokens * spec.patches_per_token for tokens in image_tokens]
+        flops = (2.0 * spec.params * sum(patches)
+                 + spec.flops_per_attn_pair * attended_pairs(patches, causal=False))
         return flops / (self.peak_flops * self.mfu)
-
-    def batch_s(self, images: int, tokens_per_image: int) -> float:
-        """``compute_s`` of ``images`` equal images (the profiler's cost model)."""
-        return self.compute_s([tokens_per_image] * images) if images > 0 else 0.0
-
-    def output_bytes(self, image_tokens: int) -> float:
-        return image_tokens * self.spec.out_hidden * self.spec.bytes_per_value
-
-
-def attended_pairs(lengths: Sequence[int], causal: bool) -> float:
-    """Query-key pairs of attention within each segment (an image's patches, a prompt)."""
-    return float(sum(n * (n + 1) / 2 if causal else n * n for n in lengths))
 
 
 def fit_linear_quadratic(samples: Sequence[tuple[Sequence[int], float]],
@@ -123,7 +140,7 @@ def fit_linear_quadratic(samples: Sequence[tuple[Sequence[int], float]],
 
 
 @dataclass(frozen=True)
-class FittedEncoder:
+class FittedEncoder(ImageEncoderCost):
     """Encoder cost fitted to GPU measurements (``benchmarks/epd_gpu_costs.py``):
     ``ms = intercept + per_patch * patches + per_pair * patch pairs within each image``.
 
@@ -138,20 +155,12 @@ class FittedEncoder:
     ms_per_pair: float
     overhead_ms: float = STEP_OVERHEAD_MS
 
-    def patches_ms(self, patches: Sequence[int], causal: bool = False) -> float:
-        return (self.intercept_ms + self.ms_per_patch * sum(patches)
-                + self.ms_per_pair * attended_pairs(patches, causal))
-
     def compute_s(self, image_tokens: Sequence[int]) -> float:
         if not image_tokens:
             return 0.0
-        return self.patches_ms([t * self.spec.patches_per_token for t in image_tokens]) * 1e-3
-
-    def batch_s(self, images: int, tokens_per_image: int) -> float:
-        return self.compute_s([tokens_per_image] * images) if images > 0 else 0.0
-
-    def output_bytes(self, image_tokens: int) -> float:
-        return image_tokens * self.spec.out_hidden * self.spec.bytes_per_value
+        patches = [t * self.spec.patches_per_token for t in image_tokens]
+        coefficients = (self.intercept_ms, self.ms_per_patch, self.ms_per_pair)
+        return linear_quadratic_ms(coefficients, patches) * 1e-3
 
 
 @dataclass(frozen=True)
@@ -203,11 +212,10 @@ class MMDeployment:
     llm: Deployment
     encoder: RooflineEncoder | FittedEncoder
 
-    measured: bool = False
-
     @property
     def name(self) -> str:
-        return f"{self.llm.name}+vit" + (" (measured costs)" if self.measured else "")
+        measured = isinstance(self.encoder, FittedEncoder)
+        return f"{self.llm.name}+vit" + (" (measured costs)" if measured else "")
 
 
 def qwen2_vl_deployment(gpu: str = "h100", measured: bool = False) -> MMDeployment:
@@ -224,4 +232,4 @@ def qwen2_vl_deployment(gpu: str = "h100", measured: bool = False) -> MMDeployme
                             RooflineEncoder(QWEN2_VL_VIT, GPUS[gpu].bf16_flops))
     costs = MeasuredCosts.load(gpu)
     llm = roofline_deployment("qwen2-7b", gpu, mfu=costs.llm_mfu, attn_mfu=costs.llm_attn_mfu)
-    return MMDeployment(llm, costs.encoder, measured=True)
+    return MMDeployment(llm, costs.encoder)
