@@ -92,3 +92,23 @@ def test_two_ranks_exchange_experts_over_gloo_and_switch_together() -> None:
     for _rank, before, after, expected, old in results:
         assert before == old  # nothing switched before every rank was ready
         assert after == expected
+
+
+def test_gpu_swap_benchmark_smoke_runs_the_swap_end_to_end() -> None:
+    """``benchmarks/eplb_swap_gpu.py --smoke``: placements from the policy, staged and
+    committed swap, and the step reading the old experts before and the new ones after."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "benchmarks/eplb_swap_gpu.py", "--smoke"], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout[done.stdout.index("{"):])
+    assert result["slots_changed"] > 0 and result["slots_staged"] == result["slots_changed"]
+    assert result["step_read_old_experts_before"] == 1
+    assert result["slots_hold_new_experts"] == 1 and result["step_reads_new_experts"] == 1
+    assert (result["imbalance_new_placement_on_new_load"]
+            < result["imbalance_old_placement_on_new_load"])

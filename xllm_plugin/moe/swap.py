@@ -14,8 +14,9 @@ caller publishes the new map (``EplbState.update_mapping``).
 
 The transfer plan is pure and identical on every rank (``plan_transfers``), so
 sends and receives pair up in the same order everywhere. Exercised here on CPU
-tensors (one rank, and two ranks over gloo in the tests); the NCCL path on GPUs,
-where vLLM's EPLB runs, has not run in this project.
+tensors (one rank, and two ranks over gloo in the tests) and on one GPU with local
+copies only (``benchmarks/eplb_swap_gpu.py``); the NCCL path between GPUs, where
+vLLM's EPLB runs, has not run in this project.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ class DoubleBufferedExpertSwap:
         self.num_ranks = num_ranks
         self.group = group
         self.cpu_group = cpu_group if cpu_group is not None else group
-        self._staged: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self._staged: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
+        self._commit_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         self._requests: list[Any] = []
         self._ops: list[Any] = []
         self._event: Any = None
@@ -98,16 +100,17 @@ class DoubleBufferedExpertSwap:
         for layer, mine in mine_by_layer.items():
             weights = self.expert_weights[layer]
             buffers[layer] = [w.new_empty((len(mine), *w.shape[1:])) for w in weights]
-            slots = torch.tensor([t.dst_slot for t in mine], dtype=torch.long,
-                                 device=weights[0].device)
-            self._staged[layer] = (slots, buffers[layer])
+            self._staged[layer] = ([t.dst_slot for t in mine], buffers[layer])
         index = {layer: {t: i for i, t in enumerate(mine)} for layer, mine in mine_by_layer.items()}
+        local_dst: list[torch.Tensor] = []
+        local_src: list[torch.Tensor] = []
         for t in self.plan:  # same order on every rank: sends and receives pair up
             weights = self.expert_weights[t.layer]
             if t.dst_rank == self.rank and t.src_rank == self.rank:
                 i = index[t.layer][t]
                 for buffer, weight in zip(buffers[t.layer], weights):
-                    buffer[i].copy_(weight[t.src_slot], non_blocking=True)
+                    local_dst.append(buffer[i])
+                    local_src.append(weight[t.src_slot])
             elif t.dst_rank == self.rank:
                 i = index[t.layer][t]
                 ops += [torch.distributed.P2POp(torch.distributed.irecv, buffer[i],
@@ -118,6 +121,13 @@ class DoubleBufferedExpertSwap:
                                                 weight[t.src_slot].contiguous(),
                                                 self._global(t.dst_rank), self.group)
                         for weight in weights]
+        _copy_all(local_dst, local_src)
+        # The commit's copy pairs, built now: the commit is the serving pause, and building
+        # a few thousand views in Python there took about as long as the copy itself.
+        self._commit_pairs = ([w[slot] for layer, (slots, _) in self._staged.items()
+                               for w in self.expert_weights[layer] for slot in slots],
+                              [row for _, bufs in self._staged.values() for b in bufs
+                               for row in b])
         self._ops = ops  # keeps send tensors alive until the transfers complete
         self._requests = torch.distributed.batch_isend_irecv(ops) if ops else []
         if torch.cuda.is_available() and any(w[0].is_cuda for w in self.expert_weights):
@@ -152,7 +162,22 @@ class DoubleBufferedExpertSwap:
         """Switch: write the staged slots into the live weights, in place; drop the buffers."""
         for request in self._requests:
             request.wait()
-        for layer, (slots, buffers) in self._staged.items():
-            for weight, buffer in zip(self.expert_weights[layer], buffers):
-                weight.index_copy_(0, slots, buffer)
+        stream = None
+        if self._event is not None:  # staged on the GPU, perhaps on another stream
+            stream = torch.cuda.current_stream()
+            stream.wait_event(self._event)
+        _copy_all(*self._commit_pairs)
+        if stream is not None:  # the allocator must not reuse the buffers before the copy ran
+            for _, buffers in self._staged.values():
+                for buffer in buffers:
+                    buffer.record_stream(stream)
+        self._commit_pairs = ([], [])
         self._staged, self._requests, self._ops, self._event = {}, [], [], None
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """``dst[i].copy_(src[i])`` for all i. On a GPU in few multi-tensor kernels: one
+    launch per slot and tensor made staging launch-bound (about 30 us per 2-5 MB copy
+    on an H200, ``benchmarks/results/eplb_swap_gpu.md``)."""
+    if dst:
+        torch._foreach_copy_(dst, src)
