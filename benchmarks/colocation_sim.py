@@ -117,7 +117,8 @@ def run(online: Workload, cfg: Config, base: SimConfig, lengths: list[tuple[int,
             "offline_tps": s.get("offline_output_tok_per_s", 0.0),
             "preempted_for_online": s.get("offline_preempted_for_online", 0),
             "migrations": s.get("offline_migrations", 0),
-            "budget_steps": s.get("budget_constrained_steps", 0), "wall_s": result.wall_s}
+            "budget_steps": s.get("budget_constrained_steps", 0),
+            "offline_prefill_held": s.get("offline_prefill_held", 0), "wall_s": result.wall_s}
 
 
 def capacity_run(cfg: Config, base: SimConfig, lengths: list[tuple[int, int]], level: int,
@@ -255,8 +256,9 @@ def scenario(name: str, slices: list[Workload], base: SimConfig, lengths: list[t
         top = [pts[-1] for pts in curves[cfg.label]]
         out[f"{name}_online_attainment_at_max_level_{cfg.label}"] = statistics.median(
             p["attainment"] for p in top)
-        for key in ("preempted_for_online", "migrations", "budget_steps"):
-            out[f"{name}_{key}_at_max_level_{cfg.label}"] = statistics.median(p[key] for p in top)
+        for key in ("preempted_for_online", "migrations", "budget_steps", "offline_prefill_held"):
+            out[f"{name}_{key}_at_max_level_{cfg.label}"] = statistics.median(
+                p.get(key, 0) for p in top)
         misses = [next((p for p in pts if p["attainment"] < args.target), None)
                   for pts in curves[cfg.label]]
         first = min((p for p in misses if p is not None), key=lambda p: p["level"], default=None)

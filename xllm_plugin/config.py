@@ -56,12 +56,19 @@ class SLOConfig(_Section):
     tpot_ms: float | None = Field(
         default=None, gt=0,
         description="Default TPOT SLO of online requests in ms; none = no step budget.")
+    ttft_ms: float | None = Field(
+        default=None, gt=0,
+        description="TTFT SLO of online requests in ms. While offline work is present and no "
+                    "online request decodes, a step stays within headroom * ttft_ms / 2: an "
+                    "online arrival then waits for at most that step and its own first one. "
+                    "None = such steps take the configured token budget.")
     headroom: float = Field(
         default=0.9, gt=0, le=1,
         description="Fraction of the SLO a predicted step may use.")
     min_prefill_tokens: int = Field(
         default=32, ge=1,
-        description="Prefill tokens a step may always take, so prefill never starves.")
+        description="Prefill tokens a step may always give online prefill, so it never starves "
+                    "(offline prefill gets only what the TPOT SLO leaves).")
 
 
 class RegistrationConfig(_Section):

@@ -170,6 +170,8 @@ class Cluster:
         classes = config.classes
         if classes is not None and classes.tpot_slo_ms is None:
             classes = replace(classes, tpot_slo_ms=self.slo.tpot_ms)
+        if classes is not None and classes.ttft_slo_ms is None:
+            classes = replace(classes, ttft_slo_ms=self.slo.ttft_ms)
         self.instances: dict[str, SimInstance] = {}
         for k, role in enumerate(roles):
             inst = SimInstance(f"i{k}", self.dep, self.events, feed, role=role, classes=classes)
@@ -452,6 +454,8 @@ class Cluster:
             "offline_migrations": sum(r.migrations for r in self._offline_reqs),
             "migration_moves": len(self.migration_log),
             "budget_constrained_steps": sum(i.budget_constrained_steps for i in self._order),
+            "offline_prefill_held": sum(i.offline_prefill_held for i in self._order),
+            "offline_decodes_held": sum(i.offline_decodes_held for i in self._order),
         }
 
 

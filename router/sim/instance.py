@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from router.sim.classes import ClassScheduling, slo_step_budget
+from router.sim.classes import ClassScheduling, plan_class_step
 from router.sim.kv_cache import KVCache, KVEventListener
 from router.sim.perf_model import Deployment
 
@@ -47,7 +47,7 @@ class SimInstance:
         "on_prefill_done", "on_fail", "_budget", "_max_seqs", "_step_s", "_batch", "preemptions",
         "neighbours", "classes", "waiting_offline", "offline_running",
         "offline_queued_prefill_tokens", "preempted_for_online", "_migrate", "on_migrate",
-        "budget_constrained_steps",
+        "budget_constrained_steps", "offline_prefill_held", "offline_decodes_held", "_held",
     )
 
     def __init__(self, instance_id: str, dep: Deployment, events: EventQueue,
@@ -89,6 +89,9 @@ class SimInstance:
         self.offline_queued_prefill_tokens = 0
         self.preempted_for_online = 0
         self.budget_constrained_steps = 0
+        self.offline_prefill_held = 0
+        self.offline_decodes_held = 0
+        self._held: set[int] = set()  # id() of running offline requests sitting this step out
         self._migrate: list[tuple[int, str]] = []  # (count, target instance) pending
         self.on_migrate: Callable[[SimRequest, str], None] = noop
 
@@ -133,8 +136,12 @@ class SimInstance:
         running = self.running
         preempted = False
         i = 0
+        held = self._held
         while i < len(running) and budget > 0:
             req = running[i]
+            if held and id(req) in held:  # offline work the step budget left out
+                i += 1
+                continue
             remaining = req.prompt + req.generated - req.computed
             n = remaining if remaining < budget else budget
             if not kv.grow(req, req.computed + n):
@@ -293,26 +300,45 @@ class SimInstance:
     def _plan_budget(self) -> int:
         classes = self.classes
         running = self.running
+        self._held = set()
         if not classes.slo_budget:  # type: ignore[union-attr]
             return self._budget
-        online_decodes = decodes = decode_ctx = 0
+        online_decodes = online_ctx = 0
+        offline_decoding: list[SimRequest] = []
+        offline_prefilling: list[SimRequest] = []
         slo_ms = classes.tpot_slo_ms or 0.0  # type: ignore[union-attr]
         for req in running:
+            if req.offline:
+                (offline_decoding if req.computed >= req.prompt else offline_prefilling).append(req)
+                continue
+            online_ctx += req.computed
             if req.computed >= req.prompt:
-                decodes += 1
-                decode_ctx += req.computed
-                if not req.offline:
-                    online_decodes += 1
-                    own = req.spec.slo_tpot_ms
-                    if own is not None and own < slo_ms:
-                        slo_ms = own
-        if not online_decodes or slo_ms <= 0:
+                online_decodes += 1
+                own = req.spec.slo_tpot_ms
+                if own is not None and own < slo_ms:
+                    slo_ms = own
+        if not online_decodes:  # an offline step must not hold an online arrival past its TTFT
+            offline_present = bool(offline_decoding) or self.offline_running or self.waiting_offline
+            slo_ms = (classes.ttft_slo_ms or 0.0) / 2 if offline_present else 0.0  # type: ignore[union-attr]
+        if slo_ms <= 0:
             return self._budget
         self.budget_constrained_steps += 1
-        return slo_step_budget(self._step_s, decodes=decodes, decode_ctx=decode_ctx, slo_ms=slo_ms,
-                               headroom=classes.headroom,  # type: ignore[union-attr]
-                               min_prefill=classes.min_prefill_tokens,  # type: ignore[union-attr]
-                               max_budget=self._budget)
+        plan = plan_class_step(
+            self._step_s, online_decodes=online_decodes, online_ctx=online_ctx,
+            offline_decode_ctx=[r.computed for r in offline_decoding],
+            offline_prefills=[(r.computed, r.prompt + r.generated - r.computed)
+                              for r in offline_prefilling], slo_ms=slo_ms,
+            headroom=classes.headroom,  # type: ignore[union-attr]
+            min_prefill=classes.min_prefill_tokens,  # type: ignore[union-attr]
+            max_budget=self._budget,
+            online_prefill_tokens=self.queued_prefill_tokens - self.offline_queued_prefill_tokens,
+            online_waiting=bool(self.waiting))
+        if plan.held_offline_decodes or plan.held_offline_prefills:
+            self.offline_decodes_held += len(plan.held_offline_decodes)
+            self.offline_prefill_held += len(plan.held_offline_prefills)
+            self._held = ({id(offline_decoding[i]) for i in plan.held_offline_decodes}
+                          | {id(offline_prefilling[i]) for i in plan.held_offline_prefills})
+        return plan.tokens
 
     def _make_room_for_online(self) -> None:
         """Preempt running offline requests, newest first, while waiting online work lacks
@@ -427,6 +453,8 @@ class SimInstance:
         if self.classes is not None:
             out["preempted_for_online"] = self.preempted_for_online
             out["budget_constrained_steps"] = self.budget_constrained_steps
+            out["offline_prefill_held"] = self.offline_prefill_held
+            out["offline_decodes_held"] = self.offline_decodes_held
         return out
 
 

@@ -92,6 +92,45 @@ async def test_online_request_preempts_offline_and_offline_output_is_unchanged(
     assert outputs == reference
 
 
+async def _stream_times(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int,
+                        xargs: dict, first_token: asyncio.Event | None = None
+                        ) -> tuple[float, float]:
+    """(first text, end of stream) in ``time.perf_counter`` seconds."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "vllm_xargs": xargs}
+    first = None
+    async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as response:
+        async for line in response.aiter_lines():
+            if first is None and line.startswith("data: {") and \
+                    json.loads(line[6:])["choices"][0]["text"]:
+                first = time.perf_counter()
+                if first_token is not None:
+                    first_token.set()
+    assert first is not None, "stream produced no text"
+    return first, time.perf_counter()
+
+
+async def test_step_budget_floor_moves_online_prefill_only(plugin_engine: EngineProcess) -> None:
+    """While an online request decodes under a TPOT SLO no step can meet (1 ms), a step's
+    prefill tokens are the floor (``slo.min_prefill_tokens``), and only online prefill may
+    use it: a later online request starts while the long one still decodes, an offline
+    request submitted before it starts only once the online decodes are done."""
+    url = plugin_engine.url
+    async with httpx.AsyncClient() as client:
+        decoding = asyncio.Event()
+        long_online = asyncio.create_task(_stream_times(
+            client, url, "Keep talking:", 400, {"slo_tpot_ms": 1}, decoding))
+        await asyncio.wait_for(decoding.wait(), timeout=60)
+        offline = asyncio.create_task(_stream_times(
+            client, url, "Offline job: summarise the archive", 4, {"request_class": "offline"}))
+        await asyncio.sleep(0.3)
+        online = asyncio.create_task(_stream_times(client, url, "Quick question:", 4, {}))
+        (_, long_done), (offline_first, _), (online_first, _) = await asyncio.gather(
+            long_online, offline, online)
+    assert online_first < long_done
+    assert offline_first > long_done
+
+
 async def test_stock_vllm_makes_the_online_request_wait_for_offline_work(
         stock_engine: EngineProcess, engine_max_num_seqs: int) -> None:
     """The A side of the comparison: without the plugin all slots stay taken by offline jobs."""

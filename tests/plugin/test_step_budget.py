@@ -42,9 +42,18 @@ def test_max_prefill_fits_the_budget() -> None:
     assert model.max_prefill_tokens(decode_tokens=10, context_tokens=0, budget_ms=10) == 0
 
 
+def test_no_prefill_fits_once_the_fixed_cost_exceeds_the_budget() -> None:
+    # A fit that measured prefill tokens as free must not lift the cap then.
+    model = StepLatencyModel(prior_ms=(5.0, 0.0, 1.0, 0.0))
+    assert model.max_prefill_tokens(decode_tokens=10, context_tokens=0, budget_ms=10) == 0
+    assert model.max_prefill_tokens(decode_tokens=1, context_tokens=0, budget_ms=10) == 1 << 30
+
+
 def _plan(**overrides):  # type: ignore[no-untyped-def]
-    args = dict(online_decodes=4, offline_decodes=4, context_tokens=0,
-                tightest_tpot_slo_ms=50.0, max_budget=2048, min_prefill=16, headroom=1.0)
+    args = dict(online_decodes=4, online_context_tokens=0, offline_decode_contexts=[0] * 4,
+                offline_prefills=[], tightest_tpot_slo_ms=50.0, ttft_slo_ms=None,
+                offline_present=True, max_budget=2048, min_prefill=16, headroom=1.0,
+                online_prefill_tokens=0, online_waiting=False)
     args.update(overrides)
     return plan_step_budget(StepLatencyModel(prior_ms=(2.0, 0.1, 0.5, 0.0)), **args)
 
@@ -52,6 +61,15 @@ def _plan(**overrides):  # type: ignore[no-untyped-def]
 def test_no_online_decode_means_full_budget() -> None:
     decision = _plan(online_decodes=0)
     assert decision.tokens == 2048 and not decision.constrained
+
+
+def test_ttft_slo_bounds_offline_steps_while_no_online_request_decodes() -> None:
+    # Limit 1.0 x 100 ms / 2 = 50 ms: 2 + 4 offline decodes x 0.5 = 4 ms; 460 prefill tokens.
+    decision = _plan(online_decodes=0, ttft_slo_ms=100.0)
+    assert decision.constrained and decision.slo_ms == 100.0 and decision.tokens == 4 + 460
+    # Nothing offline to bound: an online-only engine keeps the configured budget.
+    assert _plan(online_decodes=0, ttft_slo_ms=100.0, offline_decode_contexts=[],
+                 offline_present=False).tokens == 2048
 
 
 def test_no_slo_means_full_budget() -> None:
@@ -65,8 +83,64 @@ def test_online_decodes_with_slo_cap_the_prefill() -> None:
     assert decision.predicted_ms == pytest.approx(50.0)
 
 
-def test_tight_slo_still_lets_min_prefill_through() -> None:
-    assert _plan(tightest_tpot_slo_ms=1.0).tokens == 8 + 16
+def test_tight_slo_still_lets_min_prefill_through_for_online_prefill() -> None:
+    decision = _plan(tightest_tpot_slo_ms=1.0, online_prefill_tokens=100, online_waiting=True,
+                     offline_prefills=[(0, 100)])
+    assert decision.tokens == 4 + 16 and decision.held_offline_prefills == (0,)
+    assert decision.held_offline_decodes == (0, 1, 2, 3)
+
+
+def test_floor_never_exceeds_the_online_prefill_left() -> None:
+    assert _plan(tightest_tpot_slo_ms=1.0, online_prefill_tokens=5).tokens == 4 + 5
+
+
+def test_tight_slo_gives_offline_work_nothing() -> None:
+    # No online prefill pending: the floor does not apply; only online decodes run.
+    decision = _plan(tightest_tpot_slo_ms=1.0, offline_prefills=[(0, 100)])
+    assert decision.tokens == 4 and decision.held_offline_prefills == (0,)
+    assert decision.held_offline_decodes == (0, 1, 2, 3)
+
+
+def test_offline_decodes_join_first_fit_by_their_context_cost() -> None:
+    # 2 ms + 4 online decodes x 0.5 ms = 4 ms; each offline decode 0.5 ms + 1 ms per 1k
+    # context: with a 6 ms SLO the 3k-context one does not fit, the short ones after it do.
+    model = StepLatencyModel(prior_ms=(2.0, 0.1, 0.5, 1.0))
+    decision = plan_step_budget(
+        model, online_decodes=4, online_context_tokens=0,
+        offline_decode_contexts=[500, 3000, 100, 100], offline_prefills=[],
+        tightest_tpot_slo_ms=6.0, ttft_slo_ms=None, offline_present=True, max_budget=2048,
+        min_prefill=16, headroom=1.0, online_prefill_tokens=0, online_waiting=False)
+    assert decision.held_offline_decodes == (1, 3)
+    assert decision.predicted_ms <= 6.0
+
+
+def test_offline_prefill_keeps_what_online_prefill_leaves() -> None:
+    # 440 prefill tokens fit; 100 online tokens already running take the first of them
+    # (running order), the running offline chunk the rest.
+    decision = _plan(online_prefill_tokens=100, offline_prefills=[(0, 1000)])
+    assert decision.tokens == 448 and decision.held_offline_prefills == ()
+
+
+def test_offline_prefill_sits_out_while_online_waits() -> None:
+    # A waiting online request comes after running offline chunks in vLLM's order.
+    waiting = _plan(online_prefill_tokens=100, online_waiting=True, offline_prefills=[(0, 500)])
+    assert waiting.held_offline_prefills == (0,)
+    # Online prefill that needs every prefill token of the step holds offline chunks too.
+    assert _plan(online_prefill_tokens=1000, offline_prefills=[(0, 500)]).held_offline_prefills \
+        == (0,)
+
+
+def test_deep_offline_chunks_sit_out_while_fresh_ones_fit() -> None:
+    # 2 + 8 decodes x 0.5 = 6 ms; a chunk 50k tokens into its prompt adds 50 ms of context:
+    # over the 50 ms SLO even for one token. The fresh chunk after it takes the 440 tokens.
+    model = StepLatencyModel(prior_ms=(2.0, 0.1, 0.5, 1.0))
+    decision = plan_step_budget(
+        model, online_decodes=4, online_context_tokens=0, offline_decode_contexts=[0] * 4,
+        offline_prefills=[(50_000, 1000), (0, 1000)], tightest_tpot_slo_ms=50.0,
+        ttft_slo_ms=None, offline_present=True, max_budget=2048, min_prefill=16, headroom=1.0,
+        online_prefill_tokens=0, online_waiting=False)
+    assert decision.held_offline_prefills == (0,) and decision.tokens == 8 + 440
+    assert decision.predicted_ms <= 50.0
 
 
 def test_budget_never_exceeds_the_configured_maximum() -> None:

@@ -10,7 +10,7 @@ from router.policies import (
     make_policy,
 )
 from router.sim import SimConfig, simulate
-from router.sim.classes import ClassScheduling, OfflineBacklog, slo_step_budget
+from router.sim.classes import ClassScheduling, OfflineBacklog, plan_class_step
 from router.sim.cluster import Cluster
 from router.sim.instance import SimInstance, _queued_part
 from router.sim.workload import RequestSpec, Workload, synthetic
@@ -101,14 +101,60 @@ def test_slo_step_budget_keeps_online_tpot_while_offline_prefill_shares_the_step
     assert budget["off"].ok and budget["off"].finish_s is not None
 
 
-def test_slo_step_budget_is_the_most_prefill_within_headroom():
-    step = tiny_deployment().step_model.step_s
+def test_waiting_online_prefill_takes_the_step_budget_from_a_running_offline_prefill():
+    # While "on1" decodes under a 30 ms TPOT SLO a step holds ~160 prefill tokens, so the
+    # offline prompt needs ~25 steps (~0.7 s). The online prompt arriving meanwhile gets
+    # those tokens first: running offline chunks sit out while it waits or prefills.
+    reqs = [online(10, 400, 0.0, "on1"), offline(4000, 1, 0.02, "off"),
+            online(1000, 1, 0.1, "on2")]
+    result = run(reqs, classes=ClassScheduling(), slo=_slo(30))
+    done = by_id(result)
+    assert done["on2"].ttft_ms < 300
+    first_token_s = {k: r.arrival_s + r.ttft_ms / 1000 for k, r in done.items()}
+    assert done["off"].ok and first_token_s["off"] > first_token_s["on2"]
+    assert result.instances["i0"]["offline_prefill_held"] > 0
+    assert done["on1"].tpot_ms <= 30
+
+
+def test_ttft_slo_bounds_offline_steps_while_no_online_request_decodes():
+    # Offline chunks fill a 4096-token budget: 420 ms steps. With a 100 ms TTFT SLO a step
+    # with offline work and no online decode is sized for 0.9 x 50 ms (350 tokens), so an
+    # online arrival waits for at most one short step before its own.
+    dep = tiny_deployment(max_num_batched_tokens=4096)
+    reqs = [offline(20_000, 1, 0.0, "off"), online(100, 1, 0.1, "on")]
+    loose = by_id(run(reqs, deployment=dep, classes=ClassScheduling(ttft_slo_ms=10_000.0),
+                      slo=_slo(30)))
+    bound = by_id(run(reqs, deployment=dep, classes=ClassScheduling(ttft_slo_ms=100.0),
+                      slo=_slo(30)))
+    assert loose["on"].ttft_ms > 100
+    assert bound["on"].ttft_ms <= 100
+    assert bound["off"].preemptions == loose["off"].preemptions == 0
+
+
+def _plan(**overrides):
+    args = dict(online_decodes=2, online_ctx=0, offline_decode_ctx=[], offline_prefills=[],
+                slo_ms=30, headroom=0.9, min_prefill=32, max_budget=512,
+                online_prefill_tokens=0, online_waiting=False)
+    args.update(overrides)
+    return plan_class_step(tiny_deployment().step_model.step_s, **args)
+
+
+def test_class_step_plan_is_the_most_prefill_within_headroom():
     # 0.9 x 30 ms = 27 ms; 10 ms + 2 decodes = 12 ms -> 150 prefill tokens.
-    assert slo_step_budget(step, decodes=2, decode_ctx=0, slo_ms=30, headroom=0.9,
-                           min_prefill=32, max_budget=512) == 2 + 150
-    # An SLO nothing fits in still lets min_prefill through.
-    assert slo_step_budget(step, decodes=2, decode_ctx=0, slo_ms=5, headroom=0.9,
-                           min_prefill=32, max_budget=512) == 2 + 32
+    assert _plan().tokens == 2 + 150
+    # An SLO nothing fits in still lets min_prefill through for online prefill ...
+    assert _plan(slo_ms=5, online_prefill_tokens=100).tokens == 2 + 32
+    # ... never more than it needs, and none for offline prefill alone.
+    assert _plan(slo_ms=5, online_prefill_tokens=7).tokens == 2 + 7
+    assert _plan(slo_ms=5).tokens == 2
+
+
+def test_class_step_plan_lets_offline_decodes_in_while_they_fit():
+    # 27 ms limit, 10 ms + 1 ms per decode: 2 online + 15 offline decodes fit, the rest sit out,
+    # and a step with all of them leaves no prefill tokens.
+    plan = _plan(offline_decode_ctx=[0] * 20)
+    assert plan.held_offline_decodes == tuple(range(15, 20)) and plan.tokens == 17
+    assert _plan(offline_decode_ctx=[0] * 5).held_offline_decodes == ()
 
 
 def test_without_offline_work_the_class_rules_change_nothing():

@@ -74,7 +74,9 @@ class StepLatencyModel:
                            budget_ms: float) -> int:
         """Most prefill tokens a step with these decodes can take and stay within budget."""
         fixed = self.predict_ms(StepWork(0, decode_tokens, context_tokens))
+        if fixed >= budget_ms:
+            return 0
         per_token = self.coefficients[1]
-        if per_token <= 0:
+        if per_token <= 0:  # prefill tokens measured as free (a tiny model): no cap
             return 1 << 30
         return max(0, int((budget_ms - fixed) / per_token))

@@ -80,6 +80,8 @@ class XLLMScheduler(Scheduler):
         self._step_model = StepLatencyModel()
         self._budget = BudgetDecision(self._configured_budget, constrained=False)
         self._budget_constrained_steps = 0
+        self._offline_prefill_held = 0
+        self._offline_decodes_held = 0
         self._step_started: tuple[float, StepWork] | None = None
         self._last_step_ms: float | None = None
         # Adaptive speculation length (None when off); see xllm_plugin/spec.
@@ -109,8 +111,9 @@ class XLLMScheduler(Scheduler):
                 r.num_prompt_tokens))
         self._make_room_for_online()
         restore_waiting = self._hold_new_encodes()
-        self._budget = self._plan_budget()
+        self._budget, offline_decoding, offline_prefilling = self._plan_budget()
         self._budget_constrained_steps += self._budget.constrained
+        self._sit_out_offline_work(offline_decoding, offline_prefilling)
         self.max_num_scheduled_tokens = self._budget.tokens
         if self._spec is not None:
             self._spec.before_schedule(self.running)
@@ -125,6 +128,22 @@ class XLLMScheduler(Scheduler):
         self._last_step_tokens = output.total_num_scheduled_tokens
         self._step_started = (time.perf_counter(), self._work_of(output.num_scheduled_tokens))
         return output
+
+    def _sit_out_offline_work(self, offline_decoding: list[Request],
+                              offline_prefilling: list[Request]) -> None:
+        """Keep the offline work the budget left out of this step out of vLLM's pass.
+
+        vLLM skips a running request while ``current_step`` is below its
+        ``next_decode_eligible_step``; ``schedule`` advances ``current_step`` before it
+        checks, so ``current_step + 2`` skips this call alone (as vLLM's own diffusion
+        scheduler does)."""
+        decodes = [offline_decoding[i] for i in self._budget.held_offline_decodes]
+        chunks = [offline_prefilling[i] for i in self._budget.held_offline_prefills]
+        self._offline_decodes_held += len(decodes)
+        self._offline_prefill_held += len(chunks)
+        for request in decodes + chunks:
+            request.next_decode_eligible_step = max(request.next_decode_eligible_step,
+                                                    self.current_step + 2)
 
     def _hold_new_encodes(self) -> Callable[[], None]:
         """Phase-aware batching: keep new requests whose images need the encoder out of
@@ -160,18 +179,37 @@ class XLLMScheduler(Scheduler):
         return float(own) if isinstance(own, (int, float)) and own > 0 else \
             self.xllm_config.slo.tpot_ms
 
-    def _plan_budget(self) -> BudgetDecision:
-        decoding = [r for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens]
-        online = [r for r in decoding if self.request_class(r) == "online"]
-        slos = [slo for r in online if (slo := self.tpot_slo_ms(r)) is not None]
+    def _plan_budget(self) -> tuple[BudgetDecision, list[Request], list[Request]]:
+        """The step's budget, and the decoding and prefilling running offline requests it
+        speaks of (in running order)."""
+        online_running, online_decoding, offline_decoding, offline_prefilling = [], [], [], []
+        for r in self.running:
+            online = self.request_class(r) == "online"
+            if online:
+                online_running.append(r)
+            if r.num_computed_tokens >= r.num_prompt_tokens:
+                (online_decoding if online else offline_decoding).append(r)
+            elif not online:
+                offline_prefilling.append(r)
+        online_prefill = sum(max(r.num_prompt_tokens - r.num_computed_tokens, 0)
+                             for r in online_running)
+        online_waiting = sum(r.num_tokens - r.num_computed_tokens
+                             for r in self.waiting.of_class("online"))
+        slos = [slo for r in online_decoding if (slo := self.tpot_slo_ms(r)) is not None]
         slo = self.xllm_config.slo
-        return plan_step_budget(
-            self._step_model, online_decodes=len(online),
-            offline_decodes=len(decoding) - len(online),
-            context_tokens=sum(r.num_computed_tokens for r in self.running),
-            tightest_tpot_slo_ms=min(slos) if slos else None,
+        decision = plan_step_budget(
+            self._step_model, online_decodes=len(online_decoding),
+            online_context_tokens=sum(r.num_computed_tokens for r in online_running),
+            offline_decode_contexts=[r.num_computed_tokens for r in offline_decoding],
+            offline_prefills=[(r.num_computed_tokens, r.num_prompt_tokens - r.num_computed_tokens)
+                              for r in offline_prefilling],
+            tightest_tpot_slo_ms=min(slos) if slos else None, ttft_slo_ms=slo.ttft_ms,
+            offline_present=len(online_running) < len(self.running)
+            or self.waiting.count("offline") > 0,
             max_budget=self._configured_budget, min_prefill=slo.min_prefill_tokens,
-            headroom=slo.headroom)
+            headroom=slo.headroom, online_prefill_tokens=online_prefill + online_waiting,
+            online_waiting=online_waiting > 0)
+        return decision, offline_decoding, offline_prefilling
 
     def _work_of(self, scheduled: dict[str, int]) -> StepWork:
         """The step's work; called after vLLM advanced num_computed_tokens by ``scheduled``."""
@@ -263,6 +301,8 @@ class XLLMScheduler(Scheduler):
                 "last_predicted_ms": self._budget.predicted_ms,
                 "last_step_ms": self._last_step_ms,
                 "constrained_steps": self._budget_constrained_steps,
+                "offline_prefill_chunks_held": self._offline_prefill_held,
+                "offline_decodes_held": self._offline_decodes_held,
                 "step_model_ms": dict(zip(("c0", "per_prefill_token", "per_decode_token",
                                            "per_1k_context_tokens"),
                                           map(float, self._step_model.coefficients))),
