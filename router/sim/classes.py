@@ -58,8 +58,8 @@ class ClassScheduling:
     default); offline prefill gets only what the SLO leaves."""
     preempt_offline_prefill: bool = False
     """Also preempt running offline prefills whose chunks would leave waiting online work
-    no step budget. XLLMScheduler does not do this yet (vLLM serves running requests'
-    chunks before waiting ones), so it is off by default and runs mirror the engine."""
+    no step budget. XLLMScheduler does not: under the SLO budget it holds them for the
+    step instead (they keep their KV); so this is off by default and runs mirror the engine."""
 
 
 @dataclass(frozen=True)
