@@ -318,7 +318,7 @@ class SimInstance:
                 if own is not None and own < slo_ms:
                     slo_ms = own
         if not online_decodes:  # an offline step must not hold an online arrival past its TTFT
-            offline_present = bool(offline_decoding) or self.offline_running or self.waiting_offline
+            offline_present = self.offline_running or self.waiting_offline
             slo_ms = (classes.ttft_slo_ms or 0.0) / 2 if offline_present else 0.0  # type: ignore[union-attr]
         if slo_ms <= 0:
             return self._budget

@@ -176,8 +176,8 @@ class DoubleBufferedExpertSwap:
 
 
 def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-    """``dst[i].copy_(src[i])`` for all i. On a GPU in few multi-tensor kernels: one
-    launch per slot and tensor made staging launch-bound (about 30 us per 2-5 MB copy
-    on an H200, ``benchmarks/results/eplb_swap_gpu.md``)."""
+    """``dst[i].copy_(src[i])`` for all i, on a GPU in few multi-tensor kernels. One
+    ``copy_`` per slot and tensor was launch-bound: 3,612 copies took 105 ms to issue on
+    an H200 host (first run of ``benchmarks/eplb_swap_gpu.py``)."""
     if dst:
         torch._foreach_copy_(dst, src)
