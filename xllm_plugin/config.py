@@ -65,6 +65,12 @@ class SLOConfig(_Section):
     headroom: float = Field(
         default=0.9, gt=0, le=1,
         description="Fraction of the SLO a predicted step may use.")
+    spend_tpot_slack: bool = Field(
+        default=True,
+        description="TPOT SLOs bound each online request's mean time per output token; a "
+                    "request ahead of its SLO lets a step run longer than headroom * tpot_ms "
+                    "(never longer than the ttft_ms bound). Needs ttft_ms; false = every step "
+                    "within headroom * tpot_ms.")
     min_prefill_tokens: int = Field(
         default=32, ge=1,
         description="Prefill tokens a step may always give online prefill, so it never starves "

@@ -21,7 +21,9 @@ when a run sets :class:`ClassScheduling`:
   prefill with what is left. Running offline chunks all sit a step out while
   online prefill waits for admission or needs the step's whole prefill allowance.
   While no online request decodes, steps with offline work present are sized the
-  same way for ``TTFT SLO / 2``. The engine learns its step model online; the
+  same way for ``TTFT SLO / 2``. With ``spend_tpot_slack`` (the engine's default), a
+  step may run longer while every online decode is ahead of its mean-TPOT SLO
+  (``xllm_plugin.scheduler.budget.banked_step_limit``, capped by the TTFT bound). The engine learns its step model online; the
   simulator uses the deployment's step model directly (a perfectly learned model).
 
 ``slo_budget=False`` is the *online-priority* engine: the same class order and
@@ -53,6 +55,9 @@ class ClassScheduling:
     ``slo.ttft_ms``: ``headroom * ttft / 2``); None: the run's default SLO."""
     headroom: float = 0.9
     """Fraction of the SLO a predicted step may use (engine default)."""
+    spend_tpot_slack: bool = True
+    """Steps may spend the time online decodes are ahead of their mean-TPOT SLO (engine
+    ``slo.spend_tpot_slack``, default on); False: every step within headroom * TPOT."""
     min_prefill_tokens: int = 32
     """Prefill tokens a step may always give online prefill, so it never starves (engine
     default); offline prefill gets only what the SLO leaves."""
@@ -91,13 +96,15 @@ def plan_class_step(step_s: Callable[[int, float, int, int], float], *, online_d
                     online_ctx: int, offline_decode_ctx: Sequence[int],
                     offline_prefills: Sequence[tuple[int, int]], slo_ms: float,
                     headroom: float, min_prefill: int, max_budget: int,
-                    online_prefill_tokens: int, online_waiting: bool) -> StepPlan:
+                    online_prefill_tokens: int, online_waiting: bool,
+                    limit_ms: float | None = None) -> StepPlan:
     """XLLMScheduler's step plan on the simulator's step model (seconds).
 
     ``offline_prefills``: (computed, still to prefill) per running offline request with
     an unfinished prompt. A chunk of ``n`` tokens after ``c`` computed ones costs
-    ``n * (c + n / 2)`` attention pairs (fresh prefill: ``n * n / 2``)."""
-    limit = headroom * slo_ms * 1e-3
+    ``n * (c + n / 2)`` attention pairs (fresh prefill: ``n * n / 2``). ``limit_ms``:
+    the step limit from the online decodes' slack, in place of ``headroom * slo_ms``."""
+    limit = (headroom * slo_ms if limit_ms is None else limit_ms) * 1e-3
     room = max(max_budget - online_decodes, 0)
     fits = _max_extra(step_s, 0, 0.0, online_decodes, online_ctx, limit, room, 0)
     online_prefill = min(online_prefill_tokens, max(fits, min_prefill), room)

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from router.sim.classes import ClassScheduling, plan_class_step
+from xllm_plugin.scheduler.budget import OnlineDecode, banked_step_limit
 from router.sim.kv_cache import KVCache, KVEventListener
 from router.sim.perf_model import Deployment
 
@@ -306,7 +307,10 @@ class SimInstance:
         online_decodes = online_ctx = 0
         offline_decoding: list[SimRequest] = []
         offline_prefilling: list[SimRequest] = []
-        slo_ms = classes.tpot_slo_ms or 0.0  # type: ignore[union-attr]
+        default_slo_ms = slo_ms = classes.tpot_slo_ms or 0.0  # type: ignore[union-attr]
+        bank = classes.spend_tpot_slack and classes.ttft_slo_ms  # type: ignore[union-attr]
+        now = self.events.now
+        decodes: list[OnlineDecode] = []
         for req in running:
             if req.offline:
                 (offline_decoding if req.computed >= req.prompt else offline_prefilling).append(req)
@@ -317,6 +321,14 @@ class SimInstance:
                 own = req.spec.slo_tpot_ms
                 if own is not None and own < slo_ms:
                     slo_ms = own
+                if bank and req.first_token_s is not None:
+                    decodes.append(OnlineDecode(own or default_slo_ms, req.generated,
+                                                (now - req.first_token_s) * 1000))
+        limit_ms = None
+        if online_decodes and decodes:
+            headroom = classes.headroom  # type: ignore[union-attr]
+            ttft_ms = classes.ttft_slo_ms or 0.0  # type: ignore[union-attr]
+            limit_ms = banked_step_limit(decodes, headroom, cap_ms=headroom * ttft_ms / 2)
         if not online_decodes:  # an offline step must not hold an online arrival past its TTFT
             offline_present = self.offline_running or self.waiting_offline
             slo_ms = (classes.ttft_slo_ms or 0.0) / 2 if offline_present else 0.0  # type: ignore[union-attr]
@@ -332,7 +344,7 @@ class SimInstance:
             min_prefill=classes.min_prefill_tokens,  # type: ignore[union-attr]
             max_budget=self._budget,
             online_prefill_tokens=self.queued_prefill_tokens - self.offline_queued_prefill_tokens,
-            online_waiting=bool(self.waiting))
+            online_waiting=bool(self.waiting), limit_ms=limit_ms)
         if plan.held_offline_decodes or plan.held_offline_prefills:
             self.offline_decodes_held += len(plan.held_offline_decodes)
             self.offline_prefill_held += len(plan.held_offline_prefills)

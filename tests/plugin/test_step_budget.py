@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xllm_plugin.scheduler.budget import plan_step_budget
+from xllm_plugin.scheduler.budget import OnlineDecode, banked_step_limit, plan_step_budget
 from xllm_plugin.scheduler.step_model import StepLatencyModel, StepWork
 
 TRUE_MS = np.array([4.0, 0.5, 2.0, 1.5])
@@ -33,6 +33,20 @@ def test_model_keeps_prior_for_features_that_never_varied() -> None:
         model.observe(StepWork(prefill_tokens=tokens), 2.0 + 0.05 * tokens)
     assert model.coefficients[2] == 0.7 and model.coefficients[3] == 0.3
     assert model.coefficients[1] == pytest.approx(0.05, rel=1e-6)
+
+
+def test_model_scales_its_prior_before_it_can_fit() -> None:
+    # A host 27x slower per prefill token than the prior (float32 on one AVX2 core):
+    # one measured step pulls predictions from ~100 ms to near the truth, not 2 s off.
+    true = np.array([41.0, 5.5, 8.0, 13.0])
+    model = StepLatencyModel(min_samples=16)
+    first, probe = StepWork(512, 2, 1000), StepWork(400, 4, 2000)
+    naive = model.predict_ms(probe)
+    model.observe(first, float(true @ first.features()))
+    truth = float(true @ probe.features())
+    assert naive < truth / 10
+    assert model.predict_ms(probe) == pytest.approx(truth, rel=0.25)
+    assert model.samples == 1
 
 
 def test_max_prefill_fits_the_budget() -> None:
@@ -145,3 +159,40 @@ def test_deep_offline_chunks_sit_out_while_fresh_ones_fit() -> None:
 
 def test_budget_never_exceeds_the_configured_maximum() -> None:
     assert _plan(tightest_tpot_slo_ms=10_000.0, max_budget=512).tokens == 512
+
+
+def test_banked_limit_spends_only_slack_already_earned() -> None:
+    # SLO 100 ms, headroom 0.9: 10 tokens in 450 ms -> 0.9 * 100 * 10 - 450 = 450 ms step.
+    ahead = OnlineDecode(slo_ms=100.0, tokens=10, elapsed_ms=450.0)
+    assert banked_step_limit([ahead], 0.9, cap_ms=5000.0) == pytest.approx(450.0)
+    # After such a step the mean is (450 + 450) / 10 = 90 ms: exactly headroom * SLO.
+    # A fresh request has one token and nothing banked: one SLO's worth.
+    fresh = OnlineDecode(slo_ms=100.0, tokens=1, elapsed_ms=0.0)
+    assert banked_step_limit([ahead, fresh], 0.9, cap_ms=5000.0) == pytest.approx(90.0)
+    # Behind its SLO (steps ran over their prediction): what is left, down to nothing.
+    late = OnlineDecode(slo_ms=100.0, tokens=10, elapsed_ms=850.0)
+    assert banked_step_limit([late], 0.9, cap_ms=5000.0) == pytest.approx(50.0)
+    behind = OnlineDecode(slo_ms=100.0, tokens=10, elapsed_ms=2000.0)
+    assert banked_step_limit([behind], 0.9, cap_ms=5000.0) == 0.0
+    # The TTFT cap binds, but not below one SLO's worth.
+    assert banked_step_limit([ahead], 0.9, cap_ms=200.0) == pytest.approx(200.0)
+    assert banked_step_limit([ahead], 0.9, cap_ms=10.0) == pytest.approx(90.0)
+    assert banked_step_limit([], 0.9, cap_ms=10.0) is None
+
+
+def test_a_request_behind_its_slo_gets_a_bare_step() -> None:
+    # Limit 0: online decodes and the online prefill floor only; offline work sits out.
+    decision = _plan(online_prefill_tokens=100, offline_prefills=[(0, 500)], tpot_limit_ms=0.0)
+    assert decision.tokens == 4 + 16
+    assert decision.held_offline_decodes == (0, 1, 2, 3)
+
+
+def test_banked_limit_lets_online_prefill_take_a_bigger_step() -> None:
+    # Per-step limit 50 ms: fixed 2 + 0.5 * 4 = 4 ms leaves 460 prefill tokens.
+    assert _plan(online_prefill_tokens=2000, offline_decode_contexts=[]).tokens == 4 + 460
+    # 150 ms banked: (150 - 4) / 0.1 = 1460 tokens, and limit/predicted report it.
+    decision = _plan(online_prefill_tokens=2000, offline_decode_contexts=[],
+                     tpot_limit_ms=150.0)
+    assert decision.tokens == 4 + 1460
+    assert decision.limit_ms == 150.0 and decision.slo_ms == 50.0
+    assert decision.predicted_ms is not None and decision.predicted_ms <= 150.0 + 1e-6

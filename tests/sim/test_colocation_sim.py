@@ -338,3 +338,17 @@ def test_offline_capacity_run_measures_the_offline_job_alone():
     few, many = (capacity_run(cfg, base, lengths, level, 0, warmup_s=1.0, span_s=10.0)
                  for level in (1, 8))
     assert 0 < few < many  # one request at a time leaves the instances mostly idle
+
+
+def test_slack_of_online_decodes_ahead_of_their_tpot_slo_goes_to_offline_prefill():
+    # A lone online decode takes 11 ms of its 27 ms (0.9 x 30) allowance per token; the
+    # time it is ahead lets offline chunks make longer steps (512 tokens, the whole budget,
+    # instead of 160), and its mean TPOT still holds.
+    reqs = [online(10, 300, 0.0, "on"), offline(4000, 1, 0.2, "off")]
+    per_step = by_id(run(reqs, classes=ClassScheduling(spend_tpot_slack=False), slo=_slo(30)))
+    banked = by_id(run(reqs, classes=ClassScheduling(), slo=_slo(30)))
+    assert banked["on"].tpot_ms <= 0.9 * 30 + 1e-6
+    assert per_step["on"].tpot_ms <= 0.9 * 30 + 1e-6
+    done = {k: r.arrival_s + r.ttft_ms / 1000 for k, r in banked.items()}
+    base = {k: r.arrival_s + r.ttft_ms / 1000 for k, r in per_step.items()}
+    assert done["off"] < base["off"]

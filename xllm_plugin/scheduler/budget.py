@@ -1,7 +1,9 @@
 """The SLO-aware work of a step (paper §3.1, latency-constrained batching).
 
 The step time limit is ``headroom * slo`` with ``slo`` the tightest TPOT SLO among
-decoding online requests. While no online request decodes but offline work is
+decoding online requests, or more where they have slack to spend (``banked_step_limit``:
+a TPOT SLO bounds a request's mean time per output token, so one that ran ahead of it
+may take a longer step). While no online request decodes but offline work is
 present, it is ``headroom * ttft / 2`` when a TTFT SLO is set: one long offline
 prefill step (seconds on a CPU) would otherwise make every online request arriving
 during it miss its TTFT, and an arrival waits for at most the running step and its
@@ -40,12 +42,54 @@ from xllm_plugin.scheduler.step_model import StepLatencyModel, StepWork
 
 
 @dataclass(frozen=True)
+class OnlineDecode:
+    """What the step limit needs of one decoding online request."""
+
+    slo_ms: float
+    tokens: int
+    """Output tokens so far (at least the first)."""
+    elapsed_ms: float
+    """Time since its first token."""
+
+
+def banked_step_limit(decodes: Sequence[OnlineDecode], headroom: float,
+                      cap_ms: float) -> float | None:
+    """The longest step that keeps every decoding online request within its TPOT SLO.
+
+    TPOT is a request's mean time between output tokens, (e2e - TTFT) / (tokens - 1),
+    the figure clients and vLLM report. After this step a request with ``n`` tokens so
+    far has ``n`` gaps behind it, so its mean stays within ``headroom * slo`` while the
+    step takes at most ``headroom * slo * n - elapsed``: the time it is ahead of its SLO
+    plus one token's worth. It lends nothing against tokens not yet generated, so the mean
+    holds whenever the request ends.
+
+    The limit is the running balance of each request, so the steps that ran longer than
+    predicted are paid back: a request behind its SLO gets a limit under one token's worth
+    (down to 0, a step of online decodes and the online prefill floor only) until it has
+    caught up. With a floor of ``headroom * slo`` instead, one EPYC A/B phase (8 offline
+    jobs) had 15 of 25 online requests over their TPOT SLO while the step model
+    under-predicted a tenth of the sized steps by 17% or more; our reading: once its slack
+    was spent, a request had no way back under that floor.
+    ``cap_ms`` bounds the result (never below ``headroom * slo``): slack of running
+    requests is no reason to keep a new arrival waiting longer than its TTFT allows.
+    None when nothing decodes.
+    """
+    if not decodes:
+        return None
+    balance = min(headroom * d.slo_ms * d.tokens - d.elapsed_ms for d in decodes)
+    cap = max(cap_ms, min(headroom * d.slo_ms for d in decodes))
+    return max(0.0, min(balance, cap))
+
+
+@dataclass(frozen=True)
 class BudgetDecision:
     tokens: int
     constrained: bool
     slo_ms: float | None = None
     """The SLO the step was sized for (TPOT, or TTFT when no online request decodes)."""
     predicted_ms: float | None = None
+    limit_ms: float | None = None
+    """The step time the budget aimed to stay within."""
     held_offline_decodes: tuple[int, ...] = ()
     """Positions (in ``offline_decode_contexts``) of offline decodes that skip this step."""
     held_offline_prefills: tuple[int, ...] = ()
@@ -58,16 +102,19 @@ def plan_step_budget(model: StepLatencyModel, *, online_decodes: int, online_con
                      tightest_tpot_slo_ms: float | None,
                      ttft_slo_ms: float | None, offline_present: bool, max_budget: int,
                      min_prefill: int, headroom: float, online_prefill_tokens: int,
-                     online_waiting: bool) -> BudgetDecision:
+                     online_waiting: bool, tpot_limit_ms: float | None = None) -> BudgetDecision:
     """``online_context_tokens``: tokens already computed by running online requests;
     ``offline_decode_contexts``: the same per decoding offline request, in running
     order; ``offline_prefills``: (computed, still to prefill) tokens per running offline
     request with an unfinished prompt, in running order; ``offline_present``: any
     offline request is running or waiting;
     ``online_prefill_tokens``: prompt tokens online requests still need (running and
-    waiting); ``online_waiting``: some of them belong to a request not admitted yet."""
+    waiting); ``online_waiting``: some of them belong to a request not admitted yet;
+    ``tpot_limit_ms``: the step limit from the online decodes' slack (``banked_step_limit``)
+    in place of ``headroom * tightest_tpot_slo_ms``."""
     if online_decodes and tightest_tpot_slo_ms is not None:
-        slo, limit = tightest_tpot_slo_ms, headroom * tightest_tpot_slo_ms
+        slo = tightest_tpot_slo_ms
+        limit = headroom * slo if tpot_limit_ms is None else tpot_limit_ms
     elif not online_decodes and offline_present and ttft_slo_ms is not None:
         slo, limit = ttft_slo_ms, headroom * ttft_slo_ms / 2
     else:
@@ -95,7 +142,7 @@ def plan_step_budget(model: StepLatencyModel, *, online_decodes: int, online_con
             else:
                 held_chunks.append(position)
     prefill = max(prefill, min(model.max_prefill_tokens(decodes, context, limit), room))
-    return BudgetDecision(decodes + prefill, constrained=True, slo_ms=slo,
+    return BudgetDecision(decodes + prefill, constrained=True, slo_ms=slo, limit_ms=limit,
                           predicted_ms=model.predict_ms(StepWork(prefill, decodes, context)),
                           held_offline_decodes=tuple(held),
                           held_offline_prefills=tuple(held_chunks))

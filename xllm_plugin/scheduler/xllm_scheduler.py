@@ -22,12 +22,14 @@ from xllm_plugin import __version__
 from xllm_plugin.config import XLLMConfig, parse_xllm_config
 from xllm_plugin.memory.wiring import check_worker as check_xtensor_worker
 from xllm_plugin.memory.wiring import scheduler_lookahead_tokens
-from xllm_plugin.scheduler.budget import BudgetDecision, plan_step_budget
+from xllm_plugin.scheduler.budget import (BudgetDecision, OnlineDecode, banked_step_limit,
+                                           plan_step_budget)
 from xllm_plugin.scheduler.class_queue import ClassAwareQueue
 from xllm_plugin.scheduler.phases import EncodeHold, running_rank
 from xllm_plugin.scheduler.preemption import OfflineVictimPicker, shortfall
 from xllm_plugin.scheduler.request_class import CLASSES, RequestClass, classify
 from xllm_plugin.scheduler.step_model import StepLatencyModel, StepWork
+from xllm_plugin.scheduler.step_timing import StepTiming
 from xllm_plugin.spec import adaptive_speculation_for
 from xllm_plugin.status_channel import StatusPublisher
 
@@ -84,6 +86,11 @@ class XLLMScheduler(Scheduler):
         self._offline_decodes_held = 0
         self._step_started: tuple[float, StepWork] | None = None
         self._last_step_ms: float | None = None
+        # Under async scheduling the next schedule() runs before this step's outputs
+        # arrive: there is no gap between steps to measure.
+        self._timing = None if self.scheduler_config.async_scheduling else StepTiming()
+        # When each online request's first output token came (perf_counter): its TPOT so far.
+        self._first_token_at: dict[str, float] = {}
         # Adaptive speculation length (None when off); see xllm_plugin/spec.
         self._spec = adaptive_speculation_for(self.vllm_config, self.xllm_config.speculative)
         self._publisher = StatusPublisher(self.xllm_config.status_interval_ms / 1000)
@@ -102,6 +109,8 @@ class XLLMScheduler(Scheduler):
         super().add_request(request)
 
     def schedule(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+        if self._timing is not None:
+            self._timing.step_began(time.perf_counter())
         if self._encode_hold is None:
             # Stable sort: online first, each class keeping its order.
             self.running.sort(key=lambda r: self.request_class(r) == "offline")
@@ -197,6 +206,14 @@ class XLLMScheduler(Scheduler):
                              for r in self.waiting.of_class("online"))
         slos = [slo for r in online_decoding if (slo := self.tpot_slo_ms(r)) is not None]
         slo = self.xllm_config.slo
+        tpot_limit = None
+        if slo.spend_tpot_slack and slo.ttft_ms is not None and slos:
+            now = time.perf_counter()
+            tpot_limit = banked_step_limit(
+                [OnlineDecode(own, r.num_output_tokens,
+                              (now - self._first_token_at.get(r.request_id, now)) * 1000)
+                 for r in online_decoding if (own := self.tpot_slo_ms(r)) is not None],
+                slo.headroom, cap_ms=slo.headroom * slo.ttft_ms / 2)
         decision = plan_step_budget(
             self._step_model, online_decodes=len(online_decoding),
             online_context_tokens=sum(r.num_computed_tokens for r in online_running),
@@ -208,8 +225,16 @@ class XLLMScheduler(Scheduler):
             or self.waiting.count("offline") > 0,
             max_budget=self._configured_budget, min_prefill=slo.min_prefill_tokens,
             headroom=slo.headroom, online_prefill_tokens=online_prefill + online_waiting,
-            online_waiting=online_waiting > 0)
+            online_waiting=online_waiting > 0, tpot_limit_ms=tpot_limit)
         return decision, offline_decoding, offline_prefilling
+
+    def _note_first_tokens(self) -> None:
+        """Remember when online requests got their first output token (``_plan_budget``)."""
+        now = time.perf_counter()
+        for request in self.running:
+            if request.num_output_tokens and request.request_id not in self._first_token_at \
+                    and self.request_class(request) == "online":
+                self._first_token_at[request.request_id] = now
 
     def _work_of(self, scheduled: dict[str, int]) -> StepWork:
         """The step's work; called after vLLM advanced num_computed_tokens by ``scheduled``."""
@@ -251,19 +276,27 @@ class XLLMScheduler(Scheduler):
     def _free_request(self, request: Request, *args: Any, **kwargs: Any):  # type: ignore[override]
         self._finished[self.request_class(request)] += 1
         self._classes.pop(request.request_id, None)
+        self._first_token_at.pop(request.request_id, None)
         return super()._free_request(request, *args, **kwargs)
 
     def update_from_output(self, *args: Any, **kwargs: Any):  # type: ignore[override]
         if self._step_started is not None:
             started, work = self._step_started
             self._step_started = None
-            self._last_step_ms = (time.perf_counter() - started) * 1000
+            now = time.perf_counter()
+            self._last_step_ms = (now - started) * 1000
             if work.prefill_tokens or work.decode_tokens:
                 self._step_model.observe(work, self._last_step_ms)
+            if self._timing is not None:
+                self._timing.step_finished(now, self._last_step_ms, self._budget.predicted_ms,
+                                           self._budget.limit_ms, self._budget.constrained)
         outputs = super().update_from_output(*args, **kwargs)
+        self._note_first_tokens()
         if self._spec is not None:
             self._spec.after_update(*args[:2], self._last_step_ms, self.requests)
         self._publisher.publish(self.status_snapshot, force=not self.has_requests())
+        if self._timing is not None:
+            self._timing.outputs_sent(busy=self.has_requests())
         return outputs
 
     def finish_requests(self, *args: Any, **kwargs: Any):  # type: ignore[override]
@@ -299,6 +332,7 @@ class XLLMScheduler(Scheduler):
                 "last_constrained": self._budget.constrained,
                 "last_slo_ms": self._budget.slo_ms,
                 "last_predicted_ms": self._budget.predicted_ms,
+                "last_limit_ms": self._budget.limit_ms,
                 "last_step_ms": self._last_step_ms,
                 "constrained_steps": self._budget_constrained_steps,
                 "offline_prefill_chunks_held": self._offline_prefill_held,
@@ -307,6 +341,7 @@ class XLLMScheduler(Scheduler):
                                            "per_1k_context_tokens"),
                                           map(float, self._step_model.coefficients))),
                 "step_model_samples": self._step_model.samples,
+                "timing": self._timing.status() if self._timing is not None else None,
             },
             "finished": {c: self._finished.get(c, 0) for c in CLASSES},
             "speculative": self._spec.status() if self._spec is not None else None,
