@@ -109,11 +109,13 @@ def spec_for(config: str, model: Path, dtype: str = "auto",
     """The engine of one configuration; ``dtype`` is vLLM's ``--dtype`` for all three (float32
     where the CPU has no BF16 instructions: an AVX2-only host spends seconds on a bf16 prefill,
     so not even an idle engine meets the TTFT SLO). XLLMScheduler gets the online TTFT SLO
-    (``slo.ttft_ms``); the TPOT SLO travels with each online request."""
+    (``slo.ttft_ms``) and spends TPOT slack (``slo.spend_tpot_slack``, the setting for CPU
+    hosts); the TPOT SLO travels with each online request."""
     dtype_args = ["--dtype", dtype] if dtype != "auto" else []
     if config == "xllm":
         return EngineSpec(model=model, port=free_port(), served_model_name="smollm2", plugin=True,
-                          xllm_config={"status_interval_ms": 100, "slo": {"ttft_ms": ttft_slo_ms}},
+                          xllm_config={"status_interval_ms": 100,
+                                       "slo": {"ttft_ms": ttft_slo_ms, "spend_tpot_slack": True}},
                           extra_args=dtype_args)
     extra = ["--scheduling-policy", "priority"] if config == "stock_priority" else []
     return EngineSpec(model=model, port=free_port(), served_model_name="smollm2", plugin=False,

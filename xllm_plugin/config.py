@@ -66,11 +66,13 @@ class SLOConfig(_Section):
         default=0.9, gt=0, le=1,
         description="Fraction of the SLO a predicted step may use.")
     spend_tpot_slack: bool = Field(
-        default=True,
+        default=False,
         description="TPOT SLOs bound each online request's mean time per output token; a "
                     "request ahead of its SLO lets a step run longer than headroom * tpot_ms "
-                    "(never longer than the ttft_ms bound). Needs ttft_ms; false = every step "
-                    "within headroom * tpot_ms.")
+                    "(never longer than the ttft_ms bound). For hosts whose fixed step cost is "
+                    "a large part of the TPOT SLO (CPUs); in the simulator on an H100 step "
+                    "model it lowered co-location's offline throughput at the SLO by 2-5%. "
+                    "Needs ttft_ms; false = every step within headroom * tpot_ms.")
     min_prefill_tokens: int = Field(
         default=32, ge=1,
         description="Prefill tokens a step may always give online prefill, so it never starves "

@@ -21,7 +21,7 @@ when a run sets :class:`ClassScheduling`:
   prefill with what is left. Running offline chunks all sit a step out while
   online prefill waits for admission or needs the step's whole prefill allowance.
   While no online request decodes, steps with offline work present are sized the
-  same way for ``TTFT SLO / 2``. With ``spend_tpot_slack`` (the engine's default), a
+  same way for ``TTFT SLO / 2``. With ``spend_tpot_slack`` (off by default, as in the engine), a
   step may run longer while every online decode is ahead of its mean-TPOT SLO
   (``xllm_plugin.scheduler.budget.banked_step_limit``, capped by the TTFT bound). The engine learns its step model online; the
   simulator uses the deployment's step model directly (a perfectly learned model).
@@ -55,9 +55,9 @@ class ClassScheduling:
     ``slo.ttft_ms``: ``headroom * ttft / 2``); None: the run's default SLO."""
     headroom: float = 0.9
     """Fraction of the SLO a predicted step may use (engine default)."""
-    spend_tpot_slack: bool = True
+    spend_tpot_slack: bool = False
     """Steps may spend the time online decodes are ahead of their mean-TPOT SLO (engine
-    ``slo.spend_tpot_slack``, default on); False: every step within headroom * TPOT."""
+    ``slo.spend_tpot_slack``, default off); False: every step within headroom * TPOT."""
     min_prefill_tokens: int = 32
     """Prefill tokens a step may always give online prefill, so it never starves (engine
     default); offline prefill gets only what the SLO leaves."""

@@ -346,7 +346,7 @@ def test_slack_of_online_decodes_ahead_of_their_tpot_slo_goes_to_offline_prefill
     # instead of 160), and its mean TPOT still holds.
     reqs = [online(10, 300, 0.0, "on"), offline(4000, 1, 0.2, "off")]
     per_step = by_id(run(reqs, classes=ClassScheduling(spend_tpot_slack=False), slo=_slo(30)))
-    banked = by_id(run(reqs, classes=ClassScheduling(), slo=_slo(30)))
+    banked = by_id(run(reqs, classes=ClassScheduling(spend_tpot_slack=True), slo=_slo(30)))
     assert banked["on"].tpot_ms <= 0.9 * 30 + 1e-6
     assert per_step["on"].tpot_ms <= 0.9 * 30 + 1e-6
     done = {k: r.arrival_s + r.ttft_ms / 1000 for k, r in banked.items()}
