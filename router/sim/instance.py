@@ -31,9 +31,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from router.sim.classes import ClassScheduling, plan_class_step
-from xllm_plugin.scheduler.budget import OnlineDecode, banked_step_limit
 from router.sim.kv_cache import KVCache, KVEventListener
 from router.sim.perf_model import Deployment
+from xllm_plugin.scheduler.budget import OnlineDecode, banked_step_limit
 
 if TYPE_CHECKING:
     from router.sim.events import EventQueue
@@ -325,7 +325,7 @@ class SimInstance:
                     decodes.append(OnlineDecode(own or default_slo_ms, req.generated,
                                                 (now - req.first_token_s) * 1000))
         limit_ms = None
-        if online_decodes and decodes:
+        if decodes:
             headroom = classes.headroom  # type: ignore[union-attr]
             ttft_ms = classes.ttft_slo_ms or 0.0  # type: ignore[union-attr]
             limit_ms = banked_step_limit(decodes, headroom, cap_ms=headroom * ttft_ms / 2)

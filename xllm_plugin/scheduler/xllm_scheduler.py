@@ -89,7 +89,10 @@ class XLLMScheduler(Scheduler):
         # Under async scheduling the next schedule() runs before this step's outputs
         # arrive: there is no gap between steps to measure.
         self._timing = None if self.scheduler_config.async_scheduling else StepTiming()
-        # When each online request's first output token came (perf_counter): its TPOT so far.
+        slo = self.xllm_config.slo
+        self._spend_slack = slo.spend_tpot_slack and slo.ttft_ms is not None
+        # When each online request's first output token came (perf_counter): its TPOT so
+        # far. Kept only while slack is spent, the one thing that reads it.
         self._first_token_at: dict[str, float] = {}
         # Adaptive speculation length (None when off); see xllm_plugin/spec.
         self._spec = adaptive_speculation_for(self.vllm_config, self.xllm_config.speculative)
@@ -204,15 +207,15 @@ class XLLMScheduler(Scheduler):
                              for r in online_running)
         online_waiting = sum(r.num_tokens - r.num_computed_tokens
                              for r in self.waiting.of_class("online"))
-        slos = [slo for r in online_decoding if (slo := self.tpot_slo_ms(r)) is not None]
+        with_slo = [(r, own) for r in online_decoding if (own := self.tpot_slo_ms(r)) is not None]
         slo = self.xllm_config.slo
         tpot_limit = None
-        if slo.spend_tpot_slack and slo.ttft_ms is not None and slos:
+        if self._spend_slack and with_slo:
             now = time.perf_counter()
             tpot_limit = banked_step_limit(
                 [OnlineDecode(own, r.num_output_tokens,
                               (now - self._first_token_at.get(r.request_id, now)) * 1000)
-                 for r in online_decoding if (own := self.tpot_slo_ms(r)) is not None],
+                 for r, own in with_slo],
                 slo.headroom, cap_ms=slo.headroom * slo.ttft_ms / 2)
         decision = plan_step_budget(
             self._step_model, online_decodes=len(online_decoding),
@@ -220,7 +223,7 @@ class XLLMScheduler(Scheduler):
             offline_decode_contexts=[r.num_computed_tokens for r in offline_decoding],
             offline_prefills=[(r.num_computed_tokens, r.num_prompt_tokens - r.num_computed_tokens)
                               for r in offline_prefilling],
-            tightest_tpot_slo_ms=min(slos) if slos else None, ttft_slo_ms=slo.ttft_ms,
+            tightest_tpot_slo_ms=min(own for _, own in with_slo) if with_slo else None, ttft_slo_ms=slo.ttft_ms,
             offline_present=len(online_running) < len(self.running)
             or self.waiting.count("offline") > 0,
             max_budget=self._configured_budget, min_prefill=slo.min_prefill_tokens,
@@ -291,7 +294,8 @@ class XLLMScheduler(Scheduler):
                 self._timing.step_finished(now, self._last_step_ms, self._budget.predicted_ms,
                                            self._budget.limit_ms, self._budget.constrained)
         outputs = super().update_from_output(*args, **kwargs)
-        self._note_first_tokens()
+        if self._spend_slack:
+            self._note_first_tokens()
         if self._spec is not None:
             self._spec.after_update(*args[:2], self._last_step_ms, self.requests)
         self._publisher.publish(self.status_snapshot, force=not self.has_requests())
