@@ -184,7 +184,8 @@ def _timing_note(result: dict) -> str:
     if "xllm_timing_sized_steps" not in result:
         return ""
     return (f"Step timing (XLLMScheduler, end of each run, median): on the steps the budget "
-            f"sized, measured / predicted compute time p50 "
+            f"sized, measured compute time / the step model's prediction for the work "
+            f"scheduled (made before the model learned from that step) p50 "
             f"{_value(result, 'xllm_timing_compute_over_predicted_p50')}, p90 "
             f"{_value(result, 'xllm_timing_compute_over_predicted_p90')}; "
             f"{float(result['xllm_timing_sized_steps_over_limit']):.0f} of "
@@ -410,8 +411,8 @@ def _misses(result: dict[str, float | str], levels: list[int], target: float) ->
                       f"TPOT {float(result[f'tpot_attainment_xllm_offline{lvl}']):.2f})"
                       for lvl in missed)
     return (f"It misses the target at {where}: a step is admitted on the learned model's "
-            "prediction, and steps it under-predicts run over the TPOT SLO (an inference: "
-            "predicted and measured times are not logged per step). ")
+            "prediction, and steps it under-predicts run over their limit (the step timing "
+            "below counts them; which request each one cost is not logged). ")
 
 
 def _value(result: dict[str, float | str], key: str) -> str:

@@ -127,8 +127,15 @@ async def test_step_budget_floor_moves_online_prefill_only(plugin_engine: Engine
         online = asyncio.create_task(_stream_times(client, url, "Quick question:", 4, {}))
         (_, long_done), (offline_first, _), (online_first, _) = await asyncio.gather(
             long_online, offline, online)
+        budget = (await _status(client, url))["budget"]
     assert online_first < long_done
     assert offline_first > long_done
+    # The status compares each sized step with the model's prediction for the work it
+    # held (not with the time planned for the most work the limit allowed).
+    assert budget["last_predicted_ms"] > 0 and budget["last_step_ms"] > 0
+    timing = budget["timing"]
+    assert timing["sized_steps"] > 0
+    assert 0.2 < timing["compute_over_predicted_p50"] < 5
 
 
 async def test_stock_vllm_makes_the_online_request_wait_for_offline_work(

@@ -27,6 +27,26 @@ def test_model_learns_coefficients_from_observed_steps() -> None:
     assert model.predict_ms(probe) == pytest.approx(_true_ms(probe), rel=0.05)
 
 
+def test_model_fits_short_and_long_steps_in_relative_terms() -> None:
+    # Mostly decode-only steps of ~20-30 ms and some prefill steps of up to ~2 s whose
+    # per-token cost falls with chunk size (short chunks run less efficient matmuls).
+    # A fit ruled by the long steps predicted the short ones 50% too long; the
+    # relative-error fit must get both within 10%.
+    def truth(work: StepWork) -> float:
+        n = work.prefill_tokens
+        return (12 + 2.0 * work.decode_tokens + 4 * work.context_tokens / 1000 + 5.5 * n
+                + 120 * (1 - np.exp(-n / 64)))
+
+    rng = np.random.default_rng(1)
+    model = StepLatencyModel(window=512)
+    for _ in range(400):
+        prefill = int(rng.integers(16, 400)) if rng.random() < 0.3 else 0
+        work = StepWork(prefill, int(rng.integers(1, 8)), int(rng.integers(100, 3000)))
+        model.observe(work, truth(work) * rng.lognormal(0.0, 0.05))
+    for probe in (StepWork(0, 2, 1000), StepWork(0, 6, 2000), StepWork(300, 4, 2000)):
+        assert model.predict_ms(probe) == pytest.approx(truth(probe), rel=0.1)
+
+
 def test_model_keeps_prior_for_features_that_never_varied() -> None:
     model = StepLatencyModel(prior_ms=(1.0, 0.1, 0.7, 0.3), min_samples=4, refit_every=1)
     for tokens in (10, 20, 30, 40, 50):

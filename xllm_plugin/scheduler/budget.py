@@ -88,6 +88,8 @@ class BudgetDecision:
     slo_ms: float | None = None
     """The SLO the step was sized for (TPOT, or TTFT when no online request decodes)."""
     predicted_ms: float | None = None
+    """The model's time for the most work the budget allows; a step with less work to
+    schedule (no prefill waiting) runs shorter by design."""
     limit_ms: float | None = None
     """The step time the budget aimed to stay within."""
     held_offline_decodes: tuple[int, ...] = ()

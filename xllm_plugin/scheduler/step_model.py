@@ -8,8 +8,13 @@ Model (roofline-shaped, linear in the work of a step)::
 ``c0`` is the fixed cost of a step (launch, sampling, Python), the per-token
 terms are the weight-bound matmul work, and the context term is attention
 reading the KV of every scheduled request. Coefficients start from a prior and
-are refitted by least squares over a sliding window of measured steps, clipped at
-zero so the model never predicts negative work. Until there are enough steps for
+are refitted over a sliding window of measured steps, clipped at zero so the
+model never predicts negative work. The fit minimises *relative* error (each
+step weighted by 1 / its measured time): step times span two orders of magnitude
+(decodes of tens of ms, prefill chunks of seconds on a CPU), the limit a plan must
+meet is a fraction of an SLO, and a plain least-squares fit lets the longest steps
+set the intercept for all of them (``tests/plugin/test_step_budget.py`` has a case
+where it predicted decode-only steps 58% too long). Until there are enough steps for
 that fit, the whole prior is scaled by measured / predicted time over the steps so
 far: hosts differ by more than an order of magnitude (float32 prefill of a 135M
 model on one AVX2 core is about 5.5 ms a token, 27x the prior), so a 2048-token step
@@ -39,6 +44,9 @@ class StepWork:
 
 # A small model on one CPU core; overestimates on a GPU until the first refit.
 DEFAULT_PRIOR_MS = (5.0, 0.2, 1.0, 0.5)
+
+# Below this a measured step weighs no more in the fit (timer noise dominates).
+_MIN_WEIGHTED_MS = 0.5
 
 
 class StepLatencyModel:
@@ -79,7 +87,9 @@ class StepLatencyModel:
         # Columns that never varied cannot be identified: keep their prior.
         varied = np.ptp(rows, axis=0) > 0
         varied[0] = True
-        fitted, *_ = np.linalg.lstsq(rows[:, varied], targets, rcond=None)
+        weights = 1.0 / np.maximum(targets, _MIN_WEIGHTED_MS)
+        fitted, *_ = np.linalg.lstsq(rows[:, varied] * weights[:, None], targets * weights,
+                                     rcond=None)
         coefficients = self.coefficients.copy()
         coefficients[varied] = np.maximum(fitted, 0.0)
         self.coefficients = coefficients

@@ -86,6 +86,7 @@ class XLLMScheduler(Scheduler):
         self._offline_decodes_held = 0
         self._step_started: tuple[float, StepWork] | None = None
         self._last_step_ms: float | None = None
+        self._last_predicted_ms: float | None = None  # the model's, for the work scheduled
         # Under async scheduling the next schedule() runs before this step's outputs
         # arrive: there is no gap between steps to measure.
         self._timing = None if self.scheduler_config.async_scheduling else StepTiming()
@@ -288,10 +289,14 @@ class XLLMScheduler(Scheduler):
             self._step_started = None
             now = time.perf_counter()
             self._last_step_ms = (now - started) * 1000
+            # Judged before the model learns from this step: the error a plan made with it had.
+            # (The budget's own prediction is of the most work the limit allowed, which a step
+            # with less work to do falls short of by design.)
+            self._last_predicted_ms = self._step_model.predict_ms(work)
             if work.prefill_tokens or work.decode_tokens:
                 self._step_model.observe(work, self._last_step_ms)
             if self._timing is not None:
-                self._timing.step_finished(now, self._last_step_ms, self._budget.predicted_ms,
+                self._timing.step_finished(now, self._last_step_ms, self._last_predicted_ms,
                                            self._budget.limit_ms, self._budget.constrained)
         outputs = super().update_from_output(*args, **kwargs)
         if self._spend_slack:
@@ -335,7 +340,8 @@ class XLLMScheduler(Scheduler):
                 "last_tokens": self._budget.tokens,
                 "last_constrained": self._budget.constrained,
                 "last_slo_ms": self._budget.slo_ms,
-                "last_predicted_ms": self._budget.predicted_ms,
+                "last_planned_ms": self._budget.predicted_ms,
+                "last_predicted_ms": self._last_predicted_ms,
                 "last_limit_ms": self._budget.limit_ms,
                 "last_step_ms": self._last_step_ms,
                 "constrained_steps": self._budget_constrained_steps,
