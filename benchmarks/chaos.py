@@ -1,6 +1,7 @@
 """Long-run chaos benchmark (issue #7): kill -9 an engine every T seconds under load.
 
-Two real vLLM CPU engines (tiny model, float32, prefix caching, one core each) behind
+Two real vLLM CPU engines (tiny model, float32, prefix caching, one core each; with
+``--pin-engines`` each engine's whole process tree, not only its compute threads) behind
 an in-process xllm-router with live-stream migration on (``--migration-limit``). Three
 phases, each with a fresh router:
 
@@ -41,7 +42,7 @@ about a minute here, shorter than one engine restart under load (30-130 s on two
 cores, nearly all of it Python imports), so they would see a single kill; 6000 gave three
 kills and the whole run stays under 20 minutes.
 
-    flock /tmp/xllm-vllm.lock python benchmarks/chaos.py            # ~15 min
+    flock /tmp/xllm-vllm.lock python benchmarks/chaos.py --pin-engines   # ~15 min
     flock /tmp/xllm-vllm.lock python benchmarks/chaos.py --requests 100 --kill-every-s 20
 
 Writes benchmarks/results/chaos.json, chaos.md, chaos.png and chaos_timeline.json
@@ -236,13 +237,14 @@ class MigrationLog(logging.Handler):
 class Engines:
     """The two engines, each restartable on its own port and core."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, pin: bool = False) -> None:
         from xllm_plugin.launcher.engine import EngineSpec, free_port
         from xllm_plugin.models import model_path
 
         self.log_dir = log_dir
         self.specs = [EngineSpec(model=model_path("tiny"), port=free_port(),
                                  served_model_name=MODEL_NAME, plugin=False, cpu_bind=str(i),
+                                 pin_process=pin,
                                  max_model_len=2048,
                                  extra_args=["--dtype", "float32", "--enable-prefix-caching"])
                       for i in range(2)]
@@ -826,8 +828,10 @@ def discussion(r: dict[str, Any]) -> str:
             f"{r['migration_start_to_resumed_token_p50_ms']:.0f} ms / p99 "
             f"{r['migration_start_to_resumed_token_p99_ms']:.0f} ms (all of a kill's streams "
             "land at once on the survivor, which prefills them on its one core beside the "
-            "streams it already runs, while the restarting engine's start-up competes for "
-            "the same two cores). The yardstick is a prefill on an idle engine; a migrated "
+            "streams it already runs" + (
+                "; the restarting engine starts on the other core" if r.get("pin_engines") else
+                ", while the restarting engine's start-up competes for the same two cores")
+            + "). The yardstick is a prefill on an idle engine; a migrated "
             "prompt is also longer (prompt + "
             f"{r['tokens_before_seam_p50']} generated tokens at p50).")
     if r["kills"] and r["migrated_requests"]:
@@ -865,8 +869,10 @@ def discussion(r: dict[str, Any]) -> str:
         lines.append(
             f"- Recovery (kill -> back in the router's rotation) p50 {r['recovery_time_s']:.0f}"
             f" s, max {r['recovery_time_max_s']:.0f} s: almost all of it is vLLM's own "
-            f"restart (p50 {r['engine_restart_p50_s']:.0f} s on a core shared with the "
-            "survivor); the router takes the instance back on its next health scrape "
+            f"restart (p50 {r['engine_restart_p50_s']:.0f} s on "
+            + ("its own core, shared with the router and the client" if r.get("pin_engines")
+               else "a core shared with the survivor")
+            + "); the router takes the instance back on its next health scrape "
             "(every 0.2 s here). It marked the dead instance unhealthy after "
             f"{r['marked_unhealthy_p50_ms']:.0f} ms (p50). The restart time bounds the kill "
             "rate: a kill waits until both engines serve again, so there is always a "
@@ -911,9 +917,13 @@ def discussion(r: dict[str, Any]) -> str:
             f"{r['ttft_under_load_p99_ms_reference']:.0f} ms; migration start -> first "
             f"resumed token (p50 {r['migration_start_to_resumed_token_p50_ms'] or 0:.0f} ms) "
             "compares with it; the kill -> migration start part is detection.")
+    pinned = ("each engine's whole process tree (API server, engine core, worker) is pinned "
+              "to one core (`--pin-engines`), the router and the client float"
+              if r.get("pin_engines") else
+              "the engines are pinned (worker threads) to one core each, everything else "
+              "floats")
     lines.append(
-        "- Two cores for two engines, their API servers, the router and the client: "
-        "the engines are pinned (worker threads) to one core each, everything else floats. "
+        f"- Two cores for two engines, their API servers, the router and the client: {pinned}. "
         "Absolute latencies are this machine's; the counts (lost, wrong) are the point.")
     return "\n".join(lines)
 
@@ -923,7 +933,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     log_dir.mkdir(parents=True, exist_ok=True)
     jobs = build_workload(args.requests, args.seed, args.min_tokens, args.max_tokens,
                           args.max_chars, args.non_streamed_every)
-    engines = Engines(log_dir)
+    engines = Engines(log_dir, pin=args.pin_engines)
     migrations = MigrationLog()
     router_log = logging.getLogger("xllm.router")
     router_log.addHandler(migrations)
@@ -966,6 +976,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     details.update(router_code=str(Path(router.__file__).parent), fault=args.fault,
                    not_migrated_log=list(migrations.not_migrated.values())[:10])
     result.update(concurrency=args.concurrency, kill_every_s=args.kill_every_s,
+                  pin_engines=int(args.pin_engines),
                   migration_limit=args.migration_limit, min_tokens=args.min_tokens,
                   max_tokens=args.max_tokens, non_streamed_every=args.non_streamed_every,
                   engine_startup_s_p50=rnd(pct(engines.startup_s, 50), 2),
@@ -1019,6 +1030,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "still answers /health)")
     p.add_argument("--liveness-multiple", type=float, default=None,
                    help="router --liveness-probe-multiple (unset: the router's default; 0: off)")
+    p.add_argument("--pin-engines", action="store_true",
+                   help="run each engine's whole process tree on its core (taskset), not only "
+                   "its compute threads, so a restart's start-up and stock vLLM's busy-polling "
+                   "engine core stay off the other engine's core (chaos.json is measured so)")
     p.add_argument("--timeout-s", type=float, default=300.0, help="client timeout per request")
     p.add_argument("--non-streamed-every", type=int, default=4,
                    help="every Nth request asks for one JSON answer (0: all streamed)")

@@ -65,6 +65,10 @@ class EngineSpec:
     xllm_config: Mapping[str, Any] | None = None
     kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE takes whole GiB
     cpu_bind: str | None = None  # VLLM_CPU_OMP_THREADS_BIND, e.g. "0" or "1"
+    pin_process: bool = False
+    """Run the whole process tree (API server, engine core, worker) on ``cpu_bind``'s
+    cores with ``taskset``, not only the OMP compute threads: a restarting engine's
+    Python start-up then cannot take time from a neighbour's core."""
     max_model_len: int = 4096
     block_size: int = 128
     extra_args: Sequence[str] = ()
@@ -86,7 +90,12 @@ class EngineSpec:
             cmd += ["--scheduler-cls", XLLM_SCHEDULER]
         if self.plugin and self.xllm_config is not None:
             cmd += ["--additional-config", json.dumps({"xllm": dict(self.xllm_config)})]
-        return [*cmd, *self.extra_args]
+        cmd = [*cmd, *self.extra_args]
+        if self.pin_process:
+            if self.cpu_bind is None:
+                raise ValueError("pin_process needs cpu_bind (the cores to pin to)")
+            cmd = ["taskset", "--cpu-list", self.cpu_bind, *cmd]
+        return cmd
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
