@@ -114,7 +114,7 @@ def test_online_decodes_with_slo_cap_the_prefill() -> None:
     # fixed = 2 + 0.5*8 = 6 ms; (50 - 6) / 0.1 = 440 prefill tokens + 8 decodes.
     decision = _plan()
     assert decision.constrained and decision.tokens == 448
-    assert decision.predicted_ms == pytest.approx(50.0)
+    assert decision.planned_ms == pytest.approx(50.0)
 
 
 def test_tight_slo_still_lets_min_prefill_through_for_online_prefill() -> None:
@@ -145,7 +145,7 @@ def test_offline_decodes_join_first_fit_by_their_context_cost() -> None:
         tightest_tpot_slo_ms=6.0, ttft_slo_ms=None, offline_present=True, max_budget=2048,
         min_prefill=16, headroom=1.0, online_prefill_tokens=0, online_waiting=False)
     assert decision.held_offline_decodes == (1, 3)
-    assert decision.predicted_ms <= 6.0
+    assert decision.planned_ms <= 6.0
 
 
 def test_offline_prefill_keeps_what_online_prefill_leaves() -> None:
@@ -174,7 +174,7 @@ def test_deep_offline_chunks_sit_out_while_fresh_ones_fit() -> None:
         ttft_slo_ms=None, offline_present=True, max_budget=2048, min_prefill=16, headroom=1.0,
         online_prefill_tokens=0, online_waiting=False)
     assert decision.held_offline_prefills == (0,) and decision.tokens == 8 + 440
-    assert decision.predicted_ms <= 50.0
+    assert decision.planned_ms <= 50.0
 
 
 def test_budget_never_exceeds_the_configured_maximum() -> None:
@@ -215,4 +215,4 @@ def test_banked_limit_lets_online_prefill_take_a_bigger_step() -> None:
                      tpot_limit_ms=150.0)
     assert decision.tokens == 4 + 1460
     assert decision.limit_ms == 150.0 and decision.slo_ms == 50.0
-    assert decision.predicted_ms is not None and decision.predicted_ms <= 150.0 + 1e-6
+    assert decision.planned_ms is not None and decision.planned_ms <= 150.0 + 1e-6

@@ -87,7 +87,7 @@ class BudgetDecision:
     constrained: bool
     slo_ms: float | None = None
     """The SLO the step was sized for (TPOT, or TTFT when no online request decodes)."""
-    predicted_ms: float | None = None
+    planned_ms: float | None = None
     """The model's time for the most work the budget allows; a step with less work to
     schedule (no prefill waiting) runs shorter by design."""
     limit_ms: float | None = None
@@ -145,6 +145,6 @@ def plan_step_budget(model: StepLatencyModel, *, online_decodes: int, online_con
                 held_chunks.append(position)
     prefill = max(prefill, min(model.max_prefill_tokens(decodes, context, limit), room))
     return BudgetDecision(decodes + prefill, constrained=True, slo_ms=slo, limit_ms=limit,
-                          predicted_ms=model.predict_ms(StepWork(prefill, decodes, context)),
+                          planned_ms=model.predict_ms(StepWork(prefill, decodes, context)),
                           held_offline_decodes=tuple(held),
                           held_offline_prefills=tuple(held_chunks))

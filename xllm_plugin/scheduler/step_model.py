@@ -17,8 +17,9 @@ set the intercept for all of them (``tests/plugin/test_step_budget.py`` has a ca
 where it predicted decode-only steps 58% too long). Until there are enough steps for
 that fit, the whole prior is scaled by measured / predicted time over the steps so
 far: hosts differ by more than an order of magnitude (float32 prefill of a 135M
-model on one AVX2 core is about 5.5 ms a token, 27x the prior), so a 2048-token step
-sized with the raw prior would take some 11 s instead of the hundreds of ms meant.
+model on one AVX2 core was learned at 3.6-5.3 ms a token, 18-27x the prior), so a
+2048-token step sized with the raw prior would take some 7-11 s (computed, not seen)
+instead of the hundreds of ms meant.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""How long steps really take next to what the budget planned for them.
+"""How long steps really take next to what the step model predicted for them.
 
 The step model (``step_model.py``) learns the time from ``schedule()`` to
 ``update_from_output()``: the forward pass and sampling. What a decoding request
@@ -61,8 +61,9 @@ class StepTiming:
     def step_finished(self, now: float, compute_ms: float, predicted_ms: float | None,
                       limit_ms: float | None, constrained: bool) -> None:
         """The step's outputs are in (``update_from_output()`` began at ``now``);
-        ``predicted_ms``/``limit_ms`` are its budget's. The gap runs from here, so it holds
-        vLLM's processing of the outputs as well as the engine core's loop."""
+        ``predicted_ms``: the model's time for the work it held, ``limit_ms``: its budget's
+        limit. The gap runs from here, so it holds vLLM's processing of the outputs as well
+        as the engine core's loop."""
         self._compute_end = now
         if not constrained or limit_ms is None:
             return

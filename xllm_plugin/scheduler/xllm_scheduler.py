@@ -224,7 +224,8 @@ class XLLMScheduler(Scheduler):
             offline_decode_contexts=[r.num_computed_tokens for r in offline_decoding],
             offline_prefills=[(r.num_computed_tokens, r.num_prompt_tokens - r.num_computed_tokens)
                               for r in offline_prefilling],
-            tightest_tpot_slo_ms=min(own for _, own in with_slo) if with_slo else None, ttft_slo_ms=slo.ttft_ms,
+            tightest_tpot_slo_ms=min(own for _, own in with_slo) if with_slo else None,
+            ttft_slo_ms=slo.ttft_ms,
             offline_present=len(online_running) < len(self.running)
             or self.waiting.count("offline") > 0,
             max_budget=self._configured_budget, min_prefill=slo.min_prefill_tokens,
@@ -340,7 +341,7 @@ class XLLMScheduler(Scheduler):
                 "last_tokens": self._budget.tokens,
                 "last_constrained": self._budget.constrained,
                 "last_slo_ms": self._budget.slo_ms,
-                "last_planned_ms": self._budget.predicted_ms,
+                "last_planned_ms": self._budget.planned_ms,
                 "last_predicted_ms": self._last_predicted_ms,
                 "last_limit_ms": self._budget.limit_ms,
                 "last_step_ms": self._last_step_ms,
