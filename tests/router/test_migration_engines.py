@@ -26,7 +26,8 @@ from router.server.migration import StreamLedger
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session")]
 
 STREAMS = 12
-# A round whose fault came too late (nothing left to move) is run again, this often in all.
+# A round whose fault came too late (nothing left to move) or never (no engine held both kinds
+# of long request mid-way) is run again, this often in all.
 ROUNDS = 3
 MAX_TOKENS = 96
 # The requests a fault may strike (every non-streamed one, four streamed ones) run this long:
@@ -127,8 +128,8 @@ def _hang_core(engine: Any) -> None:
 
 
 async def _chaos_round(router: Any, url: str, client: Any, engines: dict[str, Any],
-                       fault: str, monkeypatch: Any) -> tuple[str, list[dict[str, Any]]]:
-    """Run every request once more and fault one engine mid-way; (victim, answers).
+                       fault: str, monkeypatch: Any) -> tuple[str | None, list[dict[str, Any]]]:
+    """Run every request once more and fault one engine mid-way; (victim or None, answers).
 
     The fault strikes the first engine found, as an event passes the router, with a long
     stream of KILL_AFTER_TOKENS and a long non-streamed request (which the router streams
@@ -165,8 +166,7 @@ async def _chaos_round(router: Any, url: str, client: Any, engines: dict[str, An
         for victim in victims:  # a frozen or hung one dies too; the next round gets a new one
             engines[victim].stop(grace_s=0)
             engines[victim] = _restarted(engines[victim])
-    assert victims, "no engine held a stream and a non-streamed request mid-way"
-    return victims[0], chaos
+    return (victims[0] if victims else None), chaos
 
 
 @pytest.mark.parametrize("fault", ["hang_core", "freeze", "kill"])
@@ -197,6 +197,12 @@ async def test_kill_one_engine_mid_stream_every_stream_completes_identically(
                                                monkeypatch)
         finally:
             two_engines[:] = engines.values()  # the next case gets the restarted ones
+        if victim is None:
+            # No engine held both kinds mid-way as an event passed: CI (stop 27) once saw
+            # this in the full suite, where the router relays far behind the engines. Nothing
+            # was faulted, so every answer must equal the reference; run the round again.
+            assert [r["ids"] for r in chaos] == [r["ids"] for r in reference]
+            continue
         metrics = (await (await client.get(url + "/metrics")).read()).decode()
         if metric_total(metrics, "xllm_router_migrations_total") or any(
                 r["ids"] != want["ids"] for r, want in zip(chaos, reference)):
