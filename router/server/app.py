@@ -716,7 +716,8 @@ class Router:
                 events += chunk.count(b"data: ")
                 now = time.perf_counter()
                 load.last_progress_at = time.monotonic()
-                load.pauses.observe(now - t_last, load.last_progress_at)
+                load.observe_silence(load.last_progress_at - (now - t_last),
+                                     load.last_progress_at)
                 t_last = now
                 bad = await _relay(response, chunk, splitter, ledger)
             tokens = max(0, events - 1)  # minus the closing [DONE]
@@ -769,7 +770,9 @@ class Router:
         outcome = "alive" if result.alive else "dead"
         load = self.load.instances.get(instance_id)
         if result.alive and load is not None:
-            load.pauses.observe(result.seconds, time.monotonic())
+            answered = time.monotonic()
+            load.pauses.observe(result.seconds, answered)
+            load.health_answered(answered)
         self.metrics.liveness_probes.labels(instance_id, outcome).inc()
         self.metrics.liveness_probe.labels(outcome).observe(result.seconds)
         if not result.alive:
@@ -915,7 +918,7 @@ class Router:
                         "eof", f"instance {target} ended the stream before [DONE]")
                 now = time.monotonic()
                 if last is not None:
-                    load.pauses.observe(now - last, now)
+                    load.observe_silence(last, now)
                 last = now
                 wait_s = self._silence_limit(load)[0]
                 for payload in splitter.feed(chunk):

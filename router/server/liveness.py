@@ -20,9 +20,11 @@ instance answers depends on the host. Every stream of one instance shares one
 probe, so a kill that silences 30 streams costs one request, not 30.
 
 Measured (benchmarks/results/chaos_freeze*.md, two CPU cores): a frozen engine
-(SIGSTOP, sockets open) had its streams moved after p50 2.1 s with probes and
-6.2 s without (scrapes failed it), and without probes requests waiting for a
-first byte sat out the 120 s first-byte timeout. On that starved host the
+(SIGSTOP, sockets open) had its streams moved after p50 0.34 s with probes
+(engines pinned to their cores; 3.75 s while a frozen engine's timed-out
+scrape still counted as a pause, see ``InstanceLoad.health_answered``) and
+6.2 s without (scrapes failed it; engines not pinned), and without probes
+requests waiting for a first byte sat out the 120 s first-byte timeout. On that starved host the
 learnt timeout is long enough that a kill -9 is still seen first by the
 closing connection (benchmarks/results/chaos.md).
 """
@@ -80,7 +82,8 @@ def probe_after_s(tpot_ms: Sequence[float], multiple: float) -> float | None:
 @dataclass(slots=True)
 class LongestPause:
     """The longest pause a live instance has recently come back from: a /health round trip
-    or a silence between two chunks of one stream. A maximum that halves every
+    or a silence between two chunks of one stream that no /health answer broke
+    (``InstanceLoad.observe_silence``). A maximum that halves every
     ``half_life_s``, so one freak pause is remembered for minutes, not for ever.
 
     Why it exists: on a starved host (two CPU cores shared by two engines, their HTTP

@@ -76,9 +76,13 @@ class InstanceLoad:
     decode_tokens: int = 0  # prompt tokens of requests decoding here
     ttft_ms: deque[float] = field(default_factory=lambda: deque(maxlen=32))
     tpot_ms: deque[float] = field(default_factory=lambda: deque(maxlen=32))
-    # The longest pause it came back from (/health round trips, a scrape forgiven as busy,
-    # silences within its streams): how long a liveness probe must wait to be conclusive.
+    # The longest pause it came back from (/health round trips, a scrape forgiven as busy
+    # once /health answers again, silences within its streams that no /health answer
+    # broke): how long a liveness probe must wait to be conclusive.
     pauses: LongestPause = field(default_factory=LongestPause)
+    health_answered_at: float = 0.0  # time.monotonic() of its last 200 to /health
+    # Start of a scrape that timed out and was forgiven as busy, until /health answers again.
+    unanswered_since: float | None = None
     role_override: Role | None = None  # set by a policy's RoleChange
 
     @property
@@ -93,6 +97,26 @@ class InstanceLoad:
     @property
     def instance_id(self) -> str:
         return self.record.instance_id
+
+    def health_answered(self, at: float) -> None:
+        """/health answered (a scrape or a probe) at ``at``: a pause that a scrape forgiven as
+        busy began has ended, and counts now that the instance came back from it. Counted
+        when it timed out instead, a frozen engine's own last scrape (its streams had just
+        progressed, so "busy") set its probe timeout to 2x the scrape timeout: the next
+        freeze of that engine went unnoticed for 3.7 s instead of 0.3 s (chaos_freeze)."""
+        if self.unanswered_since is not None:
+            self.pauses.observe(at - self.unanswered_since, at)
+            self.unanswered_since = None
+        self.health_answered_at = at
+
+    def observe_silence(self, began: float, ended: float) -> None:
+        """Learn a silence within one of its streams (``time.monotonic()`` bounds) as a pause,
+        unless /health answered during it. A probe waits for /health, not for a token: an
+        instance that answered meanwhile was computing (a long step; a restarted engine's
+        first burst of migrated streams, 1.8 s in chaos_freeze.md), and counting that
+        stretched its probe timeout to 3.7 s, the time a frozen engine then went unnoticed."""
+        if not began < self.health_answered_at <= ended:
+            self.pauses.observe(ended - began, ended)
 
     def serves(self, model: str) -> bool:
         return model in self.models or (not self.models and model == self.record.model)
@@ -330,6 +354,7 @@ class LoadView:
 
     def _failed(self, load: InstanceLoad, reason: str) -> None:
         load.last_error = reason
+        load.unanswered_since = None  # it did not come back from that pause
         self._note(load.health.failure(time.monotonic(), reason))
 
     # -- scraping ---------------------------------------------------------------------------
@@ -347,9 +372,11 @@ class LoadView:
         try:
             began = time.monotonic()
             status, _ = await self._get(load, "/health")
-            load.pauses.observe(time.monotonic() - began, time.monotonic())
+            answered = time.monotonic()
+            load.pauses.observe(answered - began, answered)
             if status != 200:
                 raise RuntimeError(f"/health answered {status}")
+            load.health_answered(answered)
             engine = None
             if load.has_xllm_status is not False:
                 status, body = await self._get(load, "/xllm/status")
@@ -384,7 +411,8 @@ class LoadView:
                 return  # replaced or removed meanwhile
             if isinstance(exc, TimeoutError) and self.busy(load, time.monotonic()):
                 load.busy_scrapes += 1  # keep the last numbers; its requests still move
-                load.pauses.observe(self.scrape_timeout.total or 0.0, time.monotonic())
+                if load.healthy and load.unanswered_since is None:
+                    load.unanswered_since = began  # a pause once it answers (health_answered)
                 log.debug("scrape of %s timed out while its requests progress: busy",
                           load.instance_id)
                 return

@@ -251,6 +251,24 @@ async def test_stream_on_a_frozen_instance_moves_after_one_failed_probe(fakes, s
     assert len(resumed) == 1 and resumed[0]["max_tokens"] == 9
 
 
+async def test_a_frozen_instance_back_again_is_probed_as_briefly_as_before(
+        fakes, start_router, client):
+    """The scrapes that timed out while a was frozen are not pauses it came back from: once
+    it serves again (a restart), a second freeze is still found within the probe's floor.
+    They used to count as 2 s pauses the moment they timed out (its streams had just
+    progressed, so "busy"), and the next freeze went unnoticed for 2x that."""
+    a, _ = fakes
+    router, url = await _router_on_a(fakes, start_router, client)
+    a.behaviour.freeze_mid_stream_after, a.behaviour.health_delay_s = 3, 5.0
+    served, text = await _stream(client, url, 12)
+    assert served == "a" and _text(text) == _expected(12)
+    await asyncio.sleep(2.5)  # a's scrapes time out (2 s) with its stream's progress recent
+    assert router.load.instances["a"].busy_scrapes >= 1
+    a.behaviour.freeze_mid_stream_after, a.behaviour.health_delay_s = None, 0.0
+    await wait_for(lambda: router.load.instances["a"].healthy, 10, "a back in rotation")
+    assert router.load.instances["a"].pauses.value(time.monotonic()) < 1.0  # was 2.0
+
+
 async def test_stream_on_a_slow_but_live_instance_stays(fakes, start_router, client):
     a, _ = fakes
     router, url = await _router_on_a(fakes, start_router, client)
@@ -261,6 +279,28 @@ async def test_stream_on_a_slow_but_live_instance_stays(fakes, start_router, cli
     assert router.metrics.liveness_probes.labels("a", "dead")._value.get() == 0
     for reason in ("dead", "idle", "stall"):
         assert router.metrics.migrations.labels(reason, "resumed")._value.get() == 0
+    # /health answered within every silence: the engine was computing, which a probe does
+    # not wait for, so the probe timeout stays at its floor.
+    assert router.load.instances["a"].pauses.seconds < 0.25
+
+
+def test_pauses_count_unbroken_silences_and_answers_after_a_timeout() -> None:
+    from router.discovery.records import InstanceRecord
+    from router.server.instance_state import InstanceHealth
+    from router.server.load_view import InstanceLoad
+
+    load = InstanceLoad(InstanceRecord("a", "http://127.0.0.1:1"), InstanceHealth("a", None))
+    load.health_answered_at = 10.5
+    load.observe_silence(10.0, 11.8)  # /health answered at 10.5: a long step, not a stall
+    assert load.pauses.seconds == 0.0
+    load.observe_silence(12.0, 13.2)  # nothing answered: the host itself may have stalled
+    assert load.pauses.seconds == pytest.approx(1.2)
+    load.health_answered_at = 14.0  # an answer that came with the first chunk counts
+    load.observe_silence(13.2, 14.0)
+    assert load.pauses.seconds == pytest.approx(1.2)
+    load.unanswered_since = 20.0  # a scrape that timed out, forgiven as busy, began then
+    load.health_answered(22.5)  # it came back: a 2.5 s pause
+    assert load.pauses.seconds == pytest.approx(2.5) and load.unanswered_since is None
 
 
 async def test_a_host_that_answers_health_late_is_not_taken_for_dead(fakes, start_router,
