@@ -881,7 +881,8 @@ def discussion(r: dict[str, Any]) -> str:
             "prompt is also longer (prompt + "
             f"{r['tokens_before_seam_p50']} generated tokens at p50).")
     floor = r.get("engine_exit_to_break_p50_ms")
-    if floor is not None and prefill and r["kill_to_migration_start_p50_ms"] is not None:
+    if (floor is not None and prefill and r["kill_to_migration_start_p50_ms"] is not None
+            and r.get("fault", "kill") == "kill"):  # a frozen engine's sockets stay open
         to_router = r["kill_to_migration_start_p50_ms"]
         lines.append(
             f"- **Detection floor**: after the chaos phase each engine was killed once more "
