@@ -312,20 +312,24 @@ class Engines:
                 proc.stop()
 
 
-async def start_router(instances: list[str], migration_limit: int,
-                       stall_multiple: float | None,
-                       liveness_multiple: float | None) -> tuple[Any, Any, str]:
+def router_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The router settings this command line sets; the rest are the router's defaults."""
+    flags = {"migration_limit": args.migration_limit,
+             "stall_timeout_multiple": args.stall_multiple,
+             "liveness_probe_multiple": args.liveness_multiple,
+             "liveness_stuck_s": args.liveness_stuck_s}
+    return {name: value for name, value in flags.items() if value is not None}
+
+
+async def start_router(instances: list[str],
+                       overrides: dict[str, Any]) -> tuple[Any, Any, str]:
     """An in-process router on a free port (same settings as the migration test)."""
     from router.config import RouterConfig
     from router.server.app import Router, listen
 
     settings: dict[str, Any] = {"instances": instances, "scrape_interval_s": 0.2,
                                 "unhealthy_after": 2, "first_byte_timeout_s": 120,
-                                "idle_timeout_s": 30, "migration_limit": migration_limit}
-    if stall_multiple is not None:
-        settings["stall_timeout_multiple"] = stall_multiple
-    if liveness_multiple is not None:
-        settings["liveness_probe_multiple"] = liveness_multiple
+                                "idle_timeout_s": 30, **overrides}
     router = Router(RouterConfig.from_args(settings))
     runner, url = await listen(router)
     deadline = time.monotonic() + 60
@@ -1010,8 +1014,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         print(f"prefill p50 {pct(prefill_ms, 50):.1f} ms", file=sys.stderr)
 
         router, runner, url = await start_router(engines.instance_specs(),
-                                                 args.migration_limit, args.stall_multiple,
-                                                 args.liveness_multiple)
+                                                 router_overrides(args))
         ref, _, _ = await run_phase("reference", url, jobs, args.concurrency, args.timeout_s,
                                     router, None, engines)
         await runner.cleanup()
@@ -1020,8 +1023,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         chaos = Chaos(every_s=args.kill_every_s, first_s=args.first_kill_s, fault=args.fault,
                       min_running=max(1, args.concurrency // 4))
         router, runner, url = await start_router(engines.instance_specs(),
-                                                 args.migration_limit, args.stall_multiple,
-                                                 args.liveness_multiple)
+                                                 router_overrides(args))
         run, timeline, t0 = await run_phase("chaos", url, jobs, args.concurrency,
                                             args.timeout_s, router, chaos, engines)
         counts = router_counter(router, "xllm_router_migrations_total", "outcome")
@@ -1095,6 +1097,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "still answers /health)")
     p.add_argument("--liveness-multiple", type=float, default=None,
                    help="router --liveness-probe-multiple (unset: the router's default; 0: off)")
+    p.add_argument("--liveness-stuck-s", type=float, default=None,
+                   help="router --liveness-stuck-s (unset: the router's default)")
     p.add_argument("--pin-engines", action="store_true",
                    help="run each engine's whole process tree on its core (taskset), not only "
                    "its compute threads, so a restart's start-up and stock vLLM's busy-polling "

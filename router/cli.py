@@ -86,6 +86,7 @@ def build_serve_parser(prog: str = "xllm-router") -> argparse.ArgumentParser:
     add("--stall-timeout-multiple", type=float, help=_help("stall_timeout_multiple"))
     add("--liveness-probe-multiple", type=float, help=_help("liveness_probe_multiple"))
     add("--liveness-probe-timeout-s", type=float, help=_help("liveness_probe_timeout_s"))
+    add("--liveness-stuck-s", type=float, help=_help("liveness_stuck_s"))
     add("--kv-bytes-per-token", type=float, help=_help("kv_bytes_per_token"))
     add("--kv-transfer-gbps", type=float, help=_help("kv_transfer_gbps"))
     add("--offline-min-priority", type=int, help=_help("offline_min_priority"))

@@ -102,17 +102,29 @@ class RouterConfig(BaseModel):
                                                   "the instance's /health and token "
                                                   "counters; no answer (see "
                                                   "--liveness-probe-timeout-s), or an engine "
-                                                  "that computes nothing for 10 s or more, "
-                                                  "moves its streams at once (a killed "
+                                                  "that computes nothing for "
+                                                  "--liveness-stuck-s, moves its streams at "
+                                                  "once (a killed "
                                                   "engine's sockets close only when its exit "
                                                   "ends, a hung one's never); 0 turns probing "
                                                   "off.")
     liveness_probe_timeout_s: float = Field(0.25, gt=0, le=60, description="Least time a "
                                             "liveness probe waits for /health; it waits 2x "
                                             "the longest pause the instance recently came "
-                                            "back from (a /health answer, a silence within a "
-                                            "stream) when that is longer: a starved host "
-                                            "answers late.")
+                                            "back from (a slow /health answer, a silence "
+                                            "within a stream that no /health answer broke) "
+                                            "when that is longer: a starved host answers "
+                                            "late.")
+    # 10 s: on two shared CPU cores, with only the engines' compute threads pinned, a live
+    # engine of the chaos benchmark's reference phase computed nothing for 3.1 s (one long
+    # step leaves the counters still too) and a 2 s floor took it for stuck.
+    liveness_stuck_s: float = Field(10.0, gt=0, le=3600, description="Least time an engine "
+                                    "whose HTTP server answers /health may compute no token "
+                                    "(vLLM's prompt and generation token counters stand "
+                                    "still) while a stream of it is silent before the "
+                                    "stream moves (a hung engine core); it waits at least "
+                                    "the probe's timeout too. Lower it where no engine step "
+                                    "takes that long (GPU engines, short prefill chunks).")
     offline_min_priority: int = Field(1, description="Smallest OpenAI `priority` that makes a "
                                       "request offline (as the engine's xllm config).")
     max_body_mb: float = Field(32.0, gt=0, description="Largest request body accepted, MiB.")

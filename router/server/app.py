@@ -61,7 +61,7 @@ from router.policies.types import (
 from router.server.assemble import CollectedResponse
 from router.server.errors import RouterError, error_body
 from router.server.instance_state import Transition
-from router.server.liveness import (MIN_STUCK_S, LivenessProber, ProbeResult, Silence,
+from router.server.liveness import (LivenessProber, ProbeResult, Silence,
                                     probe_after_s, probe_timeout_s, read_or_probe)
 from router.server.load_view import InstanceLoad, LoadTicket, LoadView
 from router.server.metrics import RouterMetrics
@@ -758,7 +758,7 @@ class Router:
             read, silence_s=silence_s, stall=stall,
             probe_after=probe_after_s(load.tpot_ms, self.config.liveness_probe_multiple),
             probe=lambda: self.liveness.probe(load.instance_id, load.record.url, patience),
-            stuck_after=max(MIN_STUCK_S, patience))
+            stuck_after=max(self.config.liveness_stuck_s, patience))
 
     def _silent(self, instance_id: str, silence: Silence) -> tuple[str, str]:
         """A resumed stream's silence as (reason, message); a dead instance counts a failure."""

@@ -14,7 +14,7 @@ streams should move now rather than after the silence limit. A hung engine
 core is the other case: its HTTP server still answers /health (in 5 ms with the
 EngineCore stopped, measured), so the probe also reads vLLM's token counters
 from /metrics, and an engine that computed no token while a stream stayed
-silent for long enough (at least MIN_STUCK_S) is "stuck". The timeout is
+silent for long enough (``--liveness-stuck-s``) is "stuck". The timeout is
 learnt per instance (``LongestPause``, ``probe_timeout_s``): how fast a live
 instance answers depends on the host. Every stream of one instance shares one
 probe, so a kill that silences 30 streams costs one request, not 30.
@@ -44,12 +44,6 @@ from router.server.vllm_metrics import sum_vllm_metrics
 # Shortest silence that triggers a probe, whatever the TPOT: token chunks of a
 # healthy stream may bunch up (the relay reads whatever has arrived).
 MIN_PROBE_AFTER_S = 0.05
-# Least time an engine that answers /health must compute no token before its streams move:
-# one long step (a big prefill chunk) also leaves the counters still, and at start-up the
-# instance has no pause history to say how long its steps get. At 2 s, a live engine of
-# the chaos benchmark's reference phase (no fault) computed nothing for 3.1 s and was
-# taken for stuck; a hung core is rare, so this errs towards waiting.
-MIN_STUCK_S = 10.0
 # A finished probe's answer is reused this long: streams that fall silent together
 # (every stream of a killed instance) wait on one answer, not one probe each.
 RESULT_REUSE_S = 0.05

@@ -217,7 +217,7 @@ def _text(body: str) -> str:
                    and json.loads(line[6:]).get("choices"))
 
 
-async def _router_on_a(fakes, start_router, client):
+async def _router_on_a(fakes, start_router, client, **settings):
     """A router over two sequence-model fakes that has seen a's TPOT, with a preferred."""
     a, b = fakes
     for fake in fakes:
@@ -225,7 +225,7 @@ async def _router_on_a(fakes, start_router, client):
         fake.behaviour.token_delay_s = 0.01
     router, url = await start_router(instances=[f"{a.url};id=a", f"{b.url};id=b"],
                                      policy="least_load", idle_timeout_s=30,
-                                     liveness_probe_timeout_s=0.2)
+                                     liveness_probe_timeout_s=0.2, **settings)
     await wait_for(lambda: all(i.healthy for i in router.load.instances.values()), 10,
                    "both fakes healthy")
     b.behaviour.running = 5  # least-load sends the streams to a
@@ -319,13 +319,11 @@ async def test_a_host_that_answers_health_late_is_not_taken_for_dead(fakes, star
     assert router.metrics.liveness_probes.labels("a", "dead")._value.get() == 0
 
 
-async def test_stream_on_a_hung_engine_behind_a_live_server_moves(fakes, start_router, client,
-                                                                   monkeypatch):
+async def test_stream_on_a_hung_engine_behind_a_live_server_moves(fakes, start_router, client):
     """The stream stops but /health answers at once (a hung engine core): the token counter
-    in /metrics stands still, and after the least stuck time the stream moves ("stuck")."""
-    monkeypatch.setattr("router.server.app.MIN_STUCK_S", 1.0)  # 10 s in service
+    in /metrics stands still, and after --liveness-stuck-s the stream moves ("stuck")."""
     a, b = fakes
-    router, url = await _router_on_a(fakes, start_router, client)
+    router, url = await _router_on_a(fakes, start_router, client, liveness_stuck_s=1.0)
     a.behaviour.freeze_mid_stream_after = 3
     began = time.monotonic()
     served, text = await _stream(client, url, 12)
@@ -334,3 +332,15 @@ async def test_stream_on_a_hung_engine_behind_a_live_server_moves(fakes, start_r
     assert 1.0 <= took < 30.0  # 30 s: the idle timeout it would have waited for
     assert router.metrics.migrations.labels("stuck", "resumed")._value.get() == 1
     assert router.metrics.liveness_probes.labels("a", "dead")._value.get() == 0
+
+
+def test_the_stuck_time_is_a_validated_flag() -> None:
+    from router.cli import build_serve_parser
+    from router.config import ConfigError, RouterConfig
+
+    args = build_serve_parser().parse_args(["--liveness-stuck-s", "3"])
+    assert args.liveness_stuck_s == 3.0
+    instances = ["http://127.0.0.1:9"]
+    assert RouterConfig.from_args({"instances": instances}).liveness_stuck_s == 10.0
+    with pytest.raises(ConfigError, match="--liveness-stuck-s"):
+        RouterConfig.from_args({"instances": instances, "liveness_stuck_s": 0})
