@@ -506,16 +506,15 @@ async def measure_prefill(engine_url: str, jobs: Sequence[Job], samples: int) ->
 async def measure_exit_to_break(engines: Engines, jobs: Sequence[Job],
                                 streams: int = 8) -> list[float]:
     """Per stream, ms from SIGKILL of an engine to a direct client (no router) reading the
-    break, one kill per engine once both serve and ``streams`` streams run on it.
+    break: each engine in turn is killed once ``streams`` streams run on it (called with
+    both serving; the first one killed stays down).
 
-    The floor of any router's detection of a crashed engine: the kernel closes a killed
-    process's sockets only at the end of its exit, after freeing its memory.
-    """
+    The floor of any router's detection of a crashed engine (our reading, not traced: the
+    kernel closes a killed process's sockets only at the end of its exit, after freeing its
+    memory)."""
     breaks: list[float] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
         for i, spec in enumerate(engines.specs):
-            if engines.procs[i] is None or engines.procs[i].process.poll() is not None:
-                await asyncio.to_thread(engines.start, i)
             flowing = asyncio.Event()
             killed_at: list[float] = []
 
@@ -893,10 +892,10 @@ def discussion(r: dict[str, Any]) -> str:
             "with 8 streams straight on it (no router, no other requests): those clients read "
             f"the break {floor:.0f} ms after the SIGKILL (p50, max "
             f"{r['engine_exit_to_break_max_ms']:.0f} ms), {floor / prefill:.0f}x one idle "
-            "prefill. The kernel closes a killed process's sockets only at the end of its "
-            "exit, after freeing its memory (the API server alone imports torch and holds "
-            "hundreds of MB), so no client of a crashed engine, router or not, hears of it "
-            f"sooner. Under load the router started migrating {to_router:.0f} ms after the "
+            "prefill. No client of a crashed engine, router or not, hears of it sooner (by "
+            "our reading, not traced: the kernel closes a killed process's sockets only at "
+            "the end of its exit, after freeing its memory; the API server alone imports "
+            f"torch and holds hundreds of MB). Under load the router started migrating {to_router:.0f} ms after the "
             f"kill ({to_router - floor:+.0f} ms against that floor). Counted from the kill, "
             "the issue's target lies below this floor on this host.")
     if r["kills"] and r["migrated_requests"]:

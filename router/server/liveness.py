@@ -21,12 +21,12 @@ probe, so a kill that silences 30 streams costs one request, not 30.
 
 Measured (benchmarks/results/chaos_freeze*.md, two CPU cores): a frozen engine
 (SIGSTOP, sockets open) had its streams moved after p50 0.34 s with probes
-(engines pinned to their cores; 3.75 s while a frozen engine's timed-out
-scrape still counted as a pause, see ``InstanceLoad.health_answered``) and
-6.2 s without (scrapes failed it; engines not pinned), and without probes
-requests waiting for a first byte sat out the 120 s first-byte timeout. On that starved host the
-learnt timeout is long enough that a kill -9 is still seen first by the
-closing connection (benchmarks/results/chaos.md).
+(engines pinned to their cores; 3.75 s while a frozen engine's timed-out scrape
+still counted as a pause, see ``InstanceLoad.health_answered``) and 6.2 s
+without (scrapes failed it; engines not pinned), and without probes requests
+waiting for a first byte sat out the 120 s first-byte timeout. On that starved
+host the learnt timeout is long enough that a kill -9 is still seen first by
+the closing connection (benchmarks/results/chaos.md).
 """
 
 from __future__ import annotations
