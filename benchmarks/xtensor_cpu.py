@@ -39,9 +39,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "xtensor_cpu"
 DTYPES = ("bfloat16", "float32")
 HEADS, KV_HEADS, HEAD_SIZE, LAYERS = 9, 3, 64, 30
+BOOKKEEPING_BATCHES = (1, 16, 64, 256)
+BOOKKEEPING_CONTEXT = 128
+BOOKKEEPING_STEP_MS = 5.0
 WORKER_CLS = "xllm_plugin.memory.XTensorCPUWorker"
 #: Key prefixes each part writes (the e2e part also reads the engine's xTensor counters).
-PART_KEYS = {"attention": ("attention_",),
+PART_KEYS = {"attention": ("attention_",), "bookkeeping": ("bookkeeping_",),
              "e2e": ("e2e_", "xtensor_", "map_latency_", "wasted_", "page_bytes",
                      "stock_side_xtensor")}
 
@@ -171,6 +174,95 @@ def run_attention(args: argparse.Namespace) -> dict[str, float]:
     out["attention_ratio_vs_stock"] = round(statistics.median(ratios), 3)
     out["attention_ratio_min"] = round(min(ratios), 3)
     out["attention_ratio_max"] = round(max(ratios), 3)
+    return out
+
+
+# -- part 1b: per-step bookkeeping ----------------------------------------------------------
+
+def run_bookkeeping(args: argparse.Namespace) -> dict[str, float]:
+    """What the store costs per step outside the kernels, with no engine.
+
+    ``prepare_step`` runs once per step for all layers: it binds each row's request to its
+    view (mapping the pages it grew into), pre-maps the next ones, and every
+    ``status_interval_ms`` publishes the status snapshot. This drives a real store of the
+    SmolLM2 geometry (memfd, 60 planes) through steady decode as vLLM would: ``batch``
+    requests from ``BOOKKEEPING_CONTEXT`` tokens on (staggered over one block, so they
+    cross block boundaries on different steps), one token per step, a new block (from a
+    shuffled free list: a long-running engine's fragmented one) one token before a request
+    needs it. The engine runs ``prepare_step`` on the step's critical path, so this is time
+    added to every step; a GPU step of a few ms is where it shows. Between two calls the
+    benchmark sleeps ``BOOKKEEPING_STEP_MS`` (the model's forward, a GPU decode step), as
+    pre-mapping runs on a thread beside the forward and a step waits only for what is left. Scattered blocks cost a
+    VMA each per plane, so at large batches some requests get no view within the VMA
+    budget (``bookkeeping_fallback_share_*``) and read their pages through the page list.
+    Median over ``--reps`` runs of each batch size.
+    """
+    import numpy as np
+    import torch
+
+    from xllm_plugin.config import XTensorConfig
+    from xllm_plugin.memory.vllm_store import XTensorKVStore, store_geometry
+
+    dtype = getattr(torch, args.dtype)
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    block, steps = args.block_size, 2 * args.block_size  # every request grows two blocks
+    out: dict[str, float] = {}
+    for batch in BOOKKEEPING_BATCHES:
+        blocks_per_request = -(-(BOOKKEEPING_CONTEXT + steps + 1) // block)
+        num_blocks = batch * blocks_per_request + 8
+        page_bytes = block * KV_HEADS * HEAD_SIZE * dtype_bytes
+        geometry = store_geometry(
+            num_layers=LAYERS, num_blocks=num_blocks, block_size=block, num_kv_heads=KV_HEADS,
+            head_size=HEAD_SIZE, dtype_bytes=dtype_bytes, offset=0,
+            layer_stride=2 * num_blocks * page_bytes, max_model_len=4096, max_num_seqs=256,
+            reusable_views=64)
+        runs = []
+        for rep in range(args.reps):
+            store = XTensorKVStore(geometry, dtype, [f"layer{i}" for i in range(LAYERS)],
+                                   XTensorConfig(), status_interval_s=0.1)
+            free = list(range(num_blocks))
+            random.Random(batch * 100 + rep).shuffle(free)
+            table = np.zeros((batch, geometry.max_pages), dtype=np.int32)
+            held = np.zeros(batch, dtype=np.int32)
+            lens = BOOKKEEPING_CONTEXT + np.arange(batch, dtype=np.int64) * block // batch
+            ids = [f"r{i}" for i in range(batch)]
+            store.set_batch_source(lambda: (ids, table, held))
+            qsl = torch.arange(batch + 1, dtype=torch.int32)
+            times_us = []
+            for step in range(steps + 1):
+                lens += 1
+                for row in range(batch):  # vLLM allocates one token ahead
+                    while held[row] * block < lens[row] + 1:
+                        table[row, held[row]] = free.pop()
+                        held[row] += 1
+                seq_lens = torch.from_numpy(lens.astype(np.int32))
+                start = time.perf_counter()
+                store.prepare_step(batch, qsl, seq_lens, torch.from_numpy(table))
+                if step:  # the first step binds every request from scratch: not steady
+                    times_us.append((time.perf_counter() - start) * 1e6)
+                time.sleep(BOOKKEEPING_STEP_MS / 1000)  # the forward pass
+            counters = store.snapshot()
+            store.close()
+            runs.append({"mean": statistics.fmean(times_us),
+                         "p99": float(np.percentile(times_us, 99)),
+                         "fallback": counters["fallback_rows"] / counters["rows"],
+                         "unmaps": counters["unmap_calls"]})
+            del store
+        tag = f"bs{batch}"
+        mean = statistics.median(r["mean"] for r in runs)
+        out[f"bookkeeping_us_per_step_{tag}"] = round(mean, 1)
+        out[f"bookkeeping_us_per_step_p99_{tag}"] = round(
+            statistics.median(r["p99"] for r in runs), 1)
+        out[f"bookkeeping_us_per_row_{tag}"] = round(mean / batch, 2)
+        out[f"bookkeeping_spread_{tag}"] = round(
+            (max(r["mean"] for r in runs) - min(r["mean"] for r in runs)) / mean, 3)
+        out[f"bookkeeping_fallback_share_{tag}"] = round(
+            statistics.median(r["fallback"] for r in runs), 3)
+        out[f"bookkeeping_unmap_calls_{tag}"] = round(statistics.median(r["unmaps"] for r in runs))
+        print(f"bookkeeping {tag}: {mean:.0f} us/step (median of {len(runs)} means), "
+              f"p99 {out[f'bookkeeping_us_per_step_p99_{tag}']:.0f} us, fallback rows "
+              f"{out[f'bookkeeping_fallback_share_{tag}']:.2f}, unmap calls "
+              f"{out[f'bookkeeping_unmap_calls_{tag}']}", flush=True)
     return out
 
 
@@ -306,6 +398,16 @@ def write_report(result: dict[str, Any], name: str) -> None:
                   if k.startswith("attention_ratio_") and ("ctx" in k)}, key=order)
     e2e = sorted({k[len("e2e_tps_ratio_"):] for k in result
                   if k.startswith("e2e_tps_ratio_ctx")}, key=order)
+    kept = sorted({k[len("bookkeeping_us_per_step_"):] for k in result
+                   if k.startswith("bookkeeping_us_per_step_bs")}, key=order)
+
+    def bookkeeping_row(tag: str) -> str:
+        get = result.get
+        return (f"| {tag[2:]} | {get(f'bookkeeping_us_per_step_{tag}')} | "
+                f"{get(f'bookkeeping_us_per_step_p99_{tag}')} | "
+                f"{get(f'bookkeeping_us_per_row_{tag}')} | "
+                f"{get(f'bookkeeping_fallback_share_{tag}')} | "
+                f"{get(f'bookkeeping_unmap_calls_{tag}')} | {get(f'bookkeeping_spread_{tag}')} |")
     text = f"""# xTensor on CPU: contiguous per-request KV vs stock paged attention
 
 Measured on: {result.get('machine')}.
@@ -327,7 +429,18 @@ Target was parity or better on CPU (ratios >= 1).
 
 | case | stock paged | xTensor | ratio |
 |---|---|---|---|
-""" + "\n".join(row(t, "attention") for t in att) + """
+""" + "\n".join(row(t, "attention") for t in att) + f"""
+
+## Per-step bookkeeping (the store's work outside the kernels, no engine)
+
+`{result.get('bookkeeping_command')}` ({result.get('bookkeeping_date')}): a real store of this
+geometry (60 planes) in steady decode, requests staggered over one block, blocks from a
+shuffled free list, a {BOOKKEEPING_STEP_MS:g} ms forward between steps; µs per
+`prepare_step` (once per step, for all layers), median of the repetitions' means.
+
+| batch | µs per step | p99 | µs per request | share of rows without a view | unmap calls | spread |
+|---|---|---|---|---|---|---|
+""" + "\n".join(bookkeeping_row(t) for t in kept) + """
 
 ## End to end (output tok/s, `vllm serve` SmolLM2, both engines on core 0, alternated)
 
@@ -363,6 +476,16 @@ worker and paged CPU attention, so xTensor is the only difference.
 - Mapping is off the per-token path: a request's pages are mapped once per block it grows
   into (one call per layer and K/V, coalesced across consecutive blocks), pre-mapped on a
   background thread when vLLM allocated them a token ahead.
+- Bookkeeping: what remains per step is Python per request (is its view unchanged?) and
+  the status snapshot every 100 ms. Before 2026-12-05 (code of commit 1fb4501, same
+  benchmark, three runs of three repetitions) it cost 0.33-0.41 ms per step at batch 1,
+  1.2-1.3 ms at 16, 4.1-4.6 ms at 64 and 134-143 ms at 256: every step re-checked every
+  view in full, read `/proc/self/maps` once a second in the step that published (5-8 ms
+  for a worker's ~8,000 mappings), and, at 256, bound, mapped and unmapped again each
+  request the VMA budget had refused a view (2.35 million unmap calls per run). At 256
+  scattered requests, 60% of request-steps still have no view: 60 planes x 2 VMAs per
+  run leave room for ~270 scattered blocks (see `xllm_plugin/memory/README.md`), and
+  those requests gather their pages per layer instead.
 - Waste: no request ever held more than one page per plane beyond its tokens
   (`wasted_pages_per_plane_max` = 1.0: the block allocated one token ahead at a block
   boundary, exactly one page).
@@ -389,7 +512,9 @@ python benchmarks/xtensor_cpu.py --report-only                         # rewrite
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="attention,e2e")
+    parser.add_argument("--parts", default="attention,bookkeeping,e2e",
+                        help="comma-separated: attention (kernels), bookkeeping (the store's "
+                             "per-step work, no engine), e2e (two engines)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 2048])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--block-size", type=int, default=128)
@@ -417,7 +542,8 @@ def main() -> None:
         "reps": args.reps, "block_size": args.block_size,
     })
     parts = args.parts.split(",")
-    for part, runner in (("attention", run_attention), ("e2e", run_e2e)):
+    for part, runner in (("attention", run_attention), ("bookkeeping", run_bookkeeping),
+                         ("e2e", run_e2e)):
         if part in parts:
             # A rerun of a part replaces all of its keys: none may survive from a run on
             # another machine or grid.

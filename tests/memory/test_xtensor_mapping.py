@@ -4,13 +4,14 @@ view and vice versa, on the CPU mapper (memfd + mmap) and, with a GPU, the CUDA 
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from xllm_plugin.memory.cpu_mapper import OS_PAGE, CpuMapper, count_vmas
+from xllm_plugin.memory.cpu_mapper import OS_PAGE, CpuMapper, VmaSampler, count_vmas
 from xllm_plugin.memory.cuda_mapper import cuda_mapper_available
 from xllm_plugin.memory.geometry import KVGeometry, XTensorLayoutError
 from xllm_plugin.memory.xtensor import XTensor
@@ -115,6 +116,24 @@ def test_consecutive_pages_cost_one_vma() -> None:
         assert one_run <= 2 * g.num_planes
         assert xt.views.vma_estimate >= one_run
         xt.close()
+
+
+def test_vma_sampler_counts_off_the_caller_thread() -> None:
+    sampler = VmaSampler(interval_s=0.05)
+    assert sampler.latest is None  # nothing read until started: the step path never waits
+    sampler.start()
+    deadline = time.monotonic() + 5
+    while sampler.latest is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with CpuMapper(64 * OS_PAGE) as mapper:
+        reserved = mapper.reserve(64 * OS_PAGE)
+        first = sampler.latest
+        mapper.map(reserved + OS_PAGE, 0, OS_PAGE)  # splits the reservation in three
+        deadline = time.monotonic() + 5
+        while sampler.latest == first and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert first is not None and sampler.latest is not None and sampler.latest > first
+    sampler.stop()
 
 
 def test_mapping_outside_a_reservation_is_refused() -> None:

@@ -132,6 +132,22 @@ def test_page_known_ahead_is_premapped_and_then_hit() -> None:
     assert second.runs == [] and second.premap_hits == 1 and second.premap_misses == 0
 
 
+def test_decode_step_within_shown_pages_is_steady_and_changes_nothing() -> None:
+    table = ViewTable(2, 8, planes=2, vma_budget=100)
+    table.bind("a", [3, 4, 9], needed=2)
+    mapped, vmas = table.mapped.copy(), table.vma_estimate
+    again = table.bind("a", [3, 4, 9], needed=2)
+    assert again.steady and again.slot == 0 and again.runs == [] and again.ahead == []
+    assert (table.mapped == mapped).all() and table.vma_estimate == vmas
+    # The next page's growth is still judged against what was mapped ahead.
+    grown = table.bind("a", [3, 4, 9], needed=3)
+    assert not grown.steady and grown.premap_hits == 1
+    # A different page behind an unchanged count is not steady: it is remapped.
+    moved = table.bind("a", [3, 5, 9], needed=3)
+    assert not moved.steady and moved.runs == [MapRun(0, 1, 5, 1)]
+    table.check()
+
+
 def test_prefix_sharing_request_reuses_a_parked_view() -> None:
     table = ViewTable(2, 8)
     table.bind("a", [3, 4, 5, 6], needed=4)
@@ -159,3 +175,17 @@ def test_over_budget_drops_parked_views_then_falls_back() -> None:
     fallback = table.bind("c", [60, 80], needed=2)  # two more: over budget, nothing parked
     assert fallback.slot is None and table.slot_of("c") is None
     assert table.vma_estimate == 2 * 2  # only "b" is mapped
+
+
+def test_refused_request_waits_for_room_without_mapping_anything() -> None:
+    table = ViewTable(4, 8, planes=1, vma_budget=2 * 3)  # three runs in total
+    table.bind("a", [1, 5, 9], needed=3)  # three runs: the budget is full
+    refused = table.bind("b", [20, 40], needed=2)
+    # Decided before mapping: a free slot that never showed a page needs no unmap.
+    assert refused.slot is None and refused.runs == [] and refused.drop == []
+    again = table.bind("b", [20, 40, 60], needed=3)  # grew, but no room appeared
+    assert again.slot is None and again.steady and again.runs == []
+    table.release("a")  # a parked slot can now be dropped for room
+    bound = table.bind("b", [20, 40, 60], needed=3)
+    assert bound.slot is not None and bound.drop == [0] and len(bound.runs) == 3
+    table.check()

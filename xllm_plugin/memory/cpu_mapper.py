@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import threading
 from typing import Any
 
 from xllm_plugin.memory.mapper import Mapper, MapStats
@@ -63,12 +64,47 @@ def max_map_count() -> int:
 
 
 def count_vmas() -> int:
-    """VMAs this process holds now (lines of /proc/self/maps; costs ~1 ms per 10k)."""
+    """VMAs this process holds now (lines of /proc/self/maps).
+
+    Costs the kernel about 0.7 ms per 1,000 VMAs (5-8 ms for a vLLM worker's ~8,000
+    on 2026-12-05's EPYC host), so it stays off the step path: see :class:`VmaSampler`.
+    """
     try:
         with open("/proc/self/maps", "rb") as f:
-            return sum(1 for _ in f)
+            return f.read().count(b"\n")
     except OSError:
         return -1
+
+
+class VmaSampler:
+    """``count_vmas`` every ``interval_s`` on a daemon thread; ``latest`` is the last count.
+
+    The count is only shown in the status (the VMA budget works from the views' own
+    estimate), so a reading up to one interval old is enough, and taking it in the step
+    that publishes the status put a several-ms stall into that step. The thread releases
+    the GIL while the kernel formats the maps.
+    """
+
+    def __init__(self, interval_s: float = 5.0) -> None:
+        self.interval_s = interval_s
+        self.latest: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="xtensor-vma-sampler",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while True:
+            self.latest = count_vmas()
+            if self._stop.wait(self.interval_s):
+                return
 
 
 class CpuMapper(Mapper):

@@ -35,6 +35,8 @@ class XTensorMetrics:
         self.rows += 1
         if binding.slot is None:
             self.fallback_rows += 1
+        if binding.steady:
+            return
         if binding.fresh and binding.slot is not None:
             self.binds += 1
         self.pages_mapped += binding.mapped_pages

@@ -21,7 +21,10 @@ The VMA estimate bounds what the process's mappings cost against ``vm.max_map_co
 per plane, a slot costs at most one VMA per run plus one ``PROT_NONE`` gap after it.
 When a bind would exceed ``vma_budget``, parked slots are dropped (unmapped whole) first;
 if that is not enough the request gets no slot and the caller falls back to reading its
-pages through the block table.
+pages through the block table. That is decided before anything is mapped, and the request
+is not offered a slot again until room appears (a slot parked or mappings dropped): under
+VMA pressure a refused request costs one dictionary lookup per step, not a map and an
+unmap of its pages.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class Binding:
     premap_hits: int = 0
     premap_misses: int = 0
     fresh: bool = False  # the key was not bound before this call
+    steady: bool = False  # nothing changed: same pages shown, or still no room (slot None)
 
     @property
     def mapped_pages(self) -> int:
@@ -116,6 +120,12 @@ class ViewTable:
         self.length = [0] * num_slots  # positions the active owner holds pages for
         self._ahead: list[set[int]] = [set() for _ in range(num_slots)]
         self._runs = [0] * num_slots
+        self._runs_total = 0  # sum(self._runs), kept as it changes
+        # Room in the VMA budget appears only when a slot is parked or mappings go away;
+        # this counts those events, and a key refused a slot is not offered one again
+        # (another bind, and a map and unmap of its pages) until it has moved.
+        self._room_epoch = 0
+        self._refused: dict[Hashable, int] = {}  # key -> _room_epoch when it was refused
         self._by_key: dict[Hashable, int] = {}  # active keys
         self._parked: OrderedDict[int, None] = OrderedDict()  # least recently parked first
         self._parked_by_key: dict[Hashable, int] = {}
@@ -140,7 +150,7 @@ class ViewTable:
     @property
     def vma_estimate(self) -> int:
         """Upper bound on the VMAs all slots' mappings cost (per plane: a run and a gap)."""
-        return self.planes * 2 * sum(self._runs)
+        return self.planes * 2 * self._runs_total
 
     # -- binding -------------------------------------------------------------------------
 
@@ -157,8 +167,15 @@ class ViewTable:
         if pages.size > self.max_pages or needed > pages.size or needed < 0:
             raise ValueError(f"{pages.size} pages ({needed} needed) do not fit a slot of "
                              f"{self.max_pages}")
-        binding = Binding(slot=None)
         slot = self._by_key.get(key)
+        if slot is not None and needed == self.needed[slot] and pages.size == self.length[slot] \
+                and (self.mapped[slot, :pages.size] == pages).all():
+            # A decode step inside the pages it already shows (most steps): nothing to map,
+            # count or check (no mapping changed, so the VMA estimate did not either).
+            return Binding(slot=slot, steady=True)
+        if slot is None and self._refused.get(key) == self._room_epoch:
+            return Binding(slot=None, steady=True)  # still no room: keep the page list
+        binding = Binding(slot=None)
         previously_needed = self.needed[slot] if slot is not None else 0
         if slot is None:
             binding.fresh = True
@@ -172,6 +189,19 @@ class ViewTable:
         differ = np.flatnonzero(wanted != pages)
         demand = differ[differ < needed]
         ahead = differ[differ >= needed]
+        after = mapped.copy()
+        after[differ] = pages[differ]
+        runs = count_runs(after)
+        if not self._make_room(self._runs_total - self._runs[slot] + runs, binding):
+            # No view within the VMA budget: the caller reads this request's pages through
+            # the page list. Decided before mapping anything, so a slot that showed nothing
+            # is simply let go; one that showed pages is unmapped whole.
+            if self._runs[slot]:
+                binding.drop.append(slot)
+            self._free(slot)
+            self._refused[key] = self._room_epoch
+            binding.slot = None
+            return binding
 
         # Accounting, before the table changes.
         if binding.fresh:
@@ -193,19 +223,16 @@ class ViewTable:
         mapped[differ] = pages[differ]
         self.needed[slot] = needed
         self.length[slot] = int(pages.size)
-        self._runs[slot] = count_runs(mapped)
-        if not self._within_budget(binding, protect=slot):
-            # Give the slot up: unmap it whole and let the caller use the page list.
-            binding.drop.append(slot)
-            self._free(slot)
-            binding.slot, binding.runs, binding.ahead = None, [], []
+        self._set_runs(slot, runs)
         return binding
 
     def release(self, key: Hashable) -> int | None:
         """``key`` finished or was preempted: park its slot (mappings kept) for reuse."""
+        self._refused.pop(key, None)
         slot = self._by_key.pop(key, None)
         if slot is None:
             return None
+        self._room_epoch += 1  # a parked slot may be dropped to make room
         self.state[slot] = SlotState.PARKED
         self.needed[slot] = 0
         self.length[slot] = 0
@@ -271,6 +298,7 @@ class ViewTable:
         self.state[slot] = SlotState.ACTIVE
         self.key[slot] = key
         self._by_key[key] = slot
+        self._refused.pop(key, None)
         self._ahead[slot].clear()
         self.needed[slot] = 0
         self.length[slot] = 0
@@ -298,19 +326,26 @@ class ViewTable:
         self.length[slot] = 0
         self._ahead[slot].clear()
         self.mapped[slot] = UNMAPPED
-        self._runs[slot] = 0
+        self._set_runs(slot, 0)
 
-    def _within_budget(self, binding: Binding, protect: int) -> bool:
+    def _set_runs(self, slot: int, runs: int) -> None:
+        if runs < self._runs[slot]:
+            self._room_epoch += 1
+        self._runs_total += runs - self._runs[slot]
+        self._runs[slot] = runs
+
+    def _make_room(self, runs_total: int, binding: Binding) -> bool:
+        """Whether ``runs_total`` runs fit the VMA budget, after dropping parked slots
+        (least recently parked first) as far as needed; dropped slots go to ``binding``."""
         if self.vma_budget is None:
             return True
-        while self.vma_estimate > self.vma_budget and self._parked:
+        while self.planes * 2 * runs_total > self.vma_budget and self._parked:
             victim = next(iter(self._parked))
-            if victim == protect:
-                break
+            runs_total -= self._runs[victim]
             binding.dropped_keys.append(self.key[victim])
             self._free(victim)
             binding.drop.append(victim)
-        return self.vma_estimate <= self.vma_budget
+        return self.planes * 2 * runs_total <= self.vma_budget
 
     # -- census --------------------------------------------------------------------------
 
@@ -352,6 +387,8 @@ class ViewTable:
             if state == SlotState.PARKED:
                 assert slot in self._parked
             assert self._runs[slot] == count_runs(self.mapped[slot])
+        assert self._runs_total == sum(self._runs)
+        assert not set(self._refused) & set(self._by_key)
         assert set(self._parked) == {s for s, st in enumerate(self.state)
                                      if st == SlotState.PARKED}
         for key, slot in self._parked_by_key.items():

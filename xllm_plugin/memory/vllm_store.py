@@ -16,7 +16,6 @@ one memory.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,13 @@ import torch
 
 from xllm_plugin.config import XTensorConfig
 from xllm_plugin.kernels import native_decode
-from xllm_plugin.memory.cpu_mapper import OS_PAGE, CpuMapper, count_vmas, max_map_count
+from xllm_plugin.memory.cpu_mapper import (
+    OS_PAGE,
+    CpuMapper,
+    VmaSampler,
+    count_vmas,
+    max_map_count,
+)
 from xllm_plugin.memory.geometry import K, V, KVGeometry
 from xllm_plugin.memory.metrics import XTensorMetrics, wasted_bytes
 from xllm_plugin.memory.space import Premapper, VirtualSpace
@@ -77,12 +82,13 @@ class StepRows:
                   and self.query_start_loc[r + 1] - self.query_start_loc[r] == 1]
         chosen = set(decode)
         self.other_rows = [r for r in range(len(self.slots)) if r not in chosen]
-        if decode:
-            self.decode_q_index = torch.tensor([self.query_start_loc[r] for r in decode],
-                                               dtype=torch.int32)
-            self.decode_slots = torch.tensor([self.slots[r] for r in decode], dtype=torch.int64)
-            self.decode_lens = torch.tensor([self.seq_lens[r] for r in decode],
-                                            dtype=torch.int32)
+        if decode:  # numpy first: torch.tensor() of a list costs ~3x as much per step
+            self.decode_q_index = torch.from_numpy(
+                np.array([self.query_start_loc[r] for r in decode], dtype=np.int32))
+            self.decode_slots = torch.from_numpy(
+                np.array([self.slots[r] for r in decode], dtype=np.int64))
+            self.decode_lens = torch.from_numpy(
+                np.array([self.seq_lens[r] for r in decode], dtype=np.int32))
 
 
 class XTensorKVStore:
@@ -120,8 +126,7 @@ class XTensorKVStore:
         self._batch_source: BatchSource | None = None
         self._writer = XTensorStatusWriter(status_interval_s)
         self._fallback_pages: set[int] = set()
-        self._vmas_measured: int | None = None
-        self._vmas_measured_at = 0.0
+        self._vma_sampler = VmaSampler()
 
     # -- wiring ----------------------------------------------------------------------------
 
@@ -152,6 +157,7 @@ class XTensorKVStore:
         fallback: list[torch.Tensor | None] = []
         ahead = []
         waste = []
+        bytes_per_token = g.bytes_per_token_all_layers
         self._fallback_pages.clear()
         for row in range(num_reqs):
             needed = -(-lens[row] // g.page_tokens)
@@ -176,8 +182,7 @@ class XTensorKVStore:
                 self._fallback_pages.update(pages_np[:needed].tolist())
             else:
                 fallback.append(None)
-            waste.append(wasted_bytes(lens[row], int(held[row]), g.page_tokens,
-                                      g.bytes_per_token_all_layers))
+            waste.append(wasted_bytes(lens[row], int(held[row]), g.page_tokens, bytes_per_token))
         if self.premapper is not None:
             self.premapper.submit(ahead)
         if req_ids is not None:
@@ -206,9 +211,7 @@ class XTensorKVStore:
 
     def snapshot(self) -> dict[str, Any]:
         g = self.geometry
-        now = time.monotonic()
-        if now - self._vmas_measured_at > 1.0:
-            self._vmas_measured, self._vmas_measured_at = count_vmas(), now
+        self._vma_sampler.start()
         return {
             "page_bytes": g.page_bytes, "page_tokens": g.page_tokens,
             "pages_total": g.num_pages, "planes": g.num_planes,
@@ -216,7 +219,7 @@ class XTensorKVStore:
             "slots": self.views.slot_counts(), "num_slots": g.num_slots,
             "max_pages_per_slot": g.max_pages,
             "vma": {"estimate": self.views.vma_estimate, "budget": self.vma_budget,
-                    "max_map_count": self.max_map_count, "process": self._vmas_measured,
+                    "max_map_count": self.max_map_count, "process": self._vma_sampler.latest,
                     "process_at_start": self.vmas_at_start},
             "premap": self.premapper is not None,
             "decode_kernel": ("native-" + native_decode.isa(self.native_decode)
@@ -226,6 +229,14 @@ class XTensorKVStore:
 
     def publish(self, force: bool = False) -> None:
         self._writer.publish(self.snapshot, force=force)
+
+    def close(self) -> None:
+        """Stop the background threads and release the memory (the engine's worker just
+        exits; benchmarks and tests that build several stores in one process call this)."""
+        self._vma_sampler.stop()
+        if self.premapper is not None:
+            self.premapper.close()
+        self.mapper.close()
 
 
 def store_geometry(*, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,

@@ -144,13 +144,13 @@ class XTensor:
         pages = self.pool.pages_of(request_id)
         binding = self.views.bind(request_id, pages, needed=min(needed, len(pages)),
                                   prefer_slot=prefer_slot)
-        if binding.slot is None:
-            raise OutOfPages(f"no virtual range for {request_id!r} within the VMA budget")
-        for slot in binding.drop:
+        for slot in binding.drop:  # parked views dropped for room, even if it was not enough
             self.space.unmap_slot(slot)
         for owner in binding.dropped_keys:  # their pages are mapped nowhere now
             if owner in self.pool.reusable_owners:
                 self.pool.release(owner)
+        if binding.slot is None:
+            raise OutOfPages(f"no virtual range for {request_id!r} within the VMA budget")
         self.space.map_runs(binding.runs)
         self._premapper.submit(binding.ahead)
         unmapped = [p for p in pages if self.pool.state(p).name == "ALLOCATED"]
