@@ -191,8 +191,9 @@ def run_bookkeeping(args: argparse.Namespace) -> dict[str, float]:
     shuffled free list: a long-running engine's fragmented one) one token before a request
     needs it. The engine runs ``prepare_step`` on the step's critical path, so this is time
     added to every step; a GPU step of a few ms is where it shows. Between two calls the
-    benchmark sleeps ``BOOKKEEPING_STEP_MS`` (the model's forward, a GPU decode step), as
-    pre-mapping runs on a thread beside the forward and a step waits only for what is left. Scattered blocks cost a
+    benchmark computes for ``BOOKKEEPING_STEP_MS`` (matrix products standing in for the
+    model's forward, a GPU decode step's length), as pre-mapping runs on a thread beside the
+    forward and a step waits only for what is left. Scattered blocks cost a
     VMA each per plane, so at large batches some requests get no view within the VMA
     budget (``bookkeeping_fallback_share_*``) and read their pages through the page list.
     Median over ``--reps`` runs of each batch size.
@@ -206,6 +207,13 @@ def run_bookkeeping(args: argparse.Namespace) -> dict[str, float]:
     dtype = getattr(torch, args.dtype)
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
     block, steps = args.block_size, 2 * args.block_size  # every request grows two blocks
+    torch.set_num_threads(1)
+    weights = torch.randn(512, 512)
+
+    def forward() -> None:  # stands in for the model: compute that releases the GIL
+        deadline = time.perf_counter() + BOOKKEEPING_STEP_MS / 1000
+        while time.perf_counter() < deadline:
+            weights @ weights
     out: dict[str, float] = {}
     for batch in BOOKKEEPING_BATCHES:
         blocks_per_request = -(-(BOOKKEEPING_CONTEXT + steps + 1) // block)
@@ -240,7 +248,7 @@ def run_bookkeeping(args: argparse.Namespace) -> dict[str, float]:
                 store.prepare_step(batch, qsl, seq_lens, torch.from_numpy(table))
                 if step:  # the first step binds every request from scratch: not steady
                     times_us.append((time.perf_counter() - start) * 1e6)
-                time.sleep(BOOKKEEPING_STEP_MS / 1000)  # the forward pass
+                forward()
             counters = store.snapshot()
             store.close()
             runs.append({"mean": statistics.fmean(times_us),
@@ -435,8 +443,9 @@ Target was parity or better on CPU (ratios >= 1).
 
 `{result.get('bookkeeping_command')}` ({result.get('bookkeeping_date')}): a real store of this
 geometry (60 planes) in steady decode, requests staggered over one block, blocks from a
-shuffled free list, a {BOOKKEEPING_STEP_MS:g} ms forward between steps; µs per
-`prepare_step` (once per step, for all layers), median of the repetitions' means.
+shuffled free list, {BOOKKEEPING_STEP_MS:g} ms of matrix products (the forward) between
+steps; µs per `prepare_step` (once per step, for all layers), median of the repetitions'
+means.
 
 | batch | µs per step | p99 | µs per request | share of rows without a view | unmap calls | spread |
 |---|---|---|---|---|---|---|
@@ -477,12 +486,13 @@ worker and paged CPU attention, so xTensor is the only difference.
   into (one call per layer and K/V, coalesced across consecutive blocks), pre-mapped on a
   background thread when vLLM allocated them a token ahead.
 - Bookkeeping: what remains per step is Python per request (is its view unchanged?) and
-  the status snapshot every 100 ms. Before 2026-12-05 (code of commit 1fb4501, same
-  benchmark, three runs of three repetitions) it cost 0.33-0.41 ms per step at batch 1,
-  1.2-1.3 ms at 16, 4.1-4.6 ms at 64 and 134-143 ms at 256: every step re-checked every
-  view in full, read `/proc/self/maps` once a second in the step that published (5-8 ms
-  for a worker's ~8,000 mappings), and, at 256, bound, mapped and unmapped again each
-  request the VMA budget had refused a view (2.35 million unmap calls per run). At 256
+  the status snapshot every 100 ms. Before 2026-12-05 (the code of commit 1fb4501 on this
+  benchmark, 5 repetitions) it cost 0.30 ms per step at batch 1, 0.86 ms at 16, 3.1 ms at
+  64 and 146 ms at 256: every step re-checked every view in full, read `/proc/self/maps`
+  once a second in the step that published (5-8 ms for a worker's ~8,000 mappings), wrote
+  the snapshot to a disk-backed `/tmp` (now `/dev/shm`), and, at 256, bound, mapped and
+  unmapped again each request the VMA budget had refused a view (2.35 million unmap calls
+  per run). At 256
   scattered requests, 60% of request-steps still have no view: 60 planes x 2 VMAs per
   run leave room for ~270 scattered blocks (see `xllm_plugin/memory/README.md`), and
   those requests gather their pages per layer instead.

@@ -144,8 +144,8 @@ class ViewTable:
         return list(self._by_key)
 
     def slot_counts(self) -> dict[str, int]:
-        return {state.name.lower(): sum(1 for s in self.state if s == state)
-                for state in SlotState}
+        active, parked = len(self._by_key), len(self._parked)
+        return {"free": self.num_slots - active - parked, "active": active, "parked": parked}
 
     @property
     def vma_estimate(self) -> int:
@@ -356,8 +356,8 @@ class ViewTable:
         shown only by parked slots; ``allocated``: held by a live request but shown by no
         slot (``unmapped_owned``, e.g. requests on the fallback path); ``free``: the rest.
         """
-        active = [s for s, st in enumerate(self.state) if st == SlotState.ACTIVE]
-        parked = [s for s, st in enumerate(self.state) if st == SlotState.PARKED]
+        active = list(self._by_key.values())  # the indexes, not a scan of every slot's state
+        parked = list(self._parked)
 
         def pages_in(slots: list[int], held_only: bool) -> set[int]:
             if not slots:
@@ -389,6 +389,8 @@ class ViewTable:
             assert self._runs[slot] == count_runs(self.mapped[slot])
         assert self._runs_total == sum(self._runs)
         assert not set(self._refused) & set(self._by_key)
+        assert self.slot_counts() == {state.name.lower(): self.state.count(state)
+                                      for state in SlotState}
         assert set(self._parked) == {s for s, st in enumerate(self.state)
                                      if st == SlotState.PARKED}
         for key, slot in self._parked_by_key.items():
