@@ -141,6 +141,11 @@ class XTensorAttentionImpl(AttentionImpl):
                                  slot_k, slot_v, rows.decode_slots, rows.decode_lens,
                                  self.scale)
         paged_k, paged_v = store.paged_k[index], store.paged_v[index]
+        if rows.gathered_q_index is not None:  # decode rows without a view: one copy
+            gathered_k, gathered_v = store.gather_pages(index, rows.gathered_pages)
+            native_decode.decode(store.native_decode, query, output, rows.gathered_q_index,
+                                 gathered_k, gathered_v, rows.gathered_rows,
+                                 rows.gathered_lens, self.scale)
         qsl = rows.query_start_loc
         for row in (range(len(rows.slots)) if rows.other_rows is None else rows.other_rows):
             slot, length, pages = rows.slots[row], rows.seq_lens[row], rows.fallback_pages[row]

@@ -63,8 +63,11 @@ def set_current_store(store: XTensorKVStore | None) -> None:
 class StepRows:
     """What every layer's attention needs per request row, built once per step.
 
-    Decode rows with a view go to one batched kernel call per layer (``decode_*``); the
-    rest (prefill chunks, rows without a view) are attended one by one (``other_rows``).
+    Decode rows with a view go to one batched kernel call per layer (``decode_*``). Decode
+    rows without one (the VMA budget refused it) go to a second call over their pages
+    copied into one reused buffer (``gathered_*``, :meth:`XTensorKVStore.gather_pages`):
+    one copy and one call per layer instead of a copy and an SDPA call per row. Prefill
+    chunks are attended one by one (``other_rows``).
     """
 
     query_start_loc: list[int]
@@ -74,14 +77,35 @@ class StepRows:
     decode_q_index: torch.Tensor | None = None  # int32 query token of each batched decode row
     decode_slots: torch.Tensor | None = None  # int64
     decode_lens: torch.Tensor | None = None  # int32
+    gathered_q_index: torch.Tensor | None = None  # int32, decode rows without a view
+    gathered_pages: torch.Tensor | None = None  # int64 [rows, most pages], padded
+    gathered_rows: torch.Tensor | None = None  # int64 arange: row i is buffer entry i
+    gathered_lens: torch.Tensor | None = None  # int32
     other_rows: list[int] | None = None
 
     def split_decodes(self) -> None:
-        """Sort rows into the batched decode call and the one-by-one rest."""
+        """Sort rows into the batched decode calls and the one-by-one rest."""
+        qsl = self.query_start_loc
         decode = [r for r, slot in enumerate(self.slots) if slot is not None
-                  and self.query_start_loc[r + 1] - self.query_start_loc[r] == 1]
-        chosen = set(decode)
+                  and qsl[r + 1] - qsl[r] == 1]
+        gathered = [r for r, slot in enumerate(self.slots) if slot is None
+                    and qsl[r + 1] - qsl[r] == 1 and self.fallback_pages[r] is not None
+                    and len(self.fallback_pages[r])]
+        chosen = set(decode) | set(gathered)
         self.other_rows = [r for r in range(len(self.slots)) if r not in chosen]
+        if gathered:
+            width = max(len(self.fallback_pages[r]) for r in gathered)
+            pages = np.empty((len(gathered), width), dtype=np.int64)
+            for i, r in enumerate(gathered):
+                own = self.fallback_pages[r].numpy()
+                pages[i, :own.size] = own
+                pages[i, own.size:] = own[0]  # padding past the row's length, never read
+            self.gathered_pages = torch.from_numpy(pages)
+            self.gathered_q_index = torch.from_numpy(
+                np.array([qsl[r] for r in gathered], dtype=np.int32))
+            self.gathered_rows = torch.arange(len(gathered), dtype=torch.int64)
+            self.gathered_lens = torch.from_numpy(
+                np.array([self.seq_lens[r] for r in gathered], dtype=np.int32))
         if decode:  # numpy first: torch.tensor() of a list costs ~3x as much per step
             self.decode_q_index = torch.from_numpy(
                 np.array([self.query_start_loc[r] for r in decode], dtype=np.int32))
@@ -124,6 +148,11 @@ class XTensorKVStore:
         self.token_k = [p.view(shape) for p in self.paged_k]
         self.token_v = [p.view(shape) for p in self.paged_v]
         self._batch_source: BatchSource | None = None
+        # Where decode rows without a view get their pages copied, reused by every layer
+        # and step: a fresh buffer per layer cost more in page faults than it saved.
+        self._gather_k = self._gather_v = torch.empty(0, geometry.page_tokens,
+                                                      geometry.num_kv_heads,
+                                                      geometry.head_size, dtype=dtype)
         self._writer = XTensorStatusWriter(status_interval_s)
         self._fallback_pages: set[int] = set()
         self._vma_sampler = VmaSampler()
@@ -192,6 +221,23 @@ class XTensorKVStore:
         if self.native_decode is not None:
             rows.split_decodes()
         return rows
+
+    def gather_pages(self, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of ``pages`` (``[rows, width]``) of one layer, copied into the reused
+        buffer: ``[rows, width * page_tokens, kv_heads, head_size]`` each, valid until the
+        next call."""
+        rows, width = pages.shape
+        count = rows * width
+        if self._gather_k.shape[0] < count:
+            shape = (count, *self._gather_k.shape[1:])
+            self._gather_k = torch.empty(shape, dtype=self.dtype)
+            self._gather_v = torch.empty(shape, dtype=self.dtype)
+        flat = pages.reshape(-1)
+        k, v = self._gather_k[:count], self._gather_v[:count]
+        torch.index_select(self.paged_k[layer], 0, flat, out=k)
+        torch.index_select(self.paged_v[layer], 0, flat, out=v)
+        tokens = (rows, width * self.geometry.page_tokens, *k.shape[2:])
+        return k.view(tokens), v.view(tokens)
 
     def _batch(self, num_reqs: int) -> tuple[Sequence[str] | None, np.ndarray, np.ndarray]:
         if self._batch_source is None:
