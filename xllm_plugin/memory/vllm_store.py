@@ -232,12 +232,8 @@ class XTensorKVStore:
             shape = (count, *self._gather_k.shape[1:])
             self._gather_k = torch.empty(shape, dtype=self.dtype)
             self._gather_v = torch.empty(shape, dtype=self.dtype)
-        flat = pages.reshape(-1)
-        k, v = self._gather_k[:count], self._gather_v[:count]
-        torch.index_select(self.paged_k[layer], 0, flat, out=k)
-        torch.index_select(self.paged_v[layer], 0, flat, out=v)
-        tokens = (rows, width * self.geometry.page_tokens, *k.shape[2:])
-        return k.view(tokens), v.view(tokens)
+        return (copy_pages(self.paged_k[layer], pages, self._gather_k),
+                copy_pages(self.paged_v[layer], pages, self._gather_v))
 
     def _batch(self, num_reqs: int) -> tuple[Sequence[str] | None, np.ndarray, np.ndarray]:
         if self._batch_source is None:
@@ -283,6 +279,16 @@ class XTensorKVStore:
         if self.premapper is not None:
             self.premapper.close()
         self.mapper.close()
+
+
+def copy_pages(paged: torch.Tensor, pages: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """``paged[pages]`` (``pages``: ``[rows, width]`` ids into ``paged``'s first dimension)
+    copied into the front of ``buffer`` (no allocation), viewed as
+    ``[rows, width * page_tokens, kv_heads, head_size]``."""
+    rows, width = pages.shape
+    front = buffer[:rows * width]
+    torch.index_select(paged, 0, pages.reshape(-1), out=front)
+    return front.view(rows, width * paged.shape[1], *paged.shape[2:])
 
 
 def store_geometry(*, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
