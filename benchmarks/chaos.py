@@ -895,9 +895,10 @@ def discussion(r: dict[str, Any]) -> str:
             "prefill. No client of a crashed engine, router or not, hears of it sooner (by "
             "our reading, not traced: the kernel closes a killed process's sockets only at "
             "the end of its exit, after freeing its memory; the API server alone imports "
-            f"torch and holds hundreds of MB). Under load the router started migrating {to_router:.0f} ms after the "
-            f"kill ({to_router - floor:+.0f} ms against that floor). Counted from the kill, "
-            "the issue's target lies below this floor on this host.")
+            "torch and holds hundreds of MB). Under load the router started migrating "
+            f"{to_router:.0f} ms after the kill ({to_router - floor:+.0f} ms against that "
+            "floor). Counted from the kill, the issue's target lies below this floor on this "
+            "host.")
     if r["kills"] and r["migrated_requests"]:
         lines.append(
             f"- The migrations come in {r['kills']} bursts, one per kill, and a kill's streams "

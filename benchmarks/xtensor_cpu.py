@@ -241,6 +241,7 @@ def run_bookkeeping(args: argparse.Namespace) -> dict[str, float]:
         deadline = time.perf_counter() + BOOKKEEPING_STEP_MS / 1000
         while time.perf_counter() < deadline:
             weights @ weights
+
     out: dict[str, float] = {}
     for batch in BOOKKEEPING_BATCHES:
         blocks_per_request = -(-(BOOKKEEPING_CONTEXT + steps + 1) // block)
@@ -282,7 +283,6 @@ def run_bookkeeping(args: argparse.Namespace) -> dict[str, float]:
                          "p99": float(np.percentile(times_us, 99)),
                          "fallback": counters["fallback_rows"] / counters["rows"],
                          "unmaps": counters["unmap_calls"]})
-            del store
         tag = f"bs{batch}"
         mean = statistics.median(r["mean"] for r in runs)
         out[f"bookkeeping_us_per_step_{tag}"] = round(mean, 1)

@@ -86,13 +86,15 @@ class StepRows:
     def split_decodes(self) -> None:
         """Sort rows into the batched decode calls and the one-by-one rest."""
         qsl = self.query_start_loc
-        decode = [r for r, slot in enumerate(self.slots) if slot is not None
-                  and qsl[r + 1] - qsl[r] == 1]
-        gathered = [r for r, slot in enumerate(self.slots) if slot is None
-                    and qsl[r + 1] - qsl[r] == 1 and self.fallback_pages[r] is not None
-                    and len(self.fallback_pages[r])]
-        chosen = set(decode) | set(gathered)
+        one_token = [r for r in range(len(self.slots)) if qsl[r + 1] - qsl[r] == 1]
+        decode = [r for r in one_token if self.slots[r] is not None]
+        gathered = [r for r in one_token if self.slots[r] is None]
+        chosen = set(one_token)
         self.other_rows = [r for r in range(len(self.slots)) if r not in chosen]
+        if decode:
+            self.decode_q_index, self.decode_lens = self._query_and_lens(decode)
+            self.decode_slots = torch.from_numpy(
+                np.array([self.slots[r] for r in decode], dtype=np.int64))
         if gathered:
             width = max(len(self.fallback_pages[r]) for r in gathered)
             pages = np.empty((len(gathered), width), dtype=np.int64)
@@ -101,18 +103,14 @@ class StepRows:
                 pages[i, :own.size] = own
                 pages[i, own.size:] = own[0]  # padding past the row's length, never read
             self.gathered_pages = torch.from_numpy(pages)
-            self.gathered_q_index = torch.from_numpy(
-                np.array([qsl[r] for r in gathered], dtype=np.int32))
+            self.gathered_q_index, self.gathered_lens = self._query_and_lens(gathered)
             self.gathered_rows = torch.arange(len(gathered), dtype=torch.int64)
-            self.gathered_lens = torch.from_numpy(
-                np.array([self.seq_lens[r] for r in gathered], dtype=np.int32))
-        if decode:  # numpy first: torch.tensor() of a list costs ~3x as much per step
-            self.decode_q_index = torch.from_numpy(
-                np.array([self.query_start_loc[r] for r in decode], dtype=np.int32))
-            self.decode_slots = torch.from_numpy(
-                np.array([self.slots[r] for r in decode], dtype=np.int64))
-            self.decode_lens = torch.from_numpy(
-                np.array([self.seq_lens[r] for r in decode], dtype=np.int32))
+
+    def _query_and_lens(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """int32 query token and sequence length of each row (through numpy: torch.tensor()
+        of a list cost ~3x as much per step)."""
+        return (torch.from_numpy(np.array([self.query_start_loc[r] for r in rows], np.int32)),
+                torch.from_numpy(np.array([self.seq_lens[r] for r in rows], np.int32)))
 
 
 class XTensorKVStore:
@@ -149,7 +147,8 @@ class XTensorKVStore:
         self.token_v = [p.view(shape) for p in self.paged_v]
         self._batch_source: BatchSource | None = None
         # Where decode rows without a view get their pages copied, reused by every layer
-        # and step: a fresh buffer per layer cost more in page faults than it saved.
+        # and step: a fresh buffer per layer was slower than no batching at all (page
+        # faults of the new memory, we think; not traced).
         self._gather_k = self._gather_v = torch.empty(0, geometry.page_tokens,
                                                       geometry.num_kv_heads,
                                                       geometry.head_size, dtype=dtype)
