@@ -10,7 +10,9 @@ SmolLM2-135M on the CPU, greedy decoding, one engine per configuration
 - ``adaptive``: the plugin's XLLMScheduler, n-gram K<=8 (``--adaptive-max-k``),
   ``xllm.speculative.adaptive`` on.
 
-Pilot runs (``--configs``, ``--concurrency``: printed only) may add any static ``kN``.
+Pilot runs (``--configs``, ``--concurrency``, ``--sets``: printed only) may add any static
+``kN`` and adaptive variants ``adaptive:KEY=VALUE[:KEY=VALUE]`` that override fields of
+``xllm.speculative`` (e.g. ``adaptive:margin=0.01``).
 ``--dtype float32`` is for CPUs without BF16 instructions (an AVX2 EPYC decodes bf16
 SmolLM2 at 9 tok/s with K=8, float32 at 23).
 
@@ -134,14 +136,27 @@ def spec_for(config: str, model: Path, table: list[list[int]], max_num_seqs: int
     elif config == "table":
         speculative = {**NGRAM, "num_speculative_tokens": MAX_K,
                        "num_speculative_tokens_per_batch_size": table}
-    elif config == "adaptive":
+    elif is_adaptive(config):
         speculative = {**NGRAM, "num_speculative_tokens": adaptive_max_k}
     if speculative is not None:
         extra += ["--speculative-config", json.dumps(speculative)]
-    adaptive = config == "adaptive"
+    adaptive = is_adaptive(config)
+    xllm = {"speculative": {"adaptive": True, **adaptive_overrides(config)}} if adaptive else None
     return EngineSpec(model=model, port=free_port(), served_model_name="smollm2", plugin=adaptive,
-                      xllm_config={"speculative": {"adaptive": True}} if adaptive else None,
-                      extra_args=extra, env={SHM_POLL_ENV: ""})
+                      xllm_config=xllm, extra_args=extra, env={SHM_POLL_ENV: ""})
+
+
+def is_adaptive(config: str) -> bool:
+    return config == "adaptive" or config.startswith("adaptive:")
+
+
+def adaptive_overrides(config: str) -> dict[str, Any]:
+    """``adaptive:margin=0.5:probe_interval=0`` -> {"margin": 0.5, "probe_interval": 0}."""
+    out: dict[str, Any] = {}
+    for item in config.split(":")[1:]:
+        key, _, value = item.partition("=")
+        out[key] = json.loads(value)
+    return out
 
 
 def spec_counters(url: str) -> dict[str, float]:
@@ -150,7 +165,8 @@ def spec_counters(url: str) -> dict[str, float]:
         text = response.read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith("vllm:spec_decode_num_") and "_per_pos" not in line:
+        if line.startswith("vllm:spec_decode_num_") and "_per_pos" not in line \
+                and "_created" not in line.split(" ")[0]:
             name = line.split("{")[0].split(" ")[0].removeprefix("vllm:spec_decode_")
             out[name.removesuffix("_total")] = out.get(name.removesuffix("_total"), 0.0) + \
                 float(line.rsplit(" ", 1)[1])
@@ -205,7 +221,7 @@ def run_engine(config: str, rep: int, model: Path, sets: dict[str, list[str]],
     with EngineProcess(spec) as engine:
         asyncio.run(measure(engine.url, sets["sharegpt"][-8:], 4, 8,
                             args.max_tokens))  # warm-up, discarded
-        for prompt_set in PROMPT_SETS:
+        for prompt_set in args.sets:
             for concurrency in args.concurrency:
                 offset = sum(args.requests[c] for c in CONCURRENCY if c < concurrency)
                 cell_prompts = sets[prompt_set][offset:] + sets[prompt_set][:offset]
@@ -216,7 +232,7 @@ def run_engine(config: str, rep: int, model: Path, sets: dict[str, list[str]],
                 print(f"rep {rep} {config:9s} {prompt_set:10s} c={concurrency:2d}: "
                       f"{tps:6.1f} tok/s", flush=True)
         evidence: dict[str, Any] = {"counters": spec_counters(engine.url)}
-        if config == "adaptive":
+        if is_adaptive(config):
             evidence["controller"] = http_get_json(engine.url + "/xllm/status")["engine"][
                 "speculative"]
     return rows, evidence
@@ -474,6 +490,8 @@ def main() -> None:
     parser.add_argument("--adaptive-max-k", type=int, default=MAX_K,
                         help="num_speculative_tokens of the adaptive engine: the longest draft "
                              "the controller may verify (static peers: kN configs, any N)")
+    parser.add_argument("--sets", nargs="+", default=list(PROMPT_SETS), choices=PROMPT_SETS,
+                        help="subset of prompt sets to run (pilot runs); the summary needs all")
     parser.add_argument("--quick", action="store_true", help="fewer requests (smoke test)")
     parser.add_argument("--out", default=NAME)
     parser.add_argument("--report-only", action="store_true",
@@ -488,11 +506,17 @@ def main() -> None:
         return
     args.requests = requests_per_cell(args.quick)
     wanted = tuple(c for c in args.configs.split(",") if c)
-    if wanted != CONFIGS or tuple(args.concurrency) != CONCURRENCY:  # pilot: print only
+    pilot = (wanted != CONFIGS or tuple(args.concurrency) != CONCURRENCY
+             or tuple(args.sets) != PROMPT_SETS)
+    if pilot:  # printed only
         model, sets = build_model("smollm2"), prompt_sets()
         for rep in range(args.reps):
             for config in (wanted if rep % 2 == 0 else tuple(reversed(wanted))):
-                run_engine(config, rep, model, sets, args)
+                _, proof = run_engine(config, rep, model, sets, args)
+                controller = proof.get("controller", {})
+                print(f"rep {rep} {config}: {json.dumps(proof['counters'])} "
+                      f"lengths {json.dumps(controller.get('chosen_lengths'))} "
+                      f"cost {json.dumps(controller.get('cost_model_ms'))}", flush=True)
         return
     result = run(args)
     RESULTS.mkdir(exist_ok=True)

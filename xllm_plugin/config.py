@@ -114,6 +114,9 @@ class SpeculativeConfig(_Section):
         default=256, ge=2, description="Memory (steps) of the step-cost model.")
     margin: float = Field(
         default=1.0, gt=0, description="A draft must be worth margin x its predicted cost.")
+    previous_outcome: bool = Field(
+        default=True, description="Estimate acceptance separately by how the request's previous "
+                                  "proposal fared (matched so far, broke, none).")
     probe_interval: int = Field(
         default=16, ge=0, description="Async scheduling only: force one draft every N steps.")
 

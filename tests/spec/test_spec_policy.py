@@ -5,9 +5,19 @@ from __future__ import annotations
 import random
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
-from xllm_plugin.spec.acceptance import AcceptanceEstimator, cumulative_gains, judge_proposal
+from xllm_plugin.spec.acceptance import (
+    BROKE_FIRST,
+    BROKE_LATER,
+    MATCHING,
+    NO_PROPOSAL,
+    AcceptanceEstimator,
+    cumulative_gains,
+    judge_proposal,
+    proposal_context,
+)
 from xllm_plugin.spec.adaptive import AdaptiveSpeculation
 from xllm_plugin.spec.cost import StepShape, VerifyCostModel
 from xllm_plugin.spec.policy import choose_lengths
@@ -130,3 +140,61 @@ def test_cut_drafts_are_still_judged_against_what_was_generated() -> None:
     global_hazards = controller.acceptance.global_hazards()
     assert global_hazards[0] > 0.5 and global_hazards[2] < 0.5
     assert hazards[3] == pytest.approx(global_hazards[3])  # position 4 never judged
+
+
+def test_the_previous_proposal_is_judged_by_the_tokens_generated_since() -> None:
+    assert proposal_context(None, [1, 2]) == NO_PROPOSAL
+    assert proposal_context([5, 6, 7], [5]) == MATCHING  # the rest not generated yet
+    assert proposal_context([5, 6, 7], [5, 6, 7]) == MATCHING
+    assert proposal_context([5, 6, 7], [4]) == BROKE_FIRST
+    assert proposal_context([5, 6, 7], [5, 9]) == BROKE_LATER
+
+
+def test_acceptance_is_estimated_separately_after_a_match_and_after_a_miss() -> None:
+    estimator = AcceptanceEstimator(max_positions=4)
+    for step in range(40):
+        estimator.observe(f"copying-{step}", 4, 4, MATCHING)
+        estimator.observe(f"chatting-{step}", 0, 1, BROKE_FIRST)
+    after_match = estimator.gains("new", 4, MATCHING)
+    after_miss = estimator.gains("new", 4, BROKE_FIRST)
+    assert after_match[3] > 0.8
+    assert after_miss[0] < 0.2
+    # The all-context estimate sits between them and fills contexts never seen.
+    assert after_miss[0] < estimator.global_hazards()[0] < after_match[0]
+    assert estimator.gains("new", 4, BROKE_LATER) == cumulative_gains(estimator.global_hazards())
+
+
+def test_a_proposal_is_filed_under_how_the_one_before_it_fared() -> None:
+    controller = AdaptiveSpeculation(max_drafts=2, method="ngram")
+    tokens = [1, 2, 3]
+    request = _request("r", tokens, [4, 5])
+    controller.before_schedule([request])  # first proposal: no previous one
+    tokens += [4, 5, 6]  # both drafts accepted, plus a bonus token
+    request.num_tokens, request.num_computed_tokens = len(tokens), len(tokens) - 1
+    request.spec_token_ids = [7, 8]
+    controller.before_schedule([request])
+    assert [p.context for p in controller._pending["r"]] == [NO_PROPOSAL, MATCHING]
+    tokens += [9]  # the second proposal's first draft was wrong
+    request.num_tokens, request.num_computed_tokens = len(tokens), len(tokens) - 1
+    request.spec_token_ids = [10, 11]
+    controller.before_schedule([request])
+    assert controller._pending["r"][-1].context == BROKE_FIRST
+    off = AdaptiveSpeculation(max_drafts=2, method="ngram", previous_outcome=False)
+    request.spec_token_ids = [10, 11]
+    off.before_schedule([request])
+    off.before_schedule([request])
+    assert {p.context for p in off._pending["r"]} == {NO_PROPOSAL}
+
+
+def test_a_prefill_in_the_step_does_not_make_drafts_look_cheap() -> None:
+    controller = AdaptiveSpeculation(max_drafts=2, method="ngram")
+    # fixed 40 ms, 2 ms per decoding request, 10 ms per draft, 1 ms per prefill token
+    controller.cost.coefficients = np.array([40.0, 2.0, 10.0, 1.0, 0.0])
+    for step in range(20):  # drafts right about one time in six
+        controller.acceptance.observe(f"old-{step}", 1 if step % 6 == 0 else 0, 1)
+    decoding = _request("d", [1, 2, 3], [4, 5])
+    prefilling = SimpleNamespace(request_id="p", num_tokens=2000, num_computed_tokens=0,
+                                 spec_token_ids=[], sampling_params=None)
+    controller.before_schedule([decoding, prefilling])
+    # Worth ~0.2 tokens at 10 ms: below the decode rate of 1 token per 42 ms x 10 ms.
+    assert decoding.spec_token_ids == []
