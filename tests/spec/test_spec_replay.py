@@ -8,6 +8,7 @@ from xllm_plugin.spec.adaptive import AdaptiveSpeculation
 from xllm_plugin.spec.cost import StepShape
 from xllm_plugin.spec.replay import (
     AdaptiveLength,
+    BatchSizeTable,
     Recorded,
     StaticLength,
     StepCost,
@@ -84,3 +85,15 @@ def test_tiled_rows_make_a_few_drafts_free() -> None:
     assert tiled.ms(StepShape(decode_requests=1, draft_tokens=8)) == one_row
     assert tiled.ms(StepShape(decode_requests=1, draft_tokens=16)) == one_row + 16.0
     assert COST.ms(StepShape(decode_requests=1, draft_tokens=8)) == 40.0 + 2.0 + 8.0 + 1.0
+
+
+def test_a_batch_size_table_picks_the_next_k_from_the_step_just_scheduled() -> None:
+    rng = random.Random(3)
+    requests = [copying(rng, length) for length in (20, 40, 120, 160)]
+    lookup = [0, 8, 8, 2, 2]  # K=8 for one or two requests, 2 for three or four
+    table = replay_cell(requests, 4, BatchSizeTable(lookup, 8), last_token_lookup, 8, COST)
+    k2 = replay_cell(requests, 4, StaticLength(2), last_token_lookup, 8, COST)
+    k8 = replay_cell(requests, 4, StaticLength(8), last_token_lookup, 8, COST)
+    assert table.output_tokens == k2.output_tokens
+    # K=2 while three or four requests run, K=8 once two are left.
+    assert k2.drafts_verified < table.drafts_verified < k8.drafts_verified

@@ -129,6 +129,25 @@ class StaticLength:
         return None
 
 
+class BatchSizeTable:
+    """vLLM's ``num_speculative_tokens_per_batch_size``: the next proposal's K is looked up
+    from how many requests this step scheduled (``lookup[batch]``, index 0 unused)."""
+
+    def __init__(self, lookup: Sequence[int], k: int) -> None:
+        self.lookup = list(lookup)
+        self.k = k
+
+    def choose(self, live: list[LiveRequest]) -> None:
+        for request in live:
+            request.spec_token_ids = request.spec_token_ids[: self.k]
+
+    def learn(self, scheduled: ScheduledStep, step_ms: float,
+              requests: dict[str, LiveRequest]) -> None:
+        batch = len(scheduled.num_scheduled_tokens)
+        if batch:
+            self.k = self.lookup[min(batch, len(self.lookup) - 1)]
+
+
 class AdaptiveLength:
     """The plugin's controller, driven through the three hooks XLLMScheduler calls."""
 
