@@ -129,17 +129,13 @@ class StaticLength:
         return None
 
 
-class BatchSizeTable:
+class BatchSizeTable(StaticLength):
     """vLLM's ``num_speculative_tokens_per_batch_size``: the next proposal's K is looked up
     from how many requests this step scheduled (``lookup[batch]``, index 0 unused)."""
 
     def __init__(self, lookup: Sequence[int], k: int) -> None:
+        super().__init__(k)
         self.lookup = list(lookup)
-        self.k = k
-
-    def choose(self, live: list[LiveRequest]) -> None:
-        for request in live:
-            request.spec_token_ids = request.spec_token_ids[: self.k]
 
     def learn(self, scheduled: ScheduledStep, step_ms: float,
               requests: dict[str, LiveRequest]) -> None:
