@@ -248,7 +248,11 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> str:
         "What the replay leaves out: scheduler and proposer time (py-spy profiles of the "
         "adaptive engine at c=1 and c=32 put XLLMScheduler's own work at under 1% of the engine "
         "core's time), costs the linear function does not have, and numeric drift between batch "
-        "shapes (the outputs are one engine's greedy text).", "",
+        "shapes: the outputs are one engine's greedy text, and verification changes it (an "
+        "engine verifying 8 drafts per step wrote at least 826 tokens in the ShareGPT c=1 "
+        "cell where the recording holds 768, in 367 steps where the replay takes 328, with "
+        "the same 28.5 s of step time). Engine cells therefore compare slightly different "
+        "texts across configurations, the replay one text.", "",
         f"Measured: {result['date']}, {result['machine']}.",
         f"Rerun: `{result['command']}` (about a minute per cost; needs the recorded outputs: "
         "`python benchmarks/spec_replay.py --record` once, a stock engine for a few minutes).",
