@@ -74,6 +74,12 @@ def requests_per_cell(quick: bool) -> dict[int, int]:
     return {1: 6, 4: 16, 16: 48, 32: 64}
 
 
+def cell_offset(concurrency: int, requests: dict[int, int]) -> int:
+    """Where a cell starts in its prompt set: after the prompts of the smaller concurrencies,
+    so no two cells of a set send the same prompts (until the set wraps)."""
+    return sum(requests[c] for c in CONCURRENCY if c < concurrency)
+
+
 # -- prompts ------------------------------------------------------------------------------
 
 _ITEMS = ("apples", "bananas", "rice", "olive oil", "tomatoes", "onions", "garlic", "eggs",
@@ -223,7 +229,7 @@ def run_engine(config: str, rep: int, model: Path, sets: dict[str, list[str]],
                             args.max_tokens))  # warm-up, discarded
         for prompt_set in args.sets:
             for concurrency in args.concurrency:
-                offset = sum(args.requests[c] for c in CONCURRENCY if c < concurrency)
+                offset = cell_offset(concurrency, args.requests)
                 cell_prompts = sets[prompt_set][offset:] + sets[prompt_set][:offset]
                 tps = asyncio.run(measure(engine.url, cell_prompts, concurrency,
                                           args.requests[concurrency], args.max_tokens))

@@ -66,13 +66,11 @@ COSTS = {
 }
 
 
-def cell_prompt_indices(prompt_count: int, requests: dict[int, int]) -> dict[int, list[int]]:
-    """Which prompt each request of each concurrency cell sends (as spec_adaptive.run_engine)."""
-    out = {}
-    for c in bench.CONCURRENCY:
-        offset = sum(requests[k] for k in bench.CONCURRENCY if k < c)
-        out[c] = [(offset + i) % prompt_count for i in range(requests[c])]
-    return out
+def cell_prompt_indices(requests: dict[int, int]) -> dict[int, list[int]]:
+    """Which prompt each request of each concurrency cell sends, before wrapping around the
+    set (as spec_adaptive.run_engine)."""
+    return {c: [bench.cell_offset(c, requests) + i for i in range(requests[c])]
+            for c in bench.CONCURRENCY}
 
 
 async def _record_one(session: aiohttp.ClientSession, url: str, prompt: str,
@@ -98,7 +96,7 @@ def record(args: argparse.Namespace) -> None:
     """Every prompt the benchmark's cells send, decoded once by stock vLLM without drafts."""
     model = build_model("smollm2")
     sets = bench.prompt_sets()
-    used = max(i for cells in cell_prompt_indices(10**9, bench.requests_per_cell(False)).values()
+    used = max(i for cells in cell_prompt_indices(bench.requests_per_cell(False)).values()
                for i in cells) + 1
     spec = bench.spec_for("none", model, bench.DEFAULT_TABLE, max(bench.CONCURRENCY), args.dtype)
     with EngineProcess(spec) as engine:
@@ -133,9 +131,12 @@ def ngram_proposer(max_model_len: int = 4096) -> Any:
 
 
 def cells(traces: dict[str, list[Recorded]]) -> list[tuple[str, int, list[Recorded]]]:
-    """The benchmark's cells in its order: a warm-up, then each set at c = 1, 4, 16, 32."""
+    """The benchmark's cells in its order: a warm-up, then each set at c = 1, 4, 16, 32.
+
+    The engine warms up on the last 8 of its 200 ShareGPT prompts, which are not recorded;
+    the last 8 recorded ones stand in (the warm-up only primes the controller)."""
     out = [("warm-up", 4, traces["sharegpt"][-8:])]
-    indices = cell_prompt_indices(10**9, bench.requests_per_cell(False))
+    indices = cell_prompt_indices(bench.requests_per_cell(False))
     for name in bench.PROMPT_SETS:
         rows = traces[name]
         for c in bench.CONCURRENCY:

@@ -16,10 +16,8 @@ Counts are kept per *context*: what the request's previous proposal has shown
 by the time the next one is made (``proposal_context``). A proposer that is
 copying keeps copying: on SmolLM2 outputs recorded for the benchmark's prompts
 (n-gram drafts, K=8), the first draft was right 91% of the time after a
-proposal that matched in full and 53-64% after one that missed or was absent,
-and a request switches between the two within a few steps, faster than a
-window of its own history can follow. Each context's engine-wide estimate is
-shrunk towards the all-context one. Everything here is plain Python over ints:
+proposal that matched in full and 53-64% after one that missed or was absent.
+Each context's engine-wide estimate is shrunk towards the all-context one. Everything here is plain Python over ints:
 no vLLM.
 """
 

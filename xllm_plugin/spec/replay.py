@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from xllm_plugin.spec.acceptance import judge_proposal
 from xllm_plugin.spec.adaptive import AdaptiveSpeculation
 from xllm_plugin.spec.cost import FEATURES, StepShape
 
@@ -242,11 +243,8 @@ def _advance(request: LiveRequest) -> int:
         request.num_computed_tokens = position
         produced = 1
     else:
-        accepted = 0
-        for draft, actual in zip(request.spec_token_ids, outputs[offset:]):
-            if draft != actual:
-                break
-            accepted += 1
+        drafts = request.spec_token_ids
+        accepted, _ = judge_proposal(drafts, outputs[offset: offset + len(drafts)], True)
         produced = accepted + 1
         request.num_computed_tokens = position + accepted
     produced = min(produced, request.remaining)
