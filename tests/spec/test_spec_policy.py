@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,7 +21,7 @@ from xllm_plugin.spec.acceptance import (
 )
 from xllm_plugin.spec.adaptive import AdaptiveSpeculation
 from xllm_plugin.spec.cost import StepShape, VerifyCostModel
-from xllm_plugin.spec.policy import choose_lengths
+from xllm_plugin.spec.policy import choose_lengths, probe_lengths
 
 
 def test_judging_a_proposal_stops_at_the_first_wrong_draft() -> None:
@@ -186,10 +187,17 @@ def test_a_proposal_is_filed_under_how_the_one_before_it_fared() -> None:
     assert {p.context for p in off._pending["r"]} == {NO_PROPOSAL}
 
 
+def _priced(controller: AdaptiveSpeculation, coefficients: list[float]) -> None:
+    """Give the cost model steps that verified drafts (no cost probes), then fix its fit."""
+    for drafts in range(1, 9):
+        controller.cost.observe(StepShape(1, drafts), 40.0 + 10.0 * drafts)
+    controller.cost.coefficients = np.array(coefficients)
+
+
 def test_a_prefill_in_the_step_does_not_make_drafts_look_cheap() -> None:
     controller = AdaptiveSpeculation(max_drafts=2, method="ngram")
     # fixed 40 ms, 2 ms per decoding request, 10 ms per draft, 1 ms per prefill token
-    controller.cost.coefficients = np.array([40.0, 2.0, 10.0, 1.0, 0.0])
+    _priced(controller, [40.0, 2.0, 10.0, 1.0, 0.0])
     for step in range(20):  # drafts right about one time in six
         controller.acceptance.observe(f"old-{step}", 1 if step % 6 == 0 else 0, 1)
     decoding = _request("d", [1, 2, 3], [4, 5])
@@ -198,3 +206,72 @@ def test_a_prefill_in_the_step_does_not_make_drafts_look_cheap() -> None:
     controller.before_schedule([decoding, prefilling])
     # Worth ~0.2 tokens at 10 ms: below the decode rate of 1 token per 42 ms x 10 ms.
     assert decoding.spec_token_ids == []
+
+
+def test_a_probe_verifies_every_draft_of_the_likeliest_request() -> None:
+    decision = probe_lengths({"a": [0.3, 0.1], "b": [0.6, 0.5, 0.4]}, decoding_requests=4,
+                             base_step_ms=40.0, per_draft_token_ms=10.0, spec_step_ms=2.0)
+    assert decision.lengths == {"b": 3}
+    assert decision.predicted_ms == pytest.approx(72.0)
+    assert decision.expected_tokens == pytest.approx(5.5)
+    assert probe_lengths({"b": [0.6, 0.5, 0.4]}, decoding_requests=4, base_step_ms=40.0,
+                         per_draft_token_ms=10.0, half=True).lengths == {"b": 2}
+    assert probe_lengths({}, decoding_requests=2, base_step_ms=40.0,
+                         per_draft_token_ms=10.0).lengths == {}
+
+
+def test_drafts_priced_by_priors_alone_are_probed_until_steps_measure_them() -> None:
+    """Without steps that verified drafts, a draft's price is the priors' (tied to the
+    prefill token's): probes verify drafts until steps have measured it."""
+    controller = AdaptiveSpeculation(max_drafts=4, method="ngram")
+    for running in range(3):  # steps that price a prefill token at ~55 ms
+        controller.cost.observe(StepShape(running, 0, 20), 1100.0 + 40.0 * running)
+    for _ in range(10):
+        controller.cost.observe(StepShape(4), 70.0)
+    assert controller.cost.per_draft_token_ms > 10.0
+    verified = _decode_alone(controller, steps=12, step_ms=lambda drafts: 62.5 + 2.0 * drafts)
+    # Probes (all drafts on offer, then half, in turn) until about four timed steps price a
+    # draft: the first of them is the engine's warm-up step, untimed, and four decay to
+    # under four, so six.
+    assert verified[:6] == [4, 2, 2, 2, 3, 1]
+    assert controller.status()["cost_probe_steps"] == 6
+
+
+def test_the_engines_first_step_is_not_learned_as_the_price_of_its_shape() -> None:
+    controller = AdaptiveSpeculation(max_drafts=4, method="ngram")
+    first = SimpleNamespace(num_scheduled_tokens={"r": 70}, scheduled_spec_decode_tokens={})
+    controller.after_schedule(first)
+    controller.after_update(first, None, 3000.0, {})  # warm-up: seen at 3.0 s on the EPYC
+    assert controller.cost.samples == 0
+    _decode_alone(controller, steps=12, step_ms=lambda drafts: 62.5 + 2.0 * drafts)
+    assert controller.cost.samples == 12
+    assert controller.cost.predict_ms(StepShape(1)) == pytest.approx(62.5, abs=5.0)
+
+
+def _decode_alone(controller: AdaptiveSpeculation, *, steps: int,
+                  step_ms: Callable[[int], float]) -> list[int]:
+    """Steps of one decoding request with 4, 3 or 2 drafts on offer (never right)."""
+    verified = []
+    for step in range(steps):
+        request = _request("r", [1, 2, 3, step], [7, 8, 9, 10][:4 - step % 3])
+        controller.before_schedule([request])
+        verified.append(len(request.spec_token_ids))
+        output = SimpleNamespace(num_scheduled_tokens={"r": 1 + verified[-1]},
+                                 scheduled_spec_decode_tokens={"r": request.spec_token_ids})
+        controller.after_schedule(output)
+        controller.after_update(output, None, step_ms(verified[-1]), {"r": request})
+    return verified
+
+
+def test_cost_probes_come_back_once_the_draft_steps_are_forgotten() -> None:
+    controller = AdaptiveSpeculation(max_drafts=2, method="ngram", cost_window_steps=8)
+    _priced(controller, [40.0, 2.0, 1000.0, 1.0, 0.0])  # drafts priced out
+    request = _request("r", [1, 2, 3], [4, 5])
+    controller.before_schedule([request])
+    assert request.spec_token_ids == []
+    for _ in range(20):  # steps without drafts: the draft steps fade from the fit
+        controller.cost.observe(StepShape(1), 42.0)
+    controller.cost.coefficients = np.array([40.0, 2.0, 1000.0, 1.0, 0.0])
+    request.spec_token_ids = [4, 5]
+    controller.before_schedule([request])
+    assert request.spec_token_ids == [4, 5]

@@ -8,6 +8,10 @@
   ``num_speculative_tokens``). They are remembered whole (to judge them later)
   and cut to the length ``choose_lengths`` picks; vLLM's scheduler then
   schedules exactly what is left, so a cut draft is never verified.
+  While the cost model has seen too few steps that verify drafts to price
+  one (at start, and again once it has forgotten them), steps that would
+  verify none verify one request's drafts instead ("cost probes", all of
+  them and half of them in turn).
 - ``after_schedule(output)``: records the step's shape for the cost model and,
   for proposers whose drafting costs model passes, asks for only as many
   drafts next step as are likely to be used.
@@ -40,13 +44,21 @@ from xllm_plugin.spec.acceptance import (
     proposal_context,
 )
 from xllm_plugin.spec.cost import StepShape, VerifyCostModel
-from xllm_plugin.spec.policy import LengthDecision, choose_lengths
+from xllm_plugin.spec.policy import LengthDecision, choose_lengths, probe_lengths
 
 # Proposers whose drafting is cheap CPU work (string matching): always ask for
 # the full length, since the extra drafts cost nothing and feed the estimates.
 CHEAP_PROPOSERS = frozenset({"ngram", "ngram_gpu", "suffix"})
 # vllm_xargs key a request may use to cap its own speculation (0 = none).
 REQUEST_CAP_KEY = "spec_max_k"
+# Cost probes run until the cost model holds this many (decayed) steps that verified
+# drafts, and start again when fewer than PROBE_BELOW remain: with the default
+# 256-step window, four probe steps about every 350 steps while speculation is off.
+PROBE_UNTIL, PROBE_BELOW = 4.0, 1.0
+# An engine's first steps carry one-time work the cost model must not learn as the price
+# of their shape: on the EPYC host the first step took 3.0 s for 66-79 prompt tokens
+# (about 0.3 s by the fitted costs), and the fit then priced a draft at 40 ms.
+WARMUP_STEPS = 1
 
 
 @dataclass
@@ -88,9 +100,12 @@ class AdaptiveSpeculation:
         self._shadowed: set[str] = set()
         self._shape: StepShape | None = None
         self._steps = 0
+        self._timed_steps = 0
         self._spec_steps = 0
         self._drafts_offered = 0
         self._drafts_verified = 0
+        self._cost_probing = True
+        self._cost_probes = 0
         self._last: LengthDecision | None = None
         self._length_hist: Counter[int] = Counter()
 
@@ -126,11 +141,14 @@ class AdaptiveSpeculation:
         # the step are the same fixed work whatever is verified, and counting them would make
         # tokens look dear and drafts cheap in every step that admits a request (replayed at
         # concurrency 32: about 2% of throughput lost to drafts of 15-35% acceptance).
-        decision = choose_lengths(
-            gains, decoding_requests=decoding, base_step_ms=self.cost.predict_ms(
-                StepShape(decoding)),
-            per_draft_token_ms=self.cost.per_draft_token_ms,
-            spec_step_ms=self.cost.spec_step_ms, margin=self.margin)
+        costs = {"decoding_requests": decoding,
+                 "base_step_ms": self.cost.predict_ms(StepShape(decoding)),
+                 "per_draft_token_ms": self.cost.per_draft_token_ms,
+                 "spec_step_ms": self.cost.spec_step_ms}
+        decision = choose_lengths(gains, margin=self.margin, **costs)
+        if not decision.lengths and gains and self._needs_cost_probe():
+            decision = probe_lengths(gains, half=self._cost_probes % 2 == 1, **costs)
+            self._cost_probes += 1
         probe = self.probe_interval > 0 and self._steps % self.probe_interval == 0
         for request in drafted:
             keep = decision.lengths.get(request.request_id, 0)
@@ -142,6 +160,15 @@ class AdaptiveSpeculation:
                 request.spec_token_ids = request.spec_token_ids[:keep]
         self._last = decision
         return decision
+
+    def _needs_cost_probe(self) -> bool:
+        """True while a draft's price rests on the cost model's priors (with hysteresis)."""
+        seen = self.cost.speculative_steps
+        if seen >= PROBE_UNTIL:
+            self._cost_probing = False
+        elif seen < PROBE_BELOW:
+            self._cost_probing = True
+        return self._cost_probing
 
     def after_schedule(self, output: Any) -> None:
         """Record the step's shape; size the next proposal for costly proposers."""
@@ -165,7 +192,9 @@ class AdaptiveSpeculation:
                      requests: Mapping[str, Any]) -> None:
         """Learn from the finished step: its cost, and how the drafts fared."""
         if self._shape is not None and step_ms is not None:
-            self.cost.observe(self._shape, step_ms)
+            self._timed_steps += 1
+            if self._timed_steps > WARMUP_STEPS:
+                self.cost.observe(self._shape, step_ms)
         self._shape = None
         self._observe_verified(scheduler_output, runner_output)
         self._judge_pending(requests)
@@ -240,6 +269,7 @@ class AdaptiveSpeculation:
             "speculative_steps": self._spec_steps,
             "drafts_offered": self._drafts_offered,
             "drafts_verified": self._drafts_verified,
+            "cost_probe_steps": self._cost_probes,
             "chosen_lengths": {str(k): v for k, v in sorted(self._length_hist.items())},
             "last_lengths": dict(last.lengths) if last else {},
             "last_predicted_speedup": last.speedup if last else 1.0,

@@ -24,8 +24,11 @@ two, keep it defined when the steps do not separate the terms:
   the terms apart, e.g. a constant batch without drafts, speculation is
   assumed cheap, tried, and the resulting steps settle it).
 
-Statistics of terms that stop varying decay back to these priors, which makes
-the controller re-probe speculation it has switched off, about once per window.
+The priors alone cannot be trusted to restart speculation: tied to ``c``, ``b``
+is as wrong as ``c``, and ``c`` fitted on a slow first step (warm-up) priced a
+draft at 40 ms on this host, so no draft was verified and nothing corrected it.
+``speculative_steps`` (decayed steps that verified drafts) lets the controller
+see when ``b`` rests on priors alone and verify some drafts to measure it.
 """
 
 from __future__ import annotations
@@ -95,6 +98,11 @@ class VerifyCostModel:
     @property
     def per_draft_token_ms(self) -> float:
         return float(self.coefficients[_B])
+
+    @property
+    def speculative_steps(self) -> float:
+        """Steps that verified drafts, decayed like the fit's statistics."""
+        return float(self._xtx[_S, _S])
 
     @property
     def spec_step_ms(self) -> float:

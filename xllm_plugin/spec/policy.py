@@ -66,3 +66,27 @@ def choose_lengths(gains: Mapping[str, Sequence[float]], *, decoding_requests: i
     if not lengths or tokens / ms <= batch / base_ms:
         return LengthDecision({}, float(batch), base_ms, float(batch), base_ms)
     return LengthDecision(lengths, tokens, ms, float(batch), base_ms)
+
+
+def probe_lengths(gains: Mapping[str, Sequence[float]], *, decoding_requests: int,
+                  base_step_ms: float, per_draft_token_ms: float, spec_step_ms: float = 0.0,
+                  half: bool = False) -> LengthDecision:
+    """The drafts of the request likeliest to be right, whatever the cost model says.
+
+    For when the cost of a draft is not known from steps that verified drafts: the
+    step measures it at the price of one request's drafts. Probes should alternate
+    all drafts and ``half`` of them (rounded up): with one length only, the price of a
+    draft and the fixed price of a speculative step move together and cannot be told
+    apart.
+    """
+    batch = max(decoding_requests, len(gains))
+    base_ms = max(base_step_ms, 1e-6)
+    best = max((request_id for request_id, row in gains.items() if row),
+               key=lambda request_id: gains[request_id][0], default=None)
+    if best is None:
+        return LengthDecision({}, float(batch), base_ms, float(batch), base_ms)
+    row = gains[best]
+    length = (len(row) + 1) // 2 if half else len(row)
+    return LengthDecision({best: length}, batch + sum(row[:length]),
+                          base_ms + max(spec_step_ms, 0.0) + length * max(per_draft_token_ms, 0.0),
+                          float(batch), base_ms)
