@@ -509,8 +509,9 @@ def main() -> None:
                         help="subset of prompt sets to run (pilot runs); the summary needs all")
     parser.add_argument("--pin", action="store_true",
                         help="engine (its whole process tree) on core 0, this client on the "
-                             "other cores: slower engines, less run-to-run scatter on a "
-                             "2-core host where client and engine otherwise share both")
+                             "other cores, so the two never compete for a core (on the 2-core "
+                             "EPYC host this neither slowed the engine nor narrowed the "
+                             "scatter between repetitions)")
     parser.add_argument("--quick", action="store_true", help="fewer requests (smoke test)")
     parser.add_argument("--out", default=NAME)
     parser.add_argument("--report-only", action="store_true",
