@@ -23,9 +23,9 @@ each, ending at EOS as in real use); throughput is output tokens over the
 makespan. Every configuration sends the same prompts in the same order.
 
 ``--pin`` puts the engine's whole process tree on core 0 and this client on the other
-cores. On the 2-core EPYC host a pinned engine decodes as fast as an unpinned one (none,
-c=1: 16.0-17.0 tok/s pinned), but the scatter between repetitions stayed: k8 at ShareGPT
-c=4 ran at 46.5 and 40.5 tok/s with the same drafts and acceptances.
+cores. On the 2-core EPYC host a pinned engine decodes about as fast as an unpinned one
+(none, c=1: 15.2-17.0 tok/s in 8 pinned runs), but the scatter between repetitions stayed:
+k8 at ShareGPT c=4 ran at 46.5 and 40.5 tok/s with the same drafts and acceptances.
 
 Run: python benchmarks/spec_adaptive.py [--reps 3] [--quick] [--pin]
 """
