@@ -23,9 +23,10 @@ each, ending at EOS as in real use); throughput is output tokens over the
 makespan. Every configuration sends the same prompts in the same order.
 
 ``--pin`` puts the engine's whole process tree on core 0 and this client on the other
-cores. On the 2-core EPYC host a pinned engine decodes about as fast as an unpinned one
-(none, c=1: 15.2-17.0 tok/s in 8 pinned runs), but the scatter between repetitions stayed:
-k8 at ShareGPT c=4 ran at 46.5 and 40.5 tok/s with the same drafts and acceptances.
+cores. On the 2-core EPYC host a pinned engine ran none at c=1 at 15.2-17.0 tok/s (8
+runs), beside the 15.5-15.7 the replay's cost fit of earlier unpinned runs gives, but the
+scatter between repetitions stayed: k8 at ShareGPT c=4 ran at 46.5 and 40.5 tok/s with the
+same drafts and acceptances.
 
 Run: python benchmarks/spec_adaptive.py [--reps 3] [--quick] [--pin]
 """
@@ -510,8 +511,8 @@ def main() -> None:
     parser.add_argument("--pin", action="store_true",
                         help="engine (its whole process tree) on core 0, this client on the "
                              "other cores, so the two never compete for a core (on the 2-core "
-                             "EPYC host this neither slowed the engine nor narrowed the "
-                             "scatter between repetitions)")
+                             "EPYC host this did not narrow the scatter between "
+                             "repetitions)")
     parser.add_argument("--quick", action="store_true", help="fewer requests (smoke test)")
     parser.add_argument("--out", default=NAME)
     parser.add_argument("--report-only", action="store_true",

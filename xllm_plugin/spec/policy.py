@@ -64,8 +64,12 @@ def choose_lengths(gains: Mapping[str, Sequence[float]], *, decoding_requests: i
         tokens += gain
         ms += cost
     if not lengths or tokens / ms <= batch / base_ms:
-        return LengthDecision({}, float(batch), base_ms, float(batch), base_ms)
+        return _no_drafts(batch, base_ms)
     return LengthDecision(lengths, tokens, ms, float(batch), base_ms)
+
+
+def _no_drafts(batch: int, base_ms: float) -> LengthDecision:
+    return LengthDecision({}, float(batch), base_ms, float(batch), base_ms)
 
 
 def probe_lengths(gains: Mapping[str, Sequence[float]], *, decoding_requests: int,
@@ -84,7 +88,7 @@ def probe_lengths(gains: Mapping[str, Sequence[float]], *, decoding_requests: in
     best = max((request_id for request_id, row in gains.items() if row),
                key=lambda request_id: gains[request_id][0], default=None)
     if best is None:
-        return LengthDecision({}, float(batch), base_ms, float(batch), base_ms)
+        return _no_drafts(batch, base_ms)
     row = gains[best]
     length = (len(row) + 1) // 2 if half else len(row)
     return LengthDecision({best: length}, batch + sum(row[:length]),
