@@ -397,15 +397,10 @@ def _kernel_paths(block_size: int, dtype_name: str) -> str:
     import torch
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
+    from xllm_plugin.cpu_features import cpuinfo_field
     from xllm_plugin.kernels import native_decode
 
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f
-                          if line.startswith("model name")), model)
-    except OSError:
-        pass
+    model = cpuinfo_field("model name") or platform.processor() or platform.machine()
     lib = native_decode.load()
     ours = native_decode.isa(lib) if lib is not None else "none (SDPA)"
     stock = _get_attn_isa(getattr(torch, dtype_name), block_size, HEAD_SIZE, "auto")

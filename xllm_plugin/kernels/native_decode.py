@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from xllm_plugin.cpu_features import cpuinfo_field
+
 log = logging.getLogger("xllm_plugin.kernels.native_decode")
 
 SOURCE = r"""
@@ -546,11 +548,7 @@ def _cache_dir() -> Path:
 
 
 def _cpu_key(flags: list[str]) -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        cpu = ""
+    cpu = cpuinfo_field("flags")
     return hashlib.sha256((SOURCE + " ".join(flags) + cpu).encode()).hexdigest()[:16]
 
 
