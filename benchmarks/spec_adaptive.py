@@ -192,16 +192,16 @@ def spec_counters(url: str) -> dict[str, float]:
 
 
 async def _complete(session: aiohttp.ClientSession, url: str, prompt: str,
-                    max_tokens: int) -> int:
+                    max_tokens: int, extra: dict[str, Any] | None = None) -> int:
     body = {"model": "smollm2", "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": max_tokens, "temperature": 0.0}
+            "max_tokens": max_tokens, "temperature": 0.0, **(extra or {})}
     async with session.post(url + "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         return int((await response.json())["usage"]["completion_tokens"])
 
 
 async def measure(url: str, prompts: list[str], concurrency: int, requests: int,
-                  max_tokens: int) -> float:
+                  max_tokens: int, extra: dict[str, Any] | None = None) -> float:
     """Output tokens/s of ``concurrency`` closed-loop clients over a fixed list of requests.
 
     Fixed work (the same prompts in the same order for every configuration) pairs the
@@ -210,6 +210,7 @@ async def measure(url: str, prompts: list[str], concurrency: int, requests: int,
     by which prompts they were. ``ignore_eos`` is not used: it would make every request
     decode past its answer, text the prompt sets were not chosen for. bf16 batch effects
     may still change a greedy text, and so its length, between configurations.
+    ``extra``: more fields for every request's body (e.g. ``vllm_xargs``).
     """
     queue = iter(range(requests))
     produced = 0
@@ -217,7 +218,8 @@ async def measure(url: str, prompts: list[str], concurrency: int, requests: int,
     async def client(session: aiohttp.ClientSession) -> None:
         nonlocal produced
         for index in queue:
-            tokens = await _complete(session, url, prompts[index % len(prompts)], max_tokens)
+            tokens = await _complete(session, url, prompts[index % len(prompts)], max_tokens,
+                                     extra)
             produced += tokens  # not ``produced += await``: that reads ``produced`` first
 
     timeout = aiohttp.ClientTimeout(total=None)

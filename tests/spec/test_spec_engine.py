@@ -70,8 +70,13 @@ def reference_and_adaptive() -> dict[str, Any]:
         before = _draft_tokens(engine.url)
         capped = _complete(engine.url, PROMPTS[0], {"vllm_xargs": {"spec_max_k": 0}})
         after = _draft_tokens(engine.url)
+        fixed = _complete(engine.url, PROMPTS[0], {"vllm_xargs": {"spec_k": 8}})
+        fixed_after = _draft_tokens(engine.url)
+        fixed_status = http_get_json(engine.url + "/xllm/status")["engine"]["speculative"]
     return {"reference": reference, "outputs": outputs, "status": status,
-            "capped": capped, "capped_drafts": after - before}
+            "capped": capped, "capped_drafts": after - before,
+            "fixed": fixed, "fixed_drafts": fixed_after - after,
+            "fixed_steps": fixed_status["fixed_length_request_steps"]}
 
 
 def test_adaptive_speculation_gives_the_same_greedy_tokens_as_none(
@@ -92,6 +97,13 @@ def test_a_request_can_switch_speculation_off_for_itself(
         reference_and_adaptive: dict[str, Any]) -> None:
     assert reference_and_adaptive["capped_drafts"] == 0
     assert reference_and_adaptive["capped"] == reference_and_adaptive["reference"][0]
+
+
+def test_a_request_can_fix_its_own_speculation_length(
+        reference_and_adaptive: dict[str, Any]) -> None:
+    assert reference_and_adaptive["fixed_steps"] > 0
+    assert reference_and_adaptive["fixed_drafts"] > 0
+    assert reference_and_adaptive["fixed"] == reference_and_adaptive["reference"][0]
 
 
 def test_adaptive_without_speculative_config_fails_fast_with_a_clear_error(

@@ -275,3 +275,33 @@ def test_cost_probes_come_back_once_the_draft_steps_are_forgotten() -> None:
     request.spec_token_ids = [4, 5]
     controller.before_schedule([request])
     assert request.spec_token_ids == [4, 5]
+
+
+def _fixed(request_id: str, tokens: list[int], drafts: list[int], k: int):
+    request = _request(request_id, tokens, drafts)
+    request.sampling_params.extra_args = {"spec_k": k}
+    return request
+
+
+def test_a_request_can_fix_its_own_length_past_the_controller() -> None:
+    controller = AdaptiveSpeculation(max_drafts=8, method="ngram")
+    # Drafts priced far above what they could bring: the controller would verify none.
+    for _ in range(8):
+        controller.cost.observe(StepShape(1, 8), 100.0)
+        controller.cost.observe(StepShape(1), 20.0)
+    fixed = _fixed("fixed", [1, 2, 3], [4, 5, 6, 7, 8, 9], k=4)
+    free = _request("free", [1, 2, 3], [4, 5, 6, 7, 8, 9])
+    decision = controller.before_schedule([fixed, free])
+    assert fixed.spec_token_ids == [4, 5, 6, 7]
+    assert free.spec_token_ids == [] and "fixed" not in decision.lengths
+    assert controller.status()["fixed_length_request_steps"] == 1
+
+
+def test_a_fixed_length_stays_within_the_engines_k_and_the_requests_cap() -> None:
+    controller = AdaptiveSpeculation(max_drafts=4, method="ngram")
+    long = _fixed("long", [1, 2, 3], [4, 5, 6, 7], k=8)
+    capped = _fixed("capped", [1, 2, 3], [4, 5, 6, 7], k=3)
+    capped.sampling_params.extra_args["spec_max_k"] = 1
+    controller.before_schedule([long, capped])
+    assert long.spec_token_ids == [4, 5, 6, 7]
+    assert capped.spec_token_ids == [4]

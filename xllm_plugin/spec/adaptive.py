@@ -12,6 +12,8 @@
   one (at start, and again once it has forgotten them), steps that would
   verify none verify one request's drafts instead ("cost probes", all of
   them and half of them in turn).
+  A request that fixes its own length (``vllm_xargs.spec_k``) keeps that many
+  drafts; the choice for the others prices it as a decoding request without drafts.
 - ``after_schedule(output)``: records the step's shape for the cost model and,
   for proposers whose drafting costs model passes, asks for only as many
   drafts next step as are likely to be used.
@@ -51,6 +53,10 @@ from xllm_plugin.spec.policy import LengthDecision, choose_lengths, probe_length
 CHEAP_PROPOSERS = frozenset({"ngram", "ngram_gpu", "suffix"})
 # vllm_xargs key a request may use to cap its own speculation (0 = none).
 REQUEST_CAP_KEY = "spec_max_k"
+# vllm_xargs key that fixes a request's speculation length, past the controller: the
+# request verifies min(K, drafts) every step, as vLLM's static K would. For requests whose
+# best K is known, and for A/B runs of static K against the controller inside one engine.
+REQUEST_FIXED_KEY = "spec_k"
 # Cost probes run until the cost model holds this many (decayed) steps that verified
 # drafts, and start again when fewer than PROBE_BELOW remain: with the default
 # 256-step window, four probe steps about every 350 steps while speculation is off.
@@ -68,14 +74,26 @@ class _Pending:
     context: str = NO_PROPOSAL  # what the request's proposal before this one showed
 
 
-def request_cap(request: Any, default: int) -> int:
-    """The request's own cap from ``vllm_xargs.spec_max_k``, else ``default``."""
+def _request_count(request: Any, key: str) -> int | None:
+    """A non-negative int the request set under ``vllm_xargs[key]``, else None."""
     params = getattr(request, "sampling_params", None)
     extra = getattr(params, "extra_args", None) or {}
-    value = extra.get(REQUEST_CAP_KEY)
+    value = extra.get(key)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return min(value, default)
-    return default
+        return value
+    return None
+
+
+def request_cap(request: Any, default: int) -> int:
+    """The request's own cap from ``vllm_xargs.spec_max_k``, else ``default``."""
+    value = _request_count(request, REQUEST_CAP_KEY)
+    return default if value is None else min(value, default)
+
+
+def request_fixed_length(request: Any, cap: int) -> int | None:
+    """The length ``vllm_xargs.spec_k`` fixes (within ``cap``), or None: the controller's."""
+    value = _request_count(request, REQUEST_FIXED_KEY)
+    return None if value is None else min(value, cap)
 
 
 def is_decoding(request: Any) -> bool:
@@ -106,6 +124,8 @@ class AdaptiveSpeculation:
         self._drafts_verified = 0
         self._cost_probing = True
         self._cost_probes = 0
+        self._fixed_steps = 0
+        self._fixed_longest = 0  # this step's longest fixed length (sizes the next proposal)
         self._last: LengthDecision | None = None
         self._length_hist: Counter[int] = Counter()
 
@@ -114,6 +134,7 @@ class AdaptiveSpeculation:
     def before_schedule(self, running: Iterable[Any]) -> LengthDecision:
         """Cut each decoding request's drafts to the chosen length."""
         self._steps += 1
+        self._fixed_longest = 0
         gains: dict[str, list[float]] = {}
         drafted: list[Any] = []
         decoding = 0
@@ -131,6 +152,13 @@ class AdaptiveSpeculation:
             else:  # placeholders (async scheduling): nothing to judge a next proposal by
                 self._latest.pop(request.request_id, None)
             cap = request_cap(request, self.max_drafts)
+            fixed = request_fixed_length(request, cap)
+            if fixed is not None:  # the request's own K; its drafts still teach acceptance
+                self._fixed_steps += 1
+                self._fixed_longest = max(self._fixed_longest, fixed)
+                self._drafts_offered += len(drafts)
+                request.spec_token_ids = request.spec_token_ids[:fixed]
+                continue
             length = min(len(drafts), cap)
             if length <= 0:
                 request.spec_token_ids = []
@@ -185,7 +213,7 @@ class AdaptiveSpeculation:
         self._spec_steps += verified > 0
         self._shape = StepShape(decode, verified, prefill)
         if not self.cheap_proposer and self._last is not None:
-            longest = max(self._last.lengths.values(), default=0)
+            longest = max(self._fixed_longest, *self._last.lengths.values())
             output.num_spec_tokens_to_schedule = min(self.max_drafts, longest + 1)
 
     def after_update(self, scheduler_output: Any, runner_output: Any, step_ms: float | None,
@@ -270,6 +298,7 @@ class AdaptiveSpeculation:
             "drafts_offered": self._drafts_offered,
             "drafts_verified": self._drafts_verified,
             "cost_probe_steps": self._cost_probes,
+            "fixed_length_request_steps": self._fixed_steps,
             "chosen_lengths": {str(k): v for k, v in sorted(self._length_hist.items())},
             "last_lengths": dict(last.lengths) if last else {},
             "last_predicted_speedup": last.speedup if last else 1.0,
