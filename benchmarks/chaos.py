@@ -546,8 +546,8 @@ EXIT_FLOOR_PROBE = (
     "A probe on 2026-12-05 fits that reading: the break came 166 ms after the SIGKILL with "
     "the engine's processes pinned to one core, 136 ms unpinned, 152 ms with a 4 GiB "
     "instead of a 1 GiB KV cache (worker RSS 4.8 instead of 1.7 GB) and 181 ms with the "
-    "API server (728 MB RSS) killed before the rest: the API server's own exit sets the "
-    "floor, not the KV cache.")
+    "API server (728 MB RSS) killed before the rest: the KV cache's size does not lengthen "
+    "it, as expected if the API server's own exit sets the floor.")
 
 
 def pct(values: Sequence[float], q: float) -> float | None:

@@ -2,9 +2,8 @@
 
 Several choices depend on it: the SIMD path of the native decode kernel, and the dtype
 a CPU engine should run in. vLLM's CPU build runs bf16 matrix products fast only where
-the CPU multiplies bf16 natively (AVX-512 BF16 or AMX); elsewhere PyTorch converts to
-float32 in its inner loops, and on the 2-core AMD EPYC host (AVX2 only) SmolLM2 decoded
-about half as fast in bf16 as in float32.
+the CPU multiplies bf16 natively (AVX-512 BF16 or AMX): on the 2-core AMD EPYC host
+(AVX2 only) the SmolLM2 demo ran 27 tok/s in bf16 and 48 in float32.
 """
 
 from __future__ import annotations
