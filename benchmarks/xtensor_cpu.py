@@ -118,8 +118,10 @@ def _attention_case(context: int, batch: int, q_len: int, block: int, reps: int,
     slot_k, slot_v = xt.slot_tensors(0)
     slot_ids = [xt.slot_of(i) for i in range(batch)]
     # What the backend does: all decode rows in one native call (built per step: q index,
-    # slots, lengths), prefill chunks through SDPA on slices of the views.
+    # slots, lengths), prefill chunks one native call each where the CPU has AMX tiles (bf16),
+    # else through SDPA on slices of the views.
     lib = native_decode.load() if native else None
+    prefill_lib = lib if lib is not None and native_decode.has_prefill(lib, dtype) else None
     q_index = torch.arange(batch, dtype=torch.int32)
     slots_t = torch.tensor(slot_ids, dtype=torch.int64)
 
@@ -130,6 +132,13 @@ def _attention_case(context: int, batch: int, q_len: int, block: int, reps: int,
             return
         ks = [slot_k[s, :context] for s in slot_ids]
         vs = [slot_v[s, :context] for s in slot_ids]
+        if prefill_lib is not None:
+            for i, (k, v) in enumerate(zip(ks, vs, strict=True)):
+                a, b = qsl_list[i], qsl_list[i + 1]
+                if not native_decode.prefill(prefill_lib, query[a:b], k, v, HEAD_SIZE ** -0.5,
+                                             out[a:b]):
+                    raise RuntimeError("the native prefill kernel declined this case")
+            return
         attend_rows(query, out, qsl_list, ks, vs, HEAD_SIZE ** -0.5)
 
     # Decode rows the VMA budget left without a view: their pages copied into a reused
@@ -402,9 +411,13 @@ def _kernel_paths(block_size: int, dtype_name: str) -> str:
 
     model = cpuinfo_field("model name") or platform.processor() or platform.machine()
     lib = native_decode.load()
+    dtype = getattr(torch, dtype_name)
     ours = native_decode.isa(lib) if lib is not None else "none (SDPA)"
-    stock = _get_attn_isa(getattr(torch, dtype_name), block_size, HEAD_SIZE, "auto")
-    return f"{model}; vLLM CPU attention path {stock}, xTensor native decode path {ours}"
+    prefill = ("native " + native_decode.isa(lib)
+               if lib is not None and native_decode.has_prefill(lib, dtype) else "SDPA")
+    stock = _get_attn_isa(dtype, block_size, HEAD_SIZE, "auto")
+    return (f"{model}; vLLM CPU attention path {stock}, xTensor native decode path {ours}, "
+            f"prefill {prefill}")
 
 
 # -- report --------------------------------------------------------------------------------

@@ -164,6 +164,11 @@ class XTensorConfig(_Section):
         default=True,
         description="Decode rows in one native kernel call per layer (built with the system C "
                     "compiler on first use); false = PyTorch SDPA per request.")
+    native_prefill: bool = Field(
+        default=True,
+        description="Prefill chunks in the native kernel on the AMX tile unit where the CPU "
+                    "has one and the KV cache is bf16; false (or no AMX) = PyTorch SDPA per "
+                    "request.")
 
 
 class RecommendConfig(_Section):

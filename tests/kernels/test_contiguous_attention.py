@@ -164,10 +164,10 @@ def test_triton_decode_paged_and_contiguous_agree_on_gpu(num_splits: int) -> Non
         torch.testing.assert_close(got_paged[i:i + 1].cpu(), ref, atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.parametrize("force_isa", [None, "avx2", "generic"])
+@pytest.mark.parametrize("force_isa", [None, "avx512", "avx2", "generic"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("heads,head_size", [((9, 3), 64), ((8, 1), 128), ((4, 4), 64),
-                                             ((6, 2), 96), ((16, 2), 32)])
+                                             ((32, 8), 64), ((6, 2), 96), ((16, 2), 32)])
 def test_native_decode_matches_reference(dtype: torch.dtype, tol: float,
                                          heads: tuple[int, int], head_size: int,
                                          force_isa: str | None) -> None:
@@ -181,15 +181,17 @@ def test_native_decode_matches_reference(dtype: torch.dtype, tol: float,
         pytest.skip(f"this CPU cannot run the {force_isa} path")
     torch.manual_seed(1)
     num_heads, num_kv_heads = heads
-    lens = [1, 15, 16, 17, 130, 700]
-    slots = torch.randn(8, 720, num_kv_heads, head_size, dtype=dtype)
+    # Around the tile unit's blocks (16 tokens for Q.K, 32 for P.V, rows from 64 tokens)
+    # and their tails.
+    lens = [1, 15, 16, 17, 63, 64, 97, 130, 700]
+    slots = torch.randn(10, 720, num_kv_heads, head_size, dtype=dtype)
     values = torch.randn_like(slots)
     # The query tensor is a strided view (as vLLM's split of a fused QKV projection).
     qkv = torch.randn(len(lens) + 2, num_heads + 7, head_size, dtype=dtype)
     query = qkv[:, :num_heads]
     out = torch.zeros(len(lens) + 2, num_heads, head_size, dtype=dtype)
-    q_index = torch.tensor([0, 2, 3, 4, 6, 7], dtype=torch.int32)
-    slot_ids = torch.tensor([5, 0, 7, 2, 3, 1], dtype=torch.int64)
+    q_index = torch.tensor([0, 2, 3, 4, 6, 7, 8, 9, 10], dtype=torch.int32)
+    slot_ids = torch.tensor([5, 0, 7, 2, 3, 1, 9, 4, 8], dtype=torch.int64)
     native_decode.decode(lib, query, out, q_index, slots, values, slot_ids,
                          torch.tensor(lens, dtype=torch.int32), 0.11)
     for row, (token, slot, length) in enumerate(zip(q_index.tolist(), slot_ids.tolist(), lens)):
@@ -197,3 +199,43 @@ def test_native_decode_matches_reference(dtype: torch.dtype, tol: float,
                                   values[slot, :length], 0.11)
         torch.testing.assert_close(out[token:token + 1], ref, atol=tol, rtol=tol)
     assert (out[[1, 5]] == 0).all()  # rows not asked for are untouched
+
+
+@pytest.mark.parametrize("heads,head_size", [((9, 3), 64), ((8, 1), 128), ((32, 8), 64),
+                                             ((4, 4), 256)])
+def test_native_prefill_matches_reference(heads: tuple[int, int], head_size: int) -> None:
+    """Prefill chunks on the AMX tile unit: whole prompts, chunks that end a longer sequence
+    (chunked prefill, prefix-cache hits), lengths around its 16-, 32- and 128-token blocks."""
+    from xllm_plugin.kernels import native_decode
+
+    lib = native_decode.load()
+    if lib is None or not native_decode.has_prefill(lib, torch.bfloat16):
+        pytest.skip("no AMX tiles here: prefill chunks use SDPA")
+    torch.manual_seed(2)
+    num_heads, num_kv_heads = heads
+    for q_len, kv_len in [(1, 1), (5, 5), (16, 16), (17, 40), (130, 130), (33, 300),
+                          (300, 300), (64, 1000)]:
+        # K/V as an xTensor view: one token stride, room past kv_len.
+        slot = torch.randn(kv_len + 3, num_kv_heads, head_size, dtype=torch.bfloat16)
+        key, value = slot[:kv_len], torch.randn_like(slot)[:kv_len]
+        qkv = torch.randn(q_len, num_heads + 5, head_size, dtype=torch.bfloat16)
+        query = qkv[:, :num_heads]  # strided, as vLLM's split of a fused QKV projection
+        out = torch.zeros(q_len, num_heads, head_size, dtype=torch.bfloat16)
+        assert native_decode.prefill(lib, query, key, value, 0.11, out)
+        torch.testing.assert_close(out, reference_attention(query, key, value, 0.11),
+                                   atol=2e-2, rtol=2e-2)
+
+
+def test_native_prefill_declines_what_it_does_not_cover() -> None:
+    from xllm_plugin.kernels import native_decode
+
+    lib = native_decode.load()
+    if lib is None:
+        pytest.skip("no C compiler")
+    query = torch.randn(4, 4, 64)  # fp32: SDPA's job
+    out = torch.zeros_like(query)
+    assert not native_decode.prefill(lib, query, query, query, 0.1, out)
+    assert (out == 0).all()
+    if native_decode.has_prefill(lib, torch.bfloat16):  # head size 96: not a multiple of 64
+        q96 = torch.randn(4, 4, 96, dtype=torch.bfloat16)
+        assert not native_decode.prefill(lib, q96, q96, q96, 0.1, torch.zeros_like(q96))

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from xllm_plugin.config import XTensorConfig
+from xllm_plugin.kernels import native_decode
 from xllm_plugin.kernels.cpu_attention import reference_attention
 from xllm_plugin.memory.cpu_mapper import count_vmas, max_map_count
 from xllm_plugin.memory.vllm_backend import XTensorAttentionImpl, XTensorAttentionMetadata
@@ -27,13 +28,19 @@ NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
 class Engine:
     """Just enough of vLLM's block manager and model runner to drive the backend."""
 
-    def __init__(self, options: XTensorConfig, seed: int) -> None:
+    def __init__(self, options: XTensorConfig, seed: int,
+                 dtype: torch.dtype = torch.float32) -> None:
+        size = torch.empty((), dtype=dtype).element_size()
         geometry = store_geometry(num_layers=LAYERS, num_blocks=BLOCKS, block_size=BLOCK,
-                                  num_kv_heads=KV_HEADS, head_size=HEAD, dtype_bytes=4,
-                                  offset=0, layer_stride=2 * BLOCKS * BLOCK * KV_HEADS * HEAD * 4,
+                                  num_kv_heads=KV_HEADS, head_size=HEAD, dtype_bytes=size,
+                                  offset=0,
+                                  layer_stride=2 * BLOCKS * BLOCK * KV_HEADS * HEAD * size,
                                   max_model_len=512, max_num_seqs=4,
                                   reusable_views=options.reusable_views)
-        self.store = XTensorKVStore(geometry, torch.float32, NAMES, options, 10.0)
+        self.dtype = dtype
+        # bf16 rows are rounded on the way out (and bf16 probabilities on AMX); fp32 is exact.
+        self.tol = 1e-5 if dtype == torch.float32 else 3e-2
+        self.store = XTensorKVStore(geometry, dtype, NAMES, options, 10.0)
         set_current_store(self.store)
         # One implementation per layer, as vLLM builds them.
         self.impls = [XTensorAttentionImpl(HEADS, HEAD, 0.125, KV_HEADS, None, None, "auto")
@@ -51,7 +58,8 @@ class Engine:
 
     def add(self, rid: str, shared_from: str | None = None, shared_blocks: int = 0) -> None:
         self.blocks[rid] = list(self.blocks[shared_from][:shared_blocks]) if shared_from else []
-        self.kv[rid] = [torch.empty(0, 2, KV_HEADS, HEAD) for _ in range(LAYERS)]
+        self.kv[rid] = [torch.empty(0, 2, KV_HEADS, HEAD, dtype=self.dtype)
+                        for _ in range(LAYERS)]
         if shared_from:  # a prefix-cache hit: the shared blocks already hold these tokens
             for layer in range(LAYERS):
                 self.kv[rid][layer] = self.kv[shared_from][layer][:shared_blocks * BLOCK].clone()
@@ -92,8 +100,9 @@ class Engine:
         meta = XTensorAttentionMetadata(tokens, max(work.values()), rows,
                                         torch.tensor(slots, dtype=torch.int64))
         for layer in range(LAYERS):
-            query = torch.randn(tokens, HEADS, HEAD)
-            key, value = torch.randn(tokens, KV_HEADS, HEAD), torch.randn(tokens, KV_HEADS, HEAD)
+            query = torch.randn(tokens, HEADS, HEAD).to(self.dtype)
+            key = torch.randn(tokens, KV_HEADS, HEAD).to(self.dtype)
+            value = torch.randn(tokens, KV_HEADS, HEAD).to(self.dtype)
             self.impls[layer].do_kv_cache_update(self.layers[layer], key, value, None, meta.slot_mapping)
             out = torch.empty_like(query)
             self.impls[layer].forward(self.layers[layer], query, key, value, None, meta, out)
@@ -103,7 +112,7 @@ class Engine:
                 self.kv[rid][layer] = torch.cat([self.kv[rid][layer], pair])
                 shadow = self.kv[rid][layer]
                 ref = reference_attention(query[a:b], shadow[:, 0], shadow[:, 1], 0.125)
-                torch.testing.assert_close(out[a:b], ref, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(out[a:b], ref, atol=self.tol, rtol=self.tol)
 
     def finish(self, rid: str) -> None:
         self.store.release([rid])
@@ -119,13 +128,15 @@ def _fraction_for(vmas: int) -> float:
 
 # 1e-6: no view fits, every row falls back; "partial": a budget of 48 VMAs (6 runs of the
 # 4 planes) holds some requests' views and refuses others, which wait for room.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("budget", [0.5, 1e-6, "partial"])
 def test_backend_matches_dense_attention_through_a_request_lifecycle(
-        native: bool, budget: float | str) -> None:
+        native: bool, budget: float | str, dtype: torch.dtype) -> None:
     fraction = _fraction_for(48) if budget == "partial" else budget
-    options = XTensorConfig(reusable_views=2, map_budget_fraction=fraction, native_decode=native)
-    engine = Engine(options, seed=7)
+    options = XTensorConfig(reusable_views=2, map_budget_fraction=fraction, native_decode=native,
+                            native_prefill=native)
+    engine = Engine(options, seed=7, dtype=dtype)
     engine.add("a")
     engine.add("b")
     engine.step({"a": 70, "b": 33}, lookahead=1)  # prefill
@@ -152,4 +163,7 @@ def test_backend_matches_dense_attention_through_a_request_lifecycle(
         assert snapshot["premap_hits"] > 0 and snapshot["reuse_hits"] > 0
     assert snapshot["wasted_bytes_max"] <= snapshot["page_bytes"] * 2 * LAYERS
     assert sum(snapshot["pages"].values()) == BLOCKS
+    lib = native_decode.load()
+    amx_prefill = native and lib is not None and native_decode.has_prefill(lib, dtype)
+    assert snapshot["prefill_kernel"] == ("native-avx512-amx" if amx_prefill else "sdpa")
     set_current_store(None)

@@ -11,7 +11,11 @@ Three paths, the widest the CPU has: AVX-512 with BF16 dot products, AVX2 with F
 (bf16 widened to fp32 by a shift), and portable C for anything else (and head sizes
 the SIMD paths do not tile). The AVX2 path matters as much as the wide one: on a host
 without AVX-512 (an AMD EPYC VM, 2026-12-03) only it beats vLLM's own paged kernel,
-which runs its ``vec`` path there.
+which runs its ``vec`` path there. Where the CPU has AMX tiles (Sapphire Rapids and
+later), bf16 rows of 64 tokens or more put both products on the tile unit: vLLM's ``amx``
+path does, and on such a Xeon (2026-12-05) the vector path took about twice its time.
+Q.K loads 16 token rows of K straight from the view (the tile stride is the token
+stride); P.V needs V in the unit's pair layout, repacked per block of 32 tokens.
 
 The C source is compiled with the system C compiler into ``~/.cache/xllm-plugin/kernels``
 (keyed by source, flags and CPU), about a second, once per machine. Without a compiler,
@@ -154,6 +158,184 @@ static float exp_and_sum16(float *s, int len, float mx) {
     return _mm512_reduce_add_ps(total) + rest;
 }
 
+/* bf16 rows use the AMX tile unit where the CPU has it (Sapphire Rapids and later), unless
+   XT_NO_AMX caps the build at plain AVX-512. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && !defined(XT_NO_AMX)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define XT_AMX 1
+/* Linux gives a process AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
+   XTILEDATA, Linux 5.16+); 1 once granted, -1 if refused, 0 before asking. xt_decode asks
+   before its parallel region, so the rows only read it. */
+static int amx_state = 0;
+/* Shorter rows stay on the vector path: the tile setup costs more than it saves there. */
+#define XT_AMX_MIN_LEN 64
+static int amx_ready(void) {
+    if (amx_state == 0) amx_state = syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : -1;
+    return amx_state > 0;
+}
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) xt_tilecfg;
+
+/* Q.K for every full block of 16 tokens on the AMX tile unit. The 16 token rows of K load
+   straight from the token-major view (tile stride = the token stride), 32 dims at a time,
+   against a block-diagonal Q^T (each 32-dim step of one KV head meets only that head's
+   query group; the other columns are zero), so one accumulator holds the scores of up to
+   16 query heads: C[t][col] for a run of whole KV-head groups. Blocks alternate between two
+   accumulators so one block's store overlaps the next block's products. Returns how many
+   tokens it scored (a multiple of 16); scores land in scores[hg * len + t], raising mx[hg]. */
+#define XT_QK_BLOCK(CT, T)                                                                  \
+    do {                                                                                    \
+        const char *block_ = k + (size_t)(T) * row_bytes;                                   \
+        _tile_zero(CT);                                                                     \
+        for (int s = 0; s < nsteps; s++) {                                                  \
+            _tile_loadd(2, block_ + (size_t)(h0 * d + 32 * s) * 2, (long)row_bytes);        \
+            _tile_loadd(3, qt + (size_t)s * 16 * cols, cols * 4);                           \
+            _tile_dpbf16ps(CT, 2, 3);                                                       \
+        }                                                                                   \
+        _tile_stored(CT, ct[CT], 64);                                                 \
+    } while (0)
+
+/* 16 x 16 transpose of 32-bit elements in registers: out[j] lane i = r[i] lane j (four
+   rounds of in-lane and cross-lane shuffles). */
+static inline void transpose16(const __m512 *r, __m512 *out) {
+    __m512 u[16], w[16];
+    for (int i = 0; i < 8; i++) {  /* lane L: rows 2i, 2i+1 of columns 4L..4L+1 | 4L+2..4L+3 */
+        u[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        u[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int m = 0; m < 4; m++) {  /* w[4m + j], lane L: column 4L + j of rows 4m..4m+3 */
+        w[4 * m] = _mm512_shuffle_ps(u[4 * m], u[4 * m + 2], 0x44);
+        w[4 * m + 1] = _mm512_shuffle_ps(u[4 * m], u[4 * m + 2], 0xEE);
+        w[4 * m + 2] = _mm512_shuffle_ps(u[4 * m + 1], u[4 * m + 3], 0x44);
+        w[4 * m + 3] = _mm512_shuffle_ps(u[4 * m + 1], u[4 * m + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; j++) {  /* column 4L + j: lane L of w[j], w[4+j], w[8+j], w[12+j] */
+        const __m512 v0 = _mm512_shuffle_f32x4(w[j], w[4 + j], 0x44);
+        const __m512 v1 = _mm512_shuffle_f32x4(w[j], w[4 + j], 0xEE);
+        const __m512 v2 = _mm512_shuffle_f32x4(w[8 + j], w[12 + j], 0x44);
+        const __m512 v3 = _mm512_shuffle_f32x4(w[8 + j], w[12 + j], 0xEE);
+        out[j] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+        out[4 + j] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+        out[8 + j] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+        out[12 + j] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+    }
+}
+
+/* Columns of a stored accumulator (16 token rows of 16 floats) into scores[hg][t..t+15]. */
+static void qk_scatter(const float *ct, int cols, int hg0, int len, int t, float *scores,
+                       float *mx) {
+    __m512 r[16], c[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_load_ps(ct + 16 * i);
+    transpose16(r, c);
+    for (int col = 0; col < cols; col++) {
+        _mm512_storeu_ps(scores + (size_t)(hg0 + col) * len + t, c[col]);
+        const float m = _mm512_reduce_max_ps(c[col]);
+        if (m > mx[hg0 + col]) mx[hg0 + col] = m;
+    }
+}
+
+static int qk_amx(const __m512bh (*qb)[8], const char *k, size_t row_bytes, int len, int hkv,
+                  int group, int d, float *scores, float *mx) {
+    const int steps = d / 32, full = len & ~15;
+    const int per_run = 16 / group < 16 / steps ? 16 / group : 16 / steps;  /* cols, steps <= 16 */
+    if (full == 0 || per_run == 0) return 0;
+    uint32_t qt[16 * 16 * 16];  /* [step of the run][pair i][col] */
+    float ct[2][16 * 16] __attribute__((aligned(64))) = {{0}};
+    for (int h0 = 0; h0 < hkv; h0 += per_run) {
+        const int h1 = h0 + per_run < hkv ? h0 + per_run : hkv;
+        const int cols = (h1 - h0) * group, nsteps = (h1 - h0) * steps;
+        memset(qt, 0, sizeof(uint32_t) * (size_t)nsteps * 16 * cols);
+        for (int h = h0; h < h1; h++)
+            for (int g = 0; g < group; g++) {
+                const uint32_t *words = (const uint32_t *)qb[h * group + g];
+                const int col = (h - h0) * group + g;
+                for (int s = 0; s < steps; s++)
+                    for (int i = 0; i < 16; i++)
+                        qt[(((h - h0) * steps + s) * 16 + i) * cols + col] = words[s * 16 + i];
+            }
+        xt_tilecfg cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        cfg.rows[0] = cfg.rows[1] = 16;
+        cfg.colsb[0] = cfg.colsb[1] = (uint16_t)(cols * 4);  /* C: 16 tokens x cols fp32 */
+        cfg.rows[2] = 16; cfg.colsb[2] = 64;                  /* A: 16 tokens x 32 dims */
+        cfg.rows[3] = 16; cfg.colsb[3] = (uint16_t)(cols * 4); /* B: 16 dim pairs x cols */
+        _tile_loadconfig(&cfg);
+        int t = 0;
+        for (; t + 32 <= full; t += 32) {
+            XT_QK_BLOCK(0, t);
+            XT_QK_BLOCK(1, t + 16);
+            qk_scatter(ct[0], cols, h0 * group, len, t, scores, mx);
+            qk_scatter(ct[1], cols, h0 * group, len, t + 16, scores, mx);
+        }
+        if (t < full) {
+            XT_QK_BLOCK(0, t);
+            qk_scatter(ct[0], cols, h0 * group, len, t, scores, mx);
+        }
+        _tile_release();
+    }
+    return full;
+}
+
+/* 32 tokens x 64 dims of V (rows row_bytes apart) into the tile unit's pair layout: row i
+   of bt[j] holds (v[2i][n], v[2i+1][n]) for the 16 dims n of unpack j. */
+static inline void repack_pairs(const char *v, size_t row_bytes, uint32_t bt[4][16][16]) {
+    for (int i = 0; i < 16; i++) {
+        const char *va = v + (size_t)(2 * i) * row_bytes;
+        const __m512i a0 = _mm512_loadu_si512(va), a1 = _mm512_loadu_si512(va + 64);
+        const __m512i b0 = _mm512_loadu_si512(va + row_bytes);
+        const __m512i b1 = _mm512_loadu_si512(va + row_bytes + 64);
+        _mm512_store_si512(bt[0][i], _mm512_unpacklo_epi16(a0, b0));
+        _mm512_store_si512(bt[1][i], _mm512_unpackhi_epi16(a0, b0));
+        _mm512_store_si512(bt[2][i], _mm512_unpacklo_epi16(a1, b1));
+        _mm512_store_si512(bt[3][i], _mm512_unpackhi_epi16(a1, b1));
+    }
+}
+
+/* P.V for one KV head's group over 64 output dims, on the AMX tile unit, for every full
+   block of 32 tokens: C[g][n] += sum_t P[g][t] V[t][n]. P rows come straight from the
+   bf16 probabilities (pp: row g at pp + g * half words, tokens in order); V is repacked
+   per block into the unit's pair layout with the same unpacks as the vector path (so C's
+   columns carry the same in-lane dim permutation, undone by the caller). Adds into
+   cacc[g][j][16] (j = which unpack); returns how many token pairs it consumed. */
+static int pv_amx(const uint32_t *pp, int half, const char *vbase, size_t row_bytes,
+                  int len, int group, float *cacc) {
+    const int blocks = len / 32;
+    if (blocks == 0) return 0;
+    xt_tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 5; i++) { cfg.rows[i] = (uint8_t)group; cfg.colsb[i] = 64; }
+    cfg.rows[5] = 16; cfg.colsb[5] = 64;
+    _tile_loadconfig(&cfg);
+    _tile_loadd(0, cacc, 256); _tile_loadd(1, cacc + 16, 256);
+    _tile_loadd(2, cacc + 32, 256); _tile_loadd(3, cacc + 48, 256);
+    /* Two repack buffers, one block apart: the tile loads of block b read what was
+       stored while block b - 1 ran, so they do not wait on the stores of the block just
+       repacked (a tile load takes no data forwarded from pending stores). */
+    uint32_t bt[2][4][16][16] __attribute__((aligned(64)));
+    repack_pairs(vbase, row_bytes, bt[0]);
+    for (int b = 0; b < blocks; b++) {
+        if (b + 1 < blocks) repack_pairs(vbase + (size_t)(32 * (b + 1)) * row_bytes, row_bytes,
+                                         bt[(b + 1) & 1]);
+        uint32_t (*cur)[16][16] = bt[b & 1];
+        _tile_loadd(4, pp + (size_t)b * 16, (long)half * 4);
+        _tile_loadd(5, cur[0], 64); _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(5, cur[1], 64); _tile_dpbf16ps(1, 4, 5);
+        _tile_loadd(5, cur[2], 64); _tile_dpbf16ps(2, 4, 5);
+        _tile_loadd(5, cur[3], 64); _tile_dpbf16ps(3, 4, 5);
+    }
+    _tile_stored(0, cacc, 256); _tile_stored(1, cacc + 16, 256);
+    _tile_stored(2, cacc + 32, 256); _tile_stored(3, cacc + 48, 256);
+    _tile_release();
+    return blocks * 16;
+}
+#endif
+
 /* 16 lanes of partial products of q . k (their sum is the dot product). */
 static inline __m512 dot_partial(int bf16, const __m512bh *qb, const __m512 *qf,
                                  const char *kt, int n16, int n32) {
@@ -209,6 +391,11 @@ static inline __attribute__((always_inline)) void row_avx512(
         mx[hg] = -INFINITY;
     }
     int t = 0;
+#ifdef XT_AMX
+    if (bf16 && len >= XT_AMX_MIN_LEN && amx_ready())
+        t = qk_amx((const __m512bh (*)[8])qb, (const char *)k, row_bytes, len, hkv, group, d,
+                   scores, mx);
+#endif
     for (; t + 16 <= len; t += 16) {
         const char *block = (const char *)k + (size_t)t * row_bytes;
         if (t + 32 <= len)
@@ -239,6 +426,84 @@ static inline __attribute__((always_inline)) void row_avx512(
         }
     }
     for (int hg = 0; hg < heads; hg++) sum[hg] = exp_and_sum16(scores + (size_t)hg * len, len, mx[hg]);
+#ifdef XT_AMX
+    if (bf16 && len >= XT_AMX_MIN_LEN && amx_ready()) {
+        /* P.V on the tile unit, in bf16 pairs of tokens: (p[t], p[t+1]) times (v[t][i],
+           v[t+1][i]), so P is rounded to bf16 first (as the tile unit needs). Two tokens' V
+           rows are interleaved by one unpack per 16 dims; full blocks of 32 tokens go to
+           pv_amx, the remaining pairs to vdpbf16ps with the same interleave. The unpacks
+           permute dims within 128-bit lanes; the permutation is undone at the end. */
+        const int half = (len + 1) / 2;
+        uint32_t *pp = (uint32_t *)(accbuf + (size_t)heads * d);
+        for (int hg = 0; hg < heads; hg++) {
+            const float *s = scores + (size_t)hg * len;
+            uint32_t *dst = pp + (size_t)hg * half;
+            int i = 0;
+            for (; i + 16 <= len / 2; i += 16) {
+                const __m512 lo = _mm512_loadu_ps(s + 2 * i), hi = _mm512_loadu_ps(s + 2 * i + 16);
+                /* cvtne2ps_pbh(hi, lo) puts lo's 16 values in words 0-15, hi's in 16-31;
+                   pairs must be adjacent words, which lo/hi already are: s[2i], s[2i+1]. */
+                _mm512_storeu_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+            }
+            for (; i < half; i++) {
+                const uint32_t a = f32_to_bf16(s[2 * i]);
+                const uint32_t b = 2 * i + 1 < len ? f32_to_bf16(s[2 * i + 1]) : 0u;
+                dst[i] = a | (b << 16);
+            }
+        }
+        const __m512i zero = _mm512_setzero_si512();
+        for (int h = 0; h < hkv; h++) {
+            for (int c = 0; c < d / 64; c++) {
+                const char *base = (const char *)v + ((size_t)h * d + c * 64) * es;
+                float cacc[XT_MAX_GROUP * 64] __attribute__((aligned(64)));
+                memset(cacc, 0, sizeof(float) * 64 * (size_t)group);
+                const int i0 = pv_amx(pp + (size_t)h * group * half, half, base, row_bytes, len,
+                                      group, cacc);
+                __m512 acc[XT_MAX_GROUP][4];
+                for (int g = 0; g < group; g++)
+                    for (int j = 0; j < 4; j++) acc[g][j] = _mm512_load_ps(cacc + 64 * g + 16 * j);
+                for (int i = i0; i < half; i++) {
+                    const char *va = base + (size_t)(2 * i) * row_bytes;
+                    const __m512i a0 = _mm512_loadu_si512(va), a1 = _mm512_loadu_si512(va + 64);
+                    __m512i b0 = zero, b1 = zero;
+                    if (2 * i + 1 < len) {
+                        b0 = _mm512_loadu_si512(va + row_bytes);
+                        b1 = _mm512_loadu_si512(va + row_bytes + 64);
+                    }
+                    const __m512bh x0 = (__m512bh)_mm512_unpacklo_epi16(a0, b0);
+                    const __m512bh x1 = (__m512bh)_mm512_unpackhi_epi16(a0, b0);
+                    const __m512bh x2 = (__m512bh)_mm512_unpacklo_epi16(a1, b1);
+                    const __m512bh x3 = (__m512bh)_mm512_unpackhi_epi16(a1, b1);
+                    for (int g = 0; g < group; g++) {
+                        const __m512bh p = (__m512bh)_mm512_set1_epi32(
+                            (int)pp[(size_t)(h * group + g) * half + i]);
+                        acc[g][0] = _mm512_dpbf16_ps(acc[g][0], p, x0);
+                        acc[g][1] = _mm512_dpbf16_ps(acc[g][1], p, x1);
+                        acc[g][2] = _mm512_dpbf16_ps(acc[g][2], p, x2);
+                        acc[g][3] = _mm512_dpbf16_ps(acc[g][3], p, x3);
+                    }
+                }
+                for (int g = 0; g < group; g++) {
+                    const int hg = h * group + g;
+                    float lanes[64], o[64];
+                    for (int j = 0; j < 4; j++) _mm512_storeu_ps(lanes + 16 * j, acc[g][j]);
+                    /* acc j: unpack (lo, hi) = j % 2 of dims 32 * (j / 2) ..; lane e of it
+                       holds dim 8 * (e / 4) + 4 * (j % 2) + e % 4 of that run. */
+                    for (int j = 0; j < 4; j++)
+                        for (int e = 0; e < 16; e++)
+                            o[32 * (j / 2) + 8 * (e / 4) + 4 * (j % 2) + e % 4] = lanes[16 * j + e];
+                    const __m512 inv = _mm512_set1_ps(1.f / sum[hg]);
+                    for (int q4 = 0; q4 < 4; q4++) {
+                        const __m512 r = _mm512_mul_ps(_mm512_loadu_ps(o + 16 * q4), inv);
+                        _mm256_storeu_si256((__m256i *)((char *)out + (hg * d + c * 64 + q4 * 16) * es),
+                                            (__m256i)_mm512_cvtneps_pbh(r));
+                    }
+                }
+            }
+        }
+        return;
+    }
+#endif
     /* P.V: accumulators of 64 output dims of a head's group live in registers for one
        block of tokens, and in accbuf between blocks. */
     const int chunks = d / 64;
@@ -485,9 +750,312 @@ static const row_fn special[2][2][XT_MAX_GROUP] = {
     {XT_ROW(0, 64), XT_ROW(0, 128)}, {XT_ROW(1, 64), XT_ROW(1, 128)}};
 #endif
 
-/* Which path xt_decode takes for head sizes the SIMD paths serve ("avx512", "avx2" or
-   "generic"). */
-const char *xt_isa(void) { return XT_ISA; }
+#ifdef XT_AMX
+/* 2^x for 16 floats, x <= 0, to the precision bf16 keeps: a degree-4 polynomial for the
+   fraction (relative error ~4e-5, a hundredth of a bf16 ulp). */
+static inline __m512 exp2_16_bf16(__m512 x) {
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(9.6181291076284772e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Per-thread scratch that only grows (prefill repacks and score rows); kept for the
+   process, so steady-state calls do not fault fresh pages in. */
+static __thread char *scratch_mem = NULL;
+static __thread size_t scratch_size = 0;
+static char *scratch(size_t bytes) {
+    if (bytes > scratch_size) {
+        free(scratch_mem);
+        scratch_mem = (char *)aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+        scratch_size = scratch_mem ? bytes : 0;
+    }
+    return scratch_mem;
+}
+
+/* Q.K's B operand for one KV head: per block of 16 keys and step of 32 dims, a 16 x 16
+   transpose of 32-bit words (row i: dims 32s + 2i, 2i + 1 of each key). Keys past len
+   are zero. kt: [blocks][steps][16][16]. */
+static void repack_keys(const char *k, size_t row_bytes, int len, int d, uint32_t *kt) {
+    const int steps = d / 32, blocks = (len + 15) / 16;
+    for (int b = 0; b < blocks; b++)
+        for (int s = 0; s < steps; s++) {
+            __m512 rows[16], cols[16];
+            for (int n = 0; n < 16; n++) {
+                const int t = 16 * b + n;
+                rows[n] = t < len ? _mm512_loadu_ps(k + (size_t)t * row_bytes + 64 * s)
+                                  : _mm512_setzero_ps();
+            }
+            transpose16(rows, cols);
+            float *dst = (float *)(kt + ((size_t)b * steps + s) * 256);
+            for (int i = 0; i < 16; i++) _mm512_store_ps(dst + 16 * i, cols[i]);
+        }
+}
+
+/* P.V's B operand for one KV head: per block of 32 tokens and 16 dims, row i holds
+   (v[2i][n], v[2i+1][n]) for the 16 dims n, in order (one two-source word permute).
+   Tokens past len are zero. vv: [blocks][d / 16][16][16]. */
+static void repack_values(const char *v, size_t row_bytes, int len, int d, uint32_t *vv) {
+    const int blocks = (len + 31) / 32, chunks = d / 16;
+    __m512i lo_idx, hi_idx;
+    {
+        uint16_t lo[32], hi[32];
+        for (int n = 0; n < 16; n++) {
+            lo[2 * n] = (uint16_t)n; lo[2 * n + 1] = (uint16_t)(32 + n);
+            hi[2 * n] = (uint16_t)(16 + n); hi[2 * n + 1] = (uint16_t)(48 + n);
+        }
+        lo_idx = _mm512_loadu_si512(lo); hi_idx = _mm512_loadu_si512(hi);
+    }
+    for (int b = 0; b < blocks; b++)
+        for (int i = 0; i < 16; i++) {
+            const int t = 32 * b + 2 * i;
+            for (int c = 0; c < d / 32; c++) {
+                const __m512i a = t < len ? _mm512_loadu_si512(v + (size_t)t * row_bytes + 64 * c)
+                                          : _mm512_setzero_si512();
+                const __m512i n = t + 1 < len
+                    ? _mm512_loadu_si512(v + (size_t)(t + 1) * row_bytes + 64 * c)
+                    : _mm512_setzero_si512();
+                uint32_t *base = vv + ((size_t)b * chunks + 2 * c) * 256 + 16 * i;
+                _mm512_store_si512(base, _mm512_permutex2var_epi16(a, lo_idx, n));
+                _mm512_store_si512(base + 256, _mm512_permutex2var_epi16(a, hi_idx, n));
+            }
+        }
+}
+
+/* Keys per step of the online softmax: the step's scores (16 x 128 fp32) and both
+   probability buffers stay in L1, where one pass over all keys would stream them through L2. */
+#define XT_KEY_CHUNK 128
+
+/* Scores of 16 query rows (qbuf, [16][d] bf16) against nb key blocks from kt, into
+   sc[16][XT_KEY_CHUNK]. Two blocks at a time in two accumulators (tiles 0 and 3), which
+   share each query load and keep two independent chains in flight. */
+static void prefill_scores(const uint16_t *qbuf, const uint32_t *kt, int nb, int d,
+                           float *sc) {
+    const int steps = d / 32;
+    int b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        _tile_zero(0); _tile_zero(3);
+        for (int st = 0; st < steps; st++) {
+            _tile_loadd(2, qbuf + 32 * st, d * 2);
+            _tile_loadd(1, kt + ((size_t)b * steps + st) * 256, 64);
+            _tile_loadd(7, kt + ((size_t)(b + 1) * steps + st) * 256, 64);
+            _tile_dpbf16ps(0, 2, 1);
+            _tile_dpbf16ps(3, 2, 7);
+        }
+        _tile_stored(0, sc + 16 * b, XT_KEY_CHUNK * 4);
+        _tile_stored(3, sc + 16 * (b + 1), XT_KEY_CHUNK * 4);
+    }
+    if (b < nb) {
+        _tile_zero(0);
+        for (int st = 0; st < steps; st++) {
+            _tile_loadd(2, qbuf + 32 * st, d * 2);
+            _tile_loadd(1, kt + ((size_t)b * steps + st) * 256, 64);
+            _tile_dpbf16ps(0, 2, 1);
+        }
+        _tile_stored(0, sc + 16 * b, XT_KEY_CHUNK * 4);
+    }
+}
+
+/* One row's step of the online softmax over its vis visible scores (of n32 slots): raises
+   *m, returns the factor that rescales what came before, adds the new mass to *l, and
+   writes bf16 probabilities (zero past vis) to pr. c = scale * log2(e). */
+static float softmax_step(const float *sr, int vis, int n32, float c, float *m, float *l,
+                          uint16_t *pr) {
+    int t = 0;
+    float alpha = 1.f;
+    if (vis > 0) {
+        __m512 vm = _mm512_set1_ps(-INFINITY);
+        for (; t + 16 <= vis; t += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(sr + t));
+        if (t < vis)
+            vm = _mm512_max_ps(vm, _mm512_maskz_loadu_ps((__mmask16)((1u << (vis - t)) - 1),
+                                                         sr + t));
+        const float mnew = fmaxf(*m, _mm512_reduce_max_ps(vm));
+        alpha = *m == -INFINITY ? 0.f : exp2f((*m - mnew) * c);
+        *m = mnew;
+        const __m512 vc = _mm512_set1_ps(c), vmc = _mm512_set1_ps(mnew * c);
+        __m512 total = _mm512_setzero_ps();
+        for (t = 0; t + 32 <= vis; t += 32) {
+            const __m512 e0 = exp2_16_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + t), vc, vmc));
+            const __m512 e1 = exp2_16_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + t + 16), vc, vmc));
+            total = _mm512_add_ps(total, _mm512_add_ps(e0, e1));
+            _mm512_storeu_si512(pr + t, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+        }
+        for (; t < vis; t += 16) {  /* the last < 32: masked, zeros past vis */
+            const __mmask16 keep = vis - t >= 16 ? (__mmask16)0xFFFF
+                                                 : (__mmask16)((1u << (vis - t)) - 1);
+            const __m512 e = _mm512_maskz_mov_ps(keep, exp2_16_bf16(_mm512_fmsub_ps(
+                _mm512_maskz_loadu_ps(keep, sr + t), vc, vmc)));
+            total = _mm512_add_ps(total, e);
+            _mm256_storeu_si256((__m256i *)(pr + t), (__m256i)_mm512_cvtneps_pbh(e));
+        }
+        *l = *l * alpha + _mm512_reduce_add_ps(total);
+    }
+    for (; t < n32; t += 16) _mm256_storeu_si256((__m256i *)(pr + t), _mm256_setzero_si256());
+    return alpha;
+}
+
+/* acc[16][d] = acc * alpha[r] + P.V for nb blocks of 32 keys: tile 3 = A (probabilities pc,
+   [16][XT_KEY_CHUNK] bf16), 1 = B (values), 4-7 = C (64 dims at a time). */
+static void prefill_values(const uint16_t *pc, const uint32_t *vv, int nb, int rows, int d,
+                           const float *alpha, float *oc, float *acc) {
+    const int chunks = d / 16;
+    for (int dc = 0; dc < d / 64; dc++) {
+        _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
+        for (int b = 0; b < nb; b++) {
+            const uint32_t *vb = vv + ((size_t)b * chunks + 4 * dc) * 256;
+            _tile_loadd(3, pc + 32 * b, XT_KEY_CHUNK * 2);
+            _tile_loadd(1, vb, 64); _tile_dpbf16ps(4, 3, 1);
+            _tile_loadd(1, vb + 256, 64); _tile_dpbf16ps(5, 3, 1);
+            _tile_loadd(1, vb + 512, 64); _tile_dpbf16ps(6, 3, 1);
+            _tile_loadd(1, vb + 768, 64); _tile_dpbf16ps(7, 3, 1);
+        }
+        _tile_stored(4, oc, 256); _tile_stored(5, oc + 16, 256);
+        _tile_stored(6, oc + 32, 256); _tile_stored(7, oc + 48, 256);
+        for (int r = 0; r < rows; r++) {
+            const __m512 a = _mm512_set1_ps(alpha[r]);
+            float *ar = acc + (size_t)r * d + 64 * dc;
+            for (int j = 0; j < 4; j++)
+                _mm512_storeu_ps(ar + 16 * j, _mm512_fmadd_ps(
+                    _mm512_loadu_ps(ar + 16 * j), a, _mm512_loadu_ps(oc + 64 * r + 16 * j)));
+        }
+    }
+}
+
+/* One prefill task: 16 query rows (fewer at the end) of one query head against one KV head's
+   repacked K (kt) and V (vv). Row r sees keys 0 .. visible0 + r - 1. Online softmax over
+   chunks of XT_KEY_CHUNK keys, software-pipelined: chunk i's probabilities are written
+   while chunk i - 1's go through P.V, so the tile unit never loads what the vector unit
+   has just stored (a tile load takes no data forwarded from pending stores).
+   mem: scratch of XT_PREFILL_SCRATCH(d) floats. */
+#define XT_PREFILL_SCRATCH(d) ((size_t)16 * XT_KEY_CHUNK * 2 + 16 * 64 + (size_t)16 * (d) \
+                               + 8 * (size_t)(d))
+static void prefill_task(const char *q, int64_t q_stride, const uint32_t *kt,
+                         const uint32_t *vv, int rows, int visible0, int d, float scale,
+                         float *mem, char *out, int64_t out_stride) {
+    const int keys = visible0 + rows - 1;
+    float *sc = mem;                                                   /* [16][chunk] */
+    uint16_t *pc = (uint16_t *)(sc + (size_t)16 * XT_KEY_CHUNK);       /* [2][16][chunk] */
+    float *oc = (float *)(pc + (size_t)32 * XT_KEY_CHUNK);             /* [16][64] */
+    float *acc = oc + 16 * 64;                                         /* [16][d] */
+    uint16_t *qbuf = (uint16_t *)(acc + (size_t)16 * d);               /* [16][d] */
+    float m[16], l[16], alpha[2][16];
+    for (int r = 0; r < 16; r++) {
+        if (r < rows) memcpy(qbuf + (size_t)r * d, q + (size_t)r * q_stride * 2, (size_t)d * 2);
+        else memset(qbuf + (size_t)r * d, 0, (size_t)d * 2);
+        m[r] = -INFINITY; l[r] = 0.f;
+    }
+    memset(acc, 0, sizeof(float) * 16 * (size_t)d);
+    for (int r = rows; r < 16; r++) {
+        memset(pc + (size_t)r * XT_KEY_CHUNK, 0, XT_KEY_CHUNK * 2);
+        memset(pc + (size_t)(16 + r) * XT_KEY_CHUNK, 0, XT_KEY_CHUNK * 2);
+    }
+    xt_tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
+    _tile_loadconfig(&cfg);
+    const float c = scale * 1.44269504088896341f;
+    const int steps = d / 32, chunks = d / 16;
+    int pending = -1, pending_blocks = 0;  /* the chunk whose P.V is still to do */
+    for (int k0 = 0; k0 < keys; k0 += XT_KEY_CHUNK) {
+        const int n = keys - k0 < XT_KEY_CHUNK ? keys - k0 : XT_KEY_CHUNK;
+        const int n32 = (n + 31) & ~31, buf = (k0 / XT_KEY_CHUNK) & 1;
+        prefill_scores(qbuf, kt + (size_t)(k0 / 16) * steps * 256, (n + 15) / 16, d, sc);
+        uint16_t *pb = pc + (size_t)buf * 16 * XT_KEY_CHUNK;
+        for (int r = 0; r < rows; r++) {
+            const int vis = visible0 + r - k0 < n ? visible0 + r - k0 : n;
+            alpha[buf][r] = softmax_step(sc + (size_t)r * XT_KEY_CHUNK, vis, n32, c, &m[r], &l[r],
+                                         pb + (size_t)r * XT_KEY_CHUNK);
+        }
+        if (pending >= 0)
+            prefill_values(pc + (size_t)(buf ^ 1) * 16 * XT_KEY_CHUNK,
+                           vv + (size_t)(pending / 32) * chunks * 256, pending_blocks, rows, d,
+                           alpha[buf ^ 1], oc, acc);
+        pending = k0;
+        pending_blocks = n32 / 32;
+    }
+    const int last = (pending / XT_KEY_CHUNK) & 1;
+    prefill_values(pc + (size_t)last * 16 * XT_KEY_CHUNK,
+                   vv + (size_t)(pending / 32) * chunks * 256, pending_blocks, rows, d,
+                   alpha[last], oc, acc);
+    _tile_release();
+    for (int r = 0; r < rows; r++) {
+        const __m512 inv = _mm512_set1_ps(1.f / l[r]);
+        char *dst = out + (size_t)r * out_stride * 2;
+        for (int j = 0; j < d / 16; j++)
+            _mm256_storeu_si256((__m256i *)(dst + 32 * j), (__m256i)_mm512_cvtneps_pbh(
+                _mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)r * d + 16 * j), inv)));
+    }
+}
+
+/*
+ * Causal attention of one request's chunk of q_len query tokens (query + i * q_stride,
+ * [Hq, D]) over its kv_len keys (k/v + t * tok_stride, [Hkv, D]; bottom-right aligned: query
+ * i sees keys 0 .. kv_len - q_len + i), bf16 on the AMX tile unit, no block table. Per KV
+ * head, K and V are repacked once into the unit's layouts; then each task (query head,
+ * block of 16 query tokens) scores all its visible keys into one row buffer (no online
+ * rescaling), takes the softmax in fp32, and multiplies the bf16 probabilities with V.
+ * Returns 0, or -1 where this path does not apply (no AMX, head size not a multiple of
+ * 64 or over 256, q_len > kv_len): the caller then uses SDPA.
+ */
+int xt_prefill(const void *q, int64_t q_stride, const void *k, const void *v,
+               int64_t tok_stride, int q_len, int kv_len, int hq, int hkv, int d, float scale,
+               void *out, int64_t out_stride) {
+    if (!amx_ready() || d % 64 != 0 || d > 256 || q_len > kv_len || q_len <= 0
+        || hq % hkv != 0)
+        return -1;
+    const int group = hq / hkv, steps = d / 32, chunks = d / 16;
+    const int kblocks = (kv_len + 15) / 16, vblocks = (kv_len + 31) / 32;
+    const size_t row_bytes = (size_t)tok_stride * 2;
+    const size_t kt_words = (size_t)kblocks * steps * 256, vv_words = (size_t)vblocks * chunks * 256;
+    /* 64-byte aligned: the repacks store whole cache lines. */
+    uint32_t *packed = (uint32_t *)aligned_alloc(
+        64, sizeof(uint32_t) * (size_t)hkv * (kt_words + vv_words));
+    if (packed == NULL) return -1;
+    #pragma omp parallel for schedule(static)
+    for (int h = 0; h < hkv; h++) {
+        repack_keys((const char *)k + (size_t)h * d * 2, row_bytes, kv_len, d,
+                    packed + (size_t)h * kt_words);
+        repack_values((const char *)v + (size_t)h * d * 2, row_bytes, kv_len, d,
+                      packed + (size_t)hkv * kt_words + (size_t)h * vv_words);
+    }
+    const int qblocks = (q_len + 15) / 16, offset = kv_len - q_len;
+    int failed = 0;
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int task = 0; task < hq * qblocks; task++) {
+        const int hg = task % hq, qb = task / hq, h = hg / group;
+        const int rows = q_len - 16 * qb < 16 ? q_len - 16 * qb : 16;
+        float *mem = (float *)scratch(sizeof(float) * XT_PREFILL_SCRATCH(d));
+        if (mem == NULL) { failed = 1; continue; }  /* the caller redoes the chunk with SDPA */
+        prefill_task((const char *)q + ((size_t)16 * qb * q_stride + (size_t)hg * d) * 2, q_stride,
+                     packed + (size_t)h * kt_words,
+                     packed + (size_t)hkv * kt_words + (size_t)h * vv_words, rows,
+                     offset + 16 * qb + 1, d, scale, mem,
+                     (char *)out + ((size_t)16 * qb * out_stride + (size_t)hg * d) * 2, out_stride);
+    }
+    free(packed);
+    return failed ? -1 : 0;
+}
+#else
+int xt_prefill(const void *q, int64_t q_stride, const void *k, const void *v,
+               int64_t tok_stride, int q_len, int kv_len, int hq, int hkv, int d, float scale,
+               void *out, int64_t out_stride) {
+    return -1;
+}
+#endif
+
+/* Which path xt_decode takes for head sizes the SIMD paths serve ("avx512-amx" where bf16
+   rows use the tile unit, "avx512", "avx2" or "generic"). */
+const char *xt_isa(void) {
+#ifdef XT_AMX
+    if (amx_ready()) return "avx512-amx";
+#endif
+    return XT_ISA;
+}
 
 /*
  * One decode token per row. Row r: query q + q_index[r] * q_stride ([Hq, D]);
@@ -502,10 +1070,14 @@ int xt_decode(int bf16, const void *q, int64_t q_stride, const int32_t *q_index,
     const int group = hq / hkv;
     const size_t es = bf16 ? 2 : 4;
     if (group > XT_MAX_GROUP || d > 256 || hq > 64) return -1;
+#ifdef XT_AMX
+    amx_ready();
+#endif
     #pragma omp parallel for schedule(dynamic, 1)
     for (int r = 0; r < rows; r++) {
         const int len = lens[r];
-        float *scores = (float *)malloc(sizeof(float) * ((size_t)hq * (size_t)len + (size_t)hq * d));
+        float *scores = (float *)malloc(sizeof(float) * ((size_t)hq * (size_t)len + (size_t)hq * d
+                                                      + (size_t)hq * ((size_t)len / 2 + 1)));
         const char *qr = (const char *)q + (int64_t)q_index[r] * q_stride * es;
         const char *kr = (const char *)k_plane + slots[r] * slot_stride * es;
         const char *vr = (const char *)v_plane + slots[r] * slot_stride * es;
@@ -540,7 +1112,8 @@ _lock = threading.Lock()
 _loaded: dict[str | None, ctypes.CDLL | None] = {}
 
 #: Lower paths than the CPU's best, by the define that forces them (for tests and A/B runs).
-FORCED_ISAS = {"avx2": "-DXT_FORCE_AVX2", "generic": "-DXT_FORCE_GENERIC"}
+FORCED_ISAS = {"avx512": "-DXT_NO_AMX", "avx2": "-DXT_FORCE_AVX2",
+               "generic": "-DXT_FORCE_GENERIC"}
 
 
 def _cache_dir() -> Path:
@@ -555,8 +1128,8 @@ def _cpu_key(flags: list[str]) -> str:
 def load(force_isa: str | None = None) -> ctypes.CDLL | None:
     """The compiled kernel, building it on first use; None if no C compiler works.
 
-    It takes the widest SIMD path the CPU has (AVX-512 with BF16, else AVX2 with FMA,
-    else portable C); ``force_isa`` (a key of :data:`FORCED_ISAS`) caps it lower, so
+    It takes the widest SIMD path the CPU has (AVX-512 with BF16, with AMX tiles for bf16
+    where present, else AVX2 with FMA, else portable C); ``force_isa`` (a key of :data:`FORCED_ISAS`) caps it lower, so
     each path can be checked on a machine that would pick a wider one. Ask the loaded
     library which path it took with :func:`isa`.
     """
@@ -588,6 +1161,11 @@ def load(force_isa: str | None = None) -> ctypes.CDLL | None:
             return None
         lib.xt_isa.restype = ctypes.c_char_p
         lib.xt_isa.argtypes = []
+        lib.xt_prefill.restype = ctypes.c_int
+        lib.xt_prefill.argtypes = [
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+            ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
+            ctypes.c_void_p, ctypes.c_int64]
         lib.xt_decode.restype = ctypes.c_int
         lib.xt_decode.argtypes = [
             ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -599,12 +1177,16 @@ def load(force_isa: str | None = None) -> ctypes.CDLL | None:
 
 
 def isa(lib: ctypes.CDLL) -> str:
-    """The SIMD path ``lib`` was built with: ``avx512``, ``avx2`` or ``generic``."""
+    """The SIMD path ``lib`` runs: ``avx512-amx``, ``avx512``, ``avx2`` or ``generic``."""
     return lib.xt_isa().decode()
 
 
+#: The kernel's ``bf16`` argument per supported dtype.
+_DTYPE_CODES = {torch.bfloat16: 1, torch.float32: 0}
+
+
 def supports(dtype: torch.dtype) -> bool:
-    return dtype in (torch.bfloat16, torch.float32)
+    return dtype in _DTYPE_CODES
 
 
 def decode(lib: ctypes.CDLL, query: torch.Tensor, out: torch.Tensor, q_index: torch.Tensor,
@@ -615,17 +1197,48 @@ def decode(lib: ctypes.CDLL, query: torch.Tensor, out: torch.Tensor, q_index: to
     ``query/out``: ``[tokens, Hq, D]``; ``k_slots/v_slots``: ``[slots, max_tokens, Hkv, D]``
     with contiguous ``[Hkv, D]`` per token; ``slots`` (int64) and ``lens`` (int32) per row.
     """
+    # One layer's call costs a few µs of Python around a kernel of the same order at short
+    # contexts, so the layout checks compare whole stride tuples (one call each).
     _, num_heads, head_size = query.shape
-    _, _, num_kv_heads, _ = k_slots.shape
-    assert query.stride(2) == 1 and query.stride(1) == head_size
-    assert out.stride(2) == 1 and out.stride(1) == head_size
-    assert k_slots.stride()[2:] == (head_size, 1) and k_slots.stride() == v_slots.stride()
-    assert query.dtype == k_slots.dtype == out.dtype and supports(query.dtype)
+    num_kv_heads = k_slots.shape[2]
+    q_stride, out_stride, kv_stride = query.stride(), out.stride(), k_slots.stride()
+    dtype = query.dtype
+    if (q_stride[1:] != (head_size, 1) or out_stride[1:] != (head_size, 1)
+            or kv_stride[2:] != (head_size, 1) or kv_stride != v_slots.stride()
+            or not dtype == k_slots.dtype == out.dtype or dtype not in _DTYPE_CODES):
+        raise ValueError("native decode needs [tokens, heads, head_size] query/out and "
+                         "[slots, tokens, kv_heads, head_size] K/V with contiguous heads, "
+                         "one dtype (bfloat16 or float32)")
     status = lib.xt_decode(
-        int(query.dtype == torch.bfloat16), query.data_ptr(), query.stride(0),
-        q_index.data_ptr(), k_slots.data_ptr(), v_slots.data_ptr(), k_slots.stride(0),
-        k_slots.stride(1), slots.data_ptr(), lens.data_ptr(), int(slots.shape[0]), num_heads,
-        num_kv_heads, head_size, float(scale), out.data_ptr(), out.stride(0))
+        _DTYPE_CODES[dtype], query.data_ptr(), q_stride[0], q_index.data_ptr(),
+        k_slots.data_ptr(), v_slots.data_ptr(), kv_stride[0], kv_stride[1], slots.data_ptr(),
+        lens.data_ptr(), slots.shape[0], num_heads, num_kv_heads, head_size, scale,
+        out.data_ptr(), out_stride[0])
     if status != 0:
         raise ValueError(f"native decode does not support {num_heads}/{num_kv_heads} heads of "
                          f"size {head_size}")
+
+
+def has_prefill(lib: ctypes.CDLL, dtype: torch.dtype) -> bool:
+    """Whether :func:`prefill` runs natively for ``dtype`` (bf16 on AMX tiles), not SDPA."""
+    return dtype == torch.bfloat16 and isa(lib) == "avx512-amx"
+
+
+def prefill(lib: ctypes.CDLL, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            scale: float, out: torch.Tensor) -> bool:
+    """Causal attention of one request's chunk, bottom-right aligned, on the AMX tile unit.
+
+    ``query/out``: ``[q_len, Hq, D]`` with contiguous heads; ``key/value``: ``[kv_len, Hkv,
+    D]`` with one token stride (an xTensor view or a gathered copy). Returns False, leaving
+    ``out`` to the caller, where the kernel does not apply (no AMX, not bf16, head size not
+    a multiple of 64 or over 256).
+    """
+    q_len, num_heads, head_size = query.shape
+    kv_len, num_kv_heads, _ = key.shape
+    if (query.dtype != torch.bfloat16 or not query.dtype == key.dtype == value.dtype == out.dtype
+            or query.stride()[1:] != (head_size, 1) or out.stride()[1:] != (head_size, 1)
+            or key.stride()[1:] != (head_size, 1) or key.stride() != value.stride()):
+        return False
+    return lib.xt_prefill(query.data_ptr(), query.stride(0), key.data_ptr(), value.data_ptr(),
+                          key.stride(0), q_len, kv_len, num_heads, num_kv_heads, head_size,
+                          scale, out.data_ptr(), out.stride(0)) == 0

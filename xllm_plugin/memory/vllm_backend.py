@@ -6,9 +6,9 @@ so every decoder attention layer of the model uses it. Per step, the metadata bu
 asks the store to bind each row's request to a slot (mapping what changed); per layer,
 the implementation writes the new K/V through the paged view (vLLM's slot mapping) and
 computes attention on the slot tensors: all decode rows in one native kernel call
-(:mod:`xllm_plugin.kernels.native_decode`, reading ``slot * stride``), prefill chunks with
-PyTorch SDPA on slices (:mod:`xllm_plugin.kernels.cpu_attention`). No block table reaches
-either kernel.
+(:mod:`xllm_plugin.kernels.native_decode`, reading ``slot * stride``), prefill chunks one
+native call each on the AMX tile unit where the CPU has one (bf16), else PyTorch SDPA on
+slices (:mod:`xllm_plugin.kernels.cpu_attention`). No block table reaches any kernel.
 
 Within a layer's KV bytes the layout is xTensor's (``[K pages][V pages]``, token-major
 pages), not the stock CPU backend's; only this backend reads or writes them.
@@ -147,6 +147,7 @@ class XTensorAttentionImpl(AttentionImpl):
                                  gathered_k, gathered_v, rows.gathered_rows,
                                  rows.gathered_lens, self.scale)
         qsl = rows.query_start_loc
+        prefill_lib = store.native_prefill
         for row in (range(len(rows.slots)) if rows.other_rows is None else rows.other_rows):
             slot, length, pages = rows.slots[row], rows.seq_lens[row], rows.fallback_pages[row]
             if slot is not None:
@@ -155,8 +156,10 @@ class XTensorAttentionImpl(AttentionImpl):
                 key = paged_k[pages].flatten(0, 1)[:length]
                 value = paged_v[pages].flatten(0, 1)[:length]
             if qsl[row + 1] > qsl[row]:
-                attend_one(query[qsl[row]:qsl[row + 1]], key, value, self.scale,
-                           output[qsl[row]:qsl[row + 1]])
+                rows_q, rows_out = query[qsl[row]:qsl[row + 1]], output[qsl[row]:qsl[row + 1]]
+                if prefill_lib is None or not native_decode.prefill(
+                        prefill_lib, rows_q, key, value, self.scale, rows_out):
+                    attend_one(rows_q, key, value, self.scale, rows_out)
         return output
 
 

@@ -134,6 +134,10 @@ class XTensorKVStore:
         self.premapper = Premapper(self.space) if options.premap else None
         self.native_decode = native_decode.load() \
             if options.native_decode and native_decode.supports(dtype) else None
+        lib = native_decode.load() if options.native_prefill else None
+        #: The kernel library for prefill rows, where it runs them natively (else SDPA).
+        self.native_prefill = lib if lib is not None and native_decode.has_prefill(lib, dtype) \
+            else None
         self.metrics = XTensorMetrics()
         self.layer_index = {name: i for i, name in enumerate(layer_names)}
         layers = range(geometry.num_layers)
@@ -265,6 +269,8 @@ class XTensorKVStore:
             "premap": self.premapper is not None,
             "decode_kernel": ("native-" + native_decode.isa(self.native_decode)
                               if self.native_decode is not None else "sdpa"),
+            "prefill_kernel": ("native-" + native_decode.isa(self.native_prefill)
+                               if self.native_prefill is not None else "sdpa"),
             **self.mapper.stats.snapshot(), **self.metrics.snapshot(),
         }
 
