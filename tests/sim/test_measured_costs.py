@@ -126,6 +126,11 @@ def test_committed_fit_follows_from_the_committed_timings() -> None:
     for key in ("vit_mfu_equiv", "llm_prefill_mfu_equiv", "llm_prefill_attn_mfu_equiv", "vit_1200tok_image_ms"):
         assert result[key] == committed[key]
     saved = MeasuredCosts.load("h200")
-    assert saved.encoder == encoder
+    # The fit is a least-squares solve: its last digits follow the host's BLAS (an AMX Xeon
+    # and an AMD EPYC differ around the 13th), so the fitted terms agree to 1e-9.
+    assert saved.encoder.spec == encoder.spec
+    assert saved.encoder.overhead_ms == encoder.overhead_ms
+    for term in ("intercept_ms", "ms_per_patch", "ms_per_pair"):
+        assert getattr(saved.encoder, term) == pytest.approx(getattr(encoder, term), rel=1e-9)
     assert (saved.llm_mfu, saved.llm_attn_mfu) == (result["llm_prefill_mfu_equiv"],
                                                     result["llm_prefill_attn_mfu_equiv"])
