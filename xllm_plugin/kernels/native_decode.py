@@ -174,6 +174,46 @@ static int amx_ready(void) {
     if (amx_state == 0) amx_state = syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : -1;
     return amx_state > 0;
 }
+/* 2^x for 16 floats, x <= 0, to the precision bf16 keeps: a degree-4 polynomial for the
+   fraction (relative error ~4e-5, a hundredth of a bf16 ulp). */
+static inline __m512 exp2_16_bf16(__m512 x) {
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(9.6181291076284772e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Softmax numerators of one head's decode row, straight to bf16 in token order (the pair
+   layout P.V's tile loads read: word i = (p[2i], p[2i+1]), zero past len); returns their
+   fp32 sum. Scores are already scaled (the query was): e^(s - mx) = 2^(s l2e - mx l2e). */
+static float exp_pairs_bf16(const float *s, int len, float mx, uint32_t *dst) {
+    const __m512 l2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 mc = _mm512_set1_ps(mx * 1.44269504088896341f);
+    uint16_t *words = (uint16_t *)dst;
+    __m512 total = _mm512_setzero_ps();
+    int t = 0;
+    for (; t + 32 <= len; t += 32) {
+        const __m512 e0 = exp2_16_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(s + t), l2e, mc));
+        const __m512 e1 = exp2_16_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(s + t + 16), l2e, mc));
+        total = _mm512_add_ps(total, _mm512_add_ps(e0, e1));
+        _mm512_storeu_si512(words + t, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    }
+    for (; t < len; t += 16) {
+        const __mmask16 keep = len - t >= 16 ? (__mmask16)0xFFFF
+                                             : (__mmask16)((1u << (len - t)) - 1);
+        const __m512 e = _mm512_maskz_mov_ps(keep, exp2_16_bf16(_mm512_fmsub_ps(
+            _mm512_maskz_loadu_ps(keep, s + t), l2e, mc)));
+        total = _mm512_add_ps(total, e);
+        _mm256_mask_storeu_epi16(words + t, keep, (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    if (len & 1) words[len] = 0;
+    return _mm512_reduce_add_ps(total);
+}
+
 typedef struct {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
@@ -227,14 +267,13 @@ static inline void transpose16(const __m512 *r, __m512 *out) {
 
 /* Columns of a stored accumulator (16 token rows of 16 floats) into scores[hg][t..t+15]. */
 static void qk_scatter(const float *ct, int cols, int hg0, int len, int t, float *scores,
-                       float *mx) {
+                       __m512 *vmx) {
     __m512 r[16], c[16];
     for (int i = 0; i < 16; i++) r[i] = _mm512_load_ps(ct + 16 * i);
     transpose16(r, c);
     for (int col = 0; col < cols; col++) {
         _mm512_storeu_ps(scores + (size_t)(hg0 + col) * len + t, c[col]);
-        const float m = _mm512_reduce_max_ps(c[col]);
-        if (m > mx[hg0 + col]) mx[hg0 + col] = m;
+        vmx[hg0 + col] = _mm512_max_ps(vmx[hg0 + col], c[col]);
     }
 }
 
@@ -244,6 +283,8 @@ static int qk_amx(const __m512bh (*qb)[8], const char *k, size_t row_bytes, int 
     const int per_run = 16 / group < 16 / steps ? 16 / group : 16 / steps;  /* cols, steps <= 16 */
     if (full == 0 || per_run == 0) return 0;
     uint32_t qt[16 * 16 * 16];  /* [step of the run][pair i][col] */
+    __m512 vmx[64];  /* running maxima per head, reduced once at the end */
+    for (int hg = 0; hg < hkv * group; hg++) vmx[hg] = _mm512_set1_ps(-INFINITY);
     float ct[2][16 * 16] __attribute__((aligned(64))) = {{0}};
     for (int h0 = 0; h0 < hkv; h0 += per_run) {
         const int h1 = h0 + per_run < hkv ? h0 + per_run : hkv;
@@ -269,15 +310,17 @@ static int qk_amx(const __m512bh (*qb)[8], const char *k, size_t row_bytes, int 
         for (; t + 32 <= full; t += 32) {
             XT_QK_BLOCK(0, t);
             XT_QK_BLOCK(1, t + 16);
-            qk_scatter(ct[0], cols, h0 * group, len, t, scores, mx);
-            qk_scatter(ct[1], cols, h0 * group, len, t + 16, scores, mx);
+            qk_scatter(ct[0], cols, h0 * group, len, t, scores, vmx);
+            qk_scatter(ct[1], cols, h0 * group, len, t + 16, scores, vmx);
         }
         if (t < full) {
             XT_QK_BLOCK(0, t);
-            qk_scatter(ct[0], cols, h0 * group, len, t, scores, mx);
+            qk_scatter(ct[0], cols, h0 * group, len, t, scores, vmx);
         }
         _tile_release();
     }
+    for (int hg = 0; hg < hkv * group; hg++)
+        mx[hg] = fmaxf(mx[hg], _mm512_reduce_max_ps(vmx[hg]));
     return full;
 }
 
@@ -425,9 +468,16 @@ static inline __attribute__((always_inline)) void row_avx512(
             if (s > mx[hg]) mx[hg] = s;
         }
     }
-    for (int hg = 0; hg < heads; hg++) sum[hg] = exp_and_sum16(scores + (size_t)hg * len, len, mx[hg]);
 #ifdef XT_AMX
-    if (bf16 && len >= XT_AMX_MIN_LEN && amx_ready()) {
+    const int tile_row = bf16 && len >= XT_AMX_MIN_LEN && amx_ready();
+#else
+    const int tile_row = 0;
+#endif
+    if (!tile_row)
+        for (int hg = 0; hg < heads; hg++)
+            sum[hg] = exp_and_sum16(scores + (size_t)hg * len, len, mx[hg]);
+#ifdef XT_AMX
+    if (tile_row) {
         /* P.V on the tile unit, in bf16 pairs of tokens: (p[t], p[t+1]) times (v[t][i],
            v[t+1][i]), so P is rounded to bf16 first (as the tile unit needs). Two tokens' V
            rows are interleaved by one unpack per 16 dims; full blocks of 32 tokens go to
@@ -435,22 +485,9 @@ static inline __attribute__((always_inline)) void row_avx512(
            permute dims within 128-bit lanes; the permutation is undone at the end. */
         const int half = (len + 1) / 2;
         uint32_t *pp = (uint32_t *)(accbuf + (size_t)heads * d);
-        for (int hg = 0; hg < heads; hg++) {
-            const float *s = scores + (size_t)hg * len;
-            uint32_t *dst = pp + (size_t)hg * half;
-            int i = 0;
-            for (; i + 16 <= len / 2; i += 16) {
-                const __m512 lo = _mm512_loadu_ps(s + 2 * i), hi = _mm512_loadu_ps(s + 2 * i + 16);
-                /* cvtne2ps_pbh(hi, lo) puts lo's 16 values in words 0-15, hi's in 16-31;
-                   pairs must be adjacent words, which lo/hi already are: s[2i], s[2i+1]. */
-                _mm512_storeu_si512(dst + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-            }
-            for (; i < half; i++) {
-                const uint32_t a = f32_to_bf16(s[2 * i]);
-                const uint32_t b = 2 * i + 1 < len ? f32_to_bf16(s[2 * i + 1]) : 0u;
-                dst[i] = a | (b << 16);
-            }
-        }
+        for (int hg = 0; hg < heads; hg++)
+            sum[hg] = exp_pairs_bf16(scores + (size_t)hg * len, len, mx[hg],
+                                     pp + (size_t)hg * half);
         const __m512i zero = _mm512_setzero_si512();
         for (int h = 0; h < hkv; h++) {
             for (int c = 0; c < d / 64; c++) {
@@ -483,20 +520,22 @@ static inline __attribute__((always_inline)) void row_avx512(
                         acc[g][3] = _mm512_dpbf16_ps(acc[g][3], p, x3);
                     }
                 }
+                /* acc j: unpack (lo, hi) = j % 2 of dims 32 * (j / 2) ..; lane e of it holds
+                   dim 8 * (e / 4) + 4 * (j % 2) + e % 4 of that run: one two-source permute
+                   per 16 dims puts them back in order. */
+                const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4,
+                                                       19, 18, 17, 16, 3, 2, 1, 0);
+                const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12,
+                                                        27, 26, 25, 24, 11, 10, 9, 8);
                 for (int g = 0; g < group; g++) {
                     const int hg = h * group + g;
-                    float lanes[64], o[64];
-                    for (int j = 0; j < 4; j++) _mm512_storeu_ps(lanes + 16 * j, acc[g][j]);
-                    /* acc j: unpack (lo, hi) = j % 2 of dims 32 * (j / 2) ..; lane e of it
-                       holds dim 8 * (e / 4) + 4 * (j % 2) + e % 4 of that run. */
-                    for (int j = 0; j < 4; j++)
-                        for (int e = 0; e < 16; e++)
-                            o[32 * (j / 2) + 8 * (e / 4) + 4 * (j % 2) + e % 4] = lanes[16 * j + e];
                     const __m512 inv = _mm512_set1_ps(1.f / sum[hg]);
                     for (int q4 = 0; q4 < 4; q4++) {
-                        const __m512 r = _mm512_mul_ps(_mm512_loadu_ps(o + 16 * q4), inv);
-                        _mm256_storeu_si256((__m256i *)((char *)out + (hg * d + c * 64 + q4 * 16) * es),
-                                            (__m256i)_mm512_cvtneps_pbh(r));
+                        const __m512 lo = acc[g][2 * (q4 / 2)], hi = acc[g][2 * (q4 / 2) + 1];
+                        const __m512 r = _mm512_mul_ps(
+                            _mm512_permutex2var_ps(lo, q4 % 2 ? second : first, hi), inv);
+                        char *dst = (char *)out + (hg * d + c * 64 + q4 * 16) * es;
+                        _mm256_storeu_si256((__m256i *)dst, (__m256i)_mm512_cvtneps_pbh(r));
                     }
                 }
             }
@@ -751,19 +790,6 @@ static const row_fn special[2][2][XT_MAX_GROUP] = {
 #endif
 
 #ifdef XT_AMX
-/* 2^x for 16 floats, x <= 0, to the precision bf16 keeps: a degree-4 polynomial for the
-   fraction (relative error ~4e-5, a hundredth of a bf16 ulp). */
-static inline __m512 exp2_16_bf16(__m512 x) {
-    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_set1_ps(9.6181291076284772e-3f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* Per-thread scratch that only grows (prefill repacks and score rows); kept for the
    process, so steady-state calls do not fault fresh pages in. */
 static __thread char *scratch_mem = NULL;
@@ -1011,7 +1037,8 @@ int xt_prefill(const void *q, int64_t q_stride, const void *k, const void *v,
     const int group = hq / hkv, steps = d / 32, chunks = d / 16;
     const int kblocks = (kv_len + 15) / 16, vblocks = (kv_len + 31) / 32;
     const size_t row_bytes = (size_t)tok_stride * 2;
-    const size_t kt_words = (size_t)kblocks * steps * 256, vv_words = (size_t)vblocks * chunks * 256;
+    const size_t kt_words = (size_t)kblocks * steps * 256;
+    const size_t vv_words = (size_t)vblocks * chunks * 256;
     /* 64-byte aligned: the repacks store whole cache lines. */
     uint32_t *packed = (uint32_t *)aligned_alloc(
         64, sizeof(uint32_t) * (size_t)hkv * (kt_words + vv_words));
@@ -1129,9 +1156,9 @@ def load(force_isa: str | None = None) -> ctypes.CDLL | None:
     """The compiled kernel, building it on first use; None if no C compiler works.
 
     It takes the widest SIMD path the CPU has (AVX-512 with BF16, with AMX tiles for bf16
-    where present, else AVX2 with FMA, else portable C); ``force_isa`` (a key of :data:`FORCED_ISAS`) caps it lower, so
-    each path can be checked on a machine that would pick a wider one. Ask the loaded
-    library which path it took with :func:`isa`.
+    where present, else AVX2 with FMA, else portable C); ``force_isa`` (a key of
+    :data:`FORCED_ISAS`) caps it lower, so each path can be checked on a machine that would
+    pick a wider one. Ask the loaded library which path it took with :func:`isa`.
     """
     if force_isa is not None and force_isa not in FORCED_ISAS:
         raise ValueError(f"force_isa must be one of {sorted(FORCED_ISAS)}, not {force_isa!r}")
