@@ -363,8 +363,11 @@ def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
         for context in args.contexts:
             for batch in args.batches:
                 tps: dict[str, list[float]] = {"stock": [], "xtensor": []}
-                for _ in range(args.reps):
-                    for name, engine in (("stock", stock), ("xtensor", xt)):
+                for rep in range(args.reps):
+                    # A B, then B A: a side that always ran second would carry whatever
+                    # the first round leaves behind (caches, clocks) in every repetition.
+                    pair = (("stock", stock), ("xtensor", xt))
+                    for name, engine in (pair if rep % 2 == 0 else pair[::-1]):
                         seed += 1
                         tps[name].append(asyncio.run(
                             _round(engine.url, context, batch, seed, args.max_tokens)))
@@ -577,7 +580,7 @@ means.
 |---|---|---|---|---|---|---|
 """ + "\n".join(bookkeeping_row(t) for t in kept) + """
 
-## End to end (output tok/s, `vllm serve` SmolLM2, both engines on core 0, alternated)
+## End to end (output tok/s, `vllm serve` SmolLM2, both engines on core 0, alternated A B, B A)
 
 | case | stock | xTensor | ratio | spread stock / xTensor |
 |---|---|---|---|---|
@@ -604,11 +607,11 @@ worker and paged CPU attention, so xTensor is the only difference.
   b89a6fa, whose AVX2 and SDPA paths this code keeps) attention 1.59 and end to end 1.009;
   on Xeons with AMX before the tile kernels, attention 0.51 and end to end 0.77
   (2026-11-23), then 0.498 and 0.976 (2026-12-05, AVX-512 decode, SDPA prefill). On such
-  a Xeon the tile kernels bring prefill to 0.96-1.28 and long decode rows to 0.97-0.98, but
-  short rows stay behind (0.62-0.87 at 128-512 tokens): each row pays a fixed cost (tile
-  setup, repacking, a kernel call from Python of ~2 µs per layer) that vLLM's kernel
-  amortizes better. With bf16 probabilities on the tile unit, greedy bf16 output follows
-  float32 at least as far as stock bf16 does (`--parts fidelity`, the table above).
+  a Xeon the tile kernels bring prefill to about parity or better and decode at 2048 tokens
+  near it, but rows of 128-512 tokens stay behind: each row pays a fixed cost (tile setup,
+  repacking V, a kernel call from Python of ~2 µs per layer) that vLLM's kernel amortizes
+  better. With bf16 probabilities on the tile unit, greedy bf16 output follows float32 about
+  as far as stock bf16 does (`--parts fidelity`, the table above).
 - End to end: attention is a fraction of a SmolLM2 step (projections and MLPs dominate),
   so the end-to-end ratio sits much closer to 1 than the attention ratio. Where the CPU
   has neither AMX nor AVX-512 BF16, vLLM runs the bf16 projections through PyTorch's

@@ -128,20 +128,29 @@ static inline __m512 load16(int bf16, const void *p) {
     return _mm512_loadu_ps(p);
 }
 
-/* e^x for 16 floats: 2^n * 2^f with a degree-6 polynomial (rel. error ~1e-7). */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+/* 2^x for 16 floats as 2^n * p(f), p the Taylor polynomial of 2^f to degree 6 (relative
+   error ~1e-7) or, where the result only feeds bf16, degree 4 (~4e-5, a hundredth of a bf16
+   ulp). `degree` is a constant at every call, so the branch folds away. */
+static inline __m512 pow2_16(__m512 x, int degree) {
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(9.6181291076284772e-3f);
+    if (degree == 6) {
+        p = _mm512_set1_ps(1.5403530393381606e-4f);
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    }
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
+}
+
+/* e^x for 16 floats (x clamped at -87, so 2^n stays a normal float). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    return pow2_16(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), 6);
 }
 
 static float exp_and_sum16(float *s, int len, float mx) {
@@ -174,18 +183,8 @@ static int amx_ready(void) {
     if (amx_state == 0) amx_state = syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : -1;
     return amx_state > 0;
 }
-/* 2^x for 16 floats, x <= 0, to the precision bf16 keeps: a degree-4 polynomial for the
-   fraction (relative error ~4e-5, a hundredth of a bf16 ulp). */
-static inline __m512 exp2_16_bf16(__m512 x) {
-    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_set1_ps(9.6181291076284772e-3f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
+/* 2^x for 16 floats, x <= 0, to the precision bf16 keeps. */
+static inline __m512 exp2_16_bf16(__m512 x) { return pow2_16(x, 4); }
 
 /* Softmax numerators of one head's decode row, straight to bf16 in token order (the pair
    layout P.V's tile loads read: word i = (p[2i], p[2i+1]), zero past len); returns their
