@@ -41,6 +41,7 @@ from xllm_plugin.cpu_features import cpuinfo_field
 log = logging.getLogger("xllm_plugin.kernels.native_decode")
 
 SOURCE = r"""
+
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -851,37 +852,28 @@ static void repack_values(const char *v, size_t row_bytes, int len, int d, uint3
         }
 }
 
-/* Keys per step of the online softmax: the step's scores (16 x 128 fp32) and both
+/* Keys per step of the online softmax: the step's scores (32 x 128 fp32) and both
    probability buffers stay in L1, where one pass over all keys would stream them through L2. */
 #define XT_KEY_CHUNK 128
 
-/* Scores of 16 query rows (qbuf, [16][d] bf16) against nb key blocks from kt, into
-   sc[16][XT_KEY_CHUNK]. Two blocks at a time in two accumulators (tiles 0 and 3), which
-   share each query load and keep two independent chains in flight. */
+/* Scores of 32 query rows (qbuf, [32][d] bf16) against nb key blocks from kt, into
+   sc[32][XT_KEY_CHUNK]: rows 0-15 in tile 0 (their queries in tile 2), rows 16-31 in tile 4
+   (queries in tile 5); each block's keys (tile 1) are loaded once for both halves, which
+   halves the key traffic of 16-row tasks. */
 static void prefill_scores(const uint16_t *qbuf, const uint32_t *kt, int nb, int d,
                            float *sc) {
     const int steps = d / 32;
-    int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        _tile_zero(0); _tile_zero(3);
+    for (int b = 0; b < nb; b++) {
+        _tile_zero(0); _tile_zero(4);
         for (int st = 0; st < steps; st++) {
-            _tile_loadd(2, qbuf + 32 * st, d * 2);
             _tile_loadd(1, kt + ((size_t)b * steps + st) * 256, 64);
-            _tile_loadd(7, kt + ((size_t)(b + 1) * steps + st) * 256, 64);
+            _tile_loadd(2, qbuf + 32 * st, d * 2);
+            _tile_loadd(5, qbuf + (size_t)16 * d + 32 * st, d * 2);
             _tile_dpbf16ps(0, 2, 1);
-            _tile_dpbf16ps(3, 2, 7);
+            _tile_dpbf16ps(4, 5, 1);
         }
         _tile_stored(0, sc + 16 * b, XT_KEY_CHUNK * 4);
-        _tile_stored(3, sc + 16 * (b + 1), XT_KEY_CHUNK * 4);
-    }
-    if (b < nb) {
-        _tile_zero(0);
-        for (int st = 0; st < steps; st++) {
-            _tile_loadd(2, qbuf + 32 * st, d * 2);
-            _tile_loadd(1, kt + ((size_t)b * steps + st) * 256, 64);
-            _tile_dpbf16ps(0, 2, 1);
-        }
-        _tile_stored(0, sc + 16 * b, XT_KEY_CHUNK * 4);
+        _tile_stored(4, sc + (size_t)16 * XT_KEY_CHUNK + 16 * b, XT_KEY_CHUNK * 4);
     }
 }
 
@@ -923,60 +915,67 @@ static float softmax_step(const float *sr, int vis, int n32, float c, float *m, 
     return alpha;
 }
 
-/* acc[16][d] = acc * alpha[r] + P.V for nb blocks of 32 keys: tile 3 = A (probabilities pc,
-   [16][XT_KEY_CHUNK] bf16), 1 = B (values), 4-7 = C (64 dims at a time). */
+/* acc[32][d] = acc * alpha[r] + P.V for nb blocks of 32 keys, 32 dims at a time:
+   probabilities of rows 0-15 in tile 3 and of rows 16-31 in tile 2 (pc, [32][XT_KEY_CHUNK]
+   bf16), the two 16-dim value tiles of the block in tiles 1 and 0 (each loaded once for
+   both halves), accumulators 4, 5 (rows 0-15) and 6, 7 (rows 16-31). */
 static void prefill_values(const uint16_t *pc, const uint32_t *vv, int nb, int rows, int d,
                            const float *alpha, float *oc, float *acc) {
     const int chunks = d / 16;
-    for (int dc = 0; dc < d / 64; dc++) {
+    for (int dh = 0; dh < d / 32; dh++) {
         _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
         for (int b = 0; b < nb; b++) {
-            const uint32_t *vb = vv + ((size_t)b * chunks + 4 * dc) * 256;
+            const uint32_t *vb = vv + ((size_t)b * chunks + 2 * dh) * 256;
             _tile_loadd(3, pc + 32 * b, XT_KEY_CHUNK * 2);
-            _tile_loadd(1, vb, 64); _tile_dpbf16ps(4, 3, 1);
-            _tile_loadd(1, vb + 256, 64); _tile_dpbf16ps(5, 3, 1);
-            _tile_loadd(1, vb + 512, 64); _tile_dpbf16ps(6, 3, 1);
-            _tile_loadd(1, vb + 768, 64); _tile_dpbf16ps(7, 3, 1);
+            _tile_loadd(2, pc + (size_t)16 * XT_KEY_CHUNK + 32 * b, XT_KEY_CHUNK * 2);
+            _tile_loadd(1, vb, 64);
+            _tile_loadd(0, vb + 256, 64);
+            _tile_dpbf16ps(4, 3, 1);
+            _tile_dpbf16ps(6, 2, 1);
+            _tile_dpbf16ps(5, 3, 0);
+            _tile_dpbf16ps(7, 2, 0);
         }
-        _tile_stored(4, oc, 256); _tile_stored(5, oc + 16, 256);
-        _tile_stored(6, oc + 32, 256); _tile_stored(7, oc + 48, 256);
+        _tile_stored(4, oc, 128); _tile_stored(5, oc + 16, 128);
+        _tile_stored(6, oc + 16 * 32, 128); _tile_stored(7, oc + 16 * 32 + 16, 128);
         for (int r = 0; r < rows; r++) {
             const __m512 a = _mm512_set1_ps(alpha[r]);
-            float *ar = acc + (size_t)r * d + 64 * dc;
-            for (int j = 0; j < 4; j++)
+            float *ar = acc + (size_t)r * d + 32 * dh;
+            for (int j = 0; j < 2; j++)
                 _mm512_storeu_ps(ar + 16 * j, _mm512_fmadd_ps(
-                    _mm512_loadu_ps(ar + 16 * j), a, _mm512_loadu_ps(oc + 64 * r + 16 * j)));
+                    _mm512_loadu_ps(ar + 16 * j), a, _mm512_loadu_ps(oc + 32 * r + 16 * j)));
         }
     }
 }
 
-/* One prefill task: 16 query rows (fewer at the end) of one query head against one KV head's
+/* One prefill task: 32 query rows (fewer at the end) of one query head against one KV head's
    repacked K (kt) and V (vv). Row r sees keys 0 .. visible0 + r - 1. Online softmax over
    chunks of XT_KEY_CHUNK keys, software-pipelined: chunk i's probabilities are written
    while chunk i - 1's go through P.V, so the tile unit never loads what the vector unit
    has just stored (a tile load takes no data forwarded from pending stores).
    mem: scratch of XT_PREFILL_SCRATCH(d) floats. */
-#define XT_PREFILL_SCRATCH(d) ((size_t)16 * XT_KEY_CHUNK * 2 + 16 * 64 + (size_t)16 * (d) \
-                               + 8 * (size_t)(d))
+#define XT_TASK_ROWS 32
+#define XT_PREFILL_SCRATCH(d) ((size_t)XT_TASK_ROWS * XT_KEY_CHUNK * 2 + XT_TASK_ROWS * 32 \
+                               + (size_t)XT_TASK_ROWS * (d) * 3 / 2)
 static void prefill_task(const char *q, int64_t q_stride, const uint32_t *kt,
                          const uint32_t *vv, int rows, int visible0, int d, float scale,
                          float *mem, char *out, int64_t out_stride) {
+    enum { R = XT_TASK_ROWS };
     const int keys = visible0 + rows - 1;
-    float *sc = mem;                                                   /* [16][chunk] */
-    uint16_t *pc = (uint16_t *)(sc + (size_t)16 * XT_KEY_CHUNK);       /* [2][16][chunk] */
-    float *oc = (float *)(pc + (size_t)32 * XT_KEY_CHUNK);             /* [16][64] */
-    float *acc = oc + 16 * 64;                                         /* [16][d] */
-    uint16_t *qbuf = (uint16_t *)(acc + (size_t)16 * d);               /* [16][d] */
-    float m[16], l[16], alpha[2][16];
-    for (int r = 0; r < 16; r++) {
+    float *sc = mem;                                                   /* [R][chunk] */
+    uint16_t *pc = (uint16_t *)(sc + (size_t)R * XT_KEY_CHUNK);        /* [2][R][chunk] */
+    float *oc = (float *)(pc + (size_t)2 * R * XT_KEY_CHUNK);          /* [R][32] */
+    float *acc = oc + R * 32;                                          /* [R][d] */
+    uint16_t *qbuf = (uint16_t *)(acc + (size_t)R * d);                /* [R][d] */
+    float m[R], l[R], alpha[2][R];
+    for (int r = 0; r < R; r++) {
         if (r < rows) memcpy(qbuf + (size_t)r * d, q + (size_t)r * q_stride * 2, (size_t)d * 2);
         else memset(qbuf + (size_t)r * d, 0, (size_t)d * 2);
         m[r] = -INFINITY; l[r] = 0.f;
     }
-    memset(acc, 0, sizeof(float) * 16 * (size_t)d);
-    for (int r = rows; r < 16; r++) {
+    memset(acc, 0, sizeof(float) * R * (size_t)d);
+    for (int r = rows; r < R; r++) {
         memset(pc + (size_t)r * XT_KEY_CHUNK, 0, XT_KEY_CHUNK * 2);
-        memset(pc + (size_t)(16 + r) * XT_KEY_CHUNK, 0, XT_KEY_CHUNK * 2);
+        memset(pc + (size_t)(R + r) * XT_KEY_CHUNK, 0, XT_KEY_CHUNK * 2);
     }
     xt_tilecfg cfg;
     memset(&cfg, 0, sizeof cfg);
@@ -990,21 +989,21 @@ static void prefill_task(const char *q, int64_t q_stride, const uint32_t *kt,
         const int n = keys - k0 < XT_KEY_CHUNK ? keys - k0 : XT_KEY_CHUNK;
         const int n32 = (n + 31) & ~31, buf = (k0 / XT_KEY_CHUNK) & 1;
         prefill_scores(qbuf, kt + (size_t)(k0 / 16) * steps * 256, (n + 15) / 16, d, sc);
-        uint16_t *pb = pc + (size_t)buf * 16 * XT_KEY_CHUNK;
+        uint16_t *pb = pc + (size_t)buf * R * XT_KEY_CHUNK;
         for (int r = 0; r < rows; r++) {
             const int vis = visible0 + r - k0 < n ? visible0 + r - k0 : n;
             alpha[buf][r] = softmax_step(sc + (size_t)r * XT_KEY_CHUNK, vis, n32, c, &m[r], &l[r],
                                          pb + (size_t)r * XT_KEY_CHUNK);
         }
         if (pending >= 0)
-            prefill_values(pc + (size_t)(buf ^ 1) * 16 * XT_KEY_CHUNK,
+            prefill_values(pc + (size_t)(buf ^ 1) * R * XT_KEY_CHUNK,
                            vv + (size_t)(pending / 32) * chunks * 256, pending_blocks, rows, d,
                            alpha[buf ^ 1], oc, acc);
         pending = k0;
         pending_blocks = n32 / 32;
     }
     const int last = (pending / XT_KEY_CHUNK) & 1;
-    prefill_values(pc + (size_t)last * 16 * XT_KEY_CHUNK,
+    prefill_values(pc + (size_t)last * R * XT_KEY_CHUNK,
                    vv + (size_t)(pending / 32) * chunks * 256, pending_blocks, rows, d,
                    alpha[last], oc, acc);
     _tile_release();
@@ -1022,8 +1021,9 @@ static void prefill_task(const char *q, int64_t q_stride, const uint32_t *kt,
  * [Hq, D]) over its kv_len keys (k/v + t * tok_stride, [Hkv, D]; bottom-right aligned: query
  * i sees keys 0 .. kv_len - q_len + i), bf16 on the AMX tile unit, no block table. Per KV
  * head, K and V are repacked once into the unit's layouts; then each task (query head,
- * block of 16 query tokens) scores all its visible keys into one row buffer (no online
- * rescaling), takes the softmax in fp32, and multiplies the bf16 probabilities with V.
+ * block of 32 query tokens) runs an online softmax over its visible keys in steps of
+ * XT_KEY_CHUNK: scores on the tile unit, max / exp / sum in fp32, bf16 probabilities times V
+ * on the tile unit, the running output rescaled in fp32.
  * Returns 0, or -1 where this path does not apply (no AMX, head size not a multiple of
  * 64 or over 256, q_len > kv_len): the caller then uses SDPA.
  */
@@ -1049,19 +1049,21 @@ int xt_prefill(const void *q, int64_t q_stride, const void *k, const void *v,
         repack_values((const char *)v + (size_t)h * d * 2, row_bytes, kv_len, d,
                       packed + (size_t)hkv * kt_words + (size_t)h * vv_words);
     }
-    const int qblocks = (q_len + 15) / 16, offset = kv_len - q_len;
+    const int qblocks = (q_len + XT_TASK_ROWS - 1) / XT_TASK_ROWS, offset = kv_len - q_len;
     int failed = 0;
     #pragma omp parallel for schedule(dynamic, 1)
     for (int task = 0; task < hq * qblocks; task++) {
         const int hg = task % hq, qb = task / hq, h = hg / group;
-        const int rows = q_len - 16 * qb < 16 ? q_len - 16 * qb : 16;
+        const int first = XT_TASK_ROWS * qb;
+        const int rows = q_len - first < XT_TASK_ROWS ? q_len - first : XT_TASK_ROWS;
         float *mem = (float *)scratch(sizeof(float) * XT_PREFILL_SCRATCH(d));
         if (mem == NULL) { failed = 1; continue; }  /* the caller redoes the chunk with SDPA */
-        prefill_task((const char *)q + ((size_t)16 * qb * q_stride + (size_t)hg * d) * 2, q_stride,
-                     packed + (size_t)h * kt_words,
+        prefill_task((const char *)q + ((size_t)first * q_stride + (size_t)hg * d) * 2,
+                     q_stride, packed + (size_t)h * kt_words,
                      packed + (size_t)hkv * kt_words + (size_t)h * vv_words, rows,
-                     offset + 16 * qb + 1, d, scale, mem,
-                     (char *)out + ((size_t)16 * qb * out_stride + (size_t)hg * d) * 2, out_stride);
+                     offset + first + 1, d, scale, mem,
+                     (char *)out + ((size_t)first * out_stride + (size_t)hg * d) * 2,
+                     out_stride);
     }
     free(packed);
     return failed ? -1 : 0;
