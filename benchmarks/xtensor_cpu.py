@@ -623,7 +623,7 @@ worker and paged CPU attention, so xTensor is the only difference.
   into (one call per layer and K/V, coalesced across consecutive blocks), pre-mapped on a
   background thread when vLLM allocated them a token ahead.
 - Bookkeeping: what remains per step is Python per request (is its view unchanged?) and
-  the status snapshot every 100 ms. Before 2026-12-05 (the code of commit 1fb4501 on this
+  the status snapshot every 100 ms. Before 2026-12-05 (on the AMD EPYC, commit 1fb4501, this
   benchmark, 5 repetitions) it cost 0.30 ms per step at batch 1, 0.86 ms at 16, 3.1 ms at
   64 and 146 ms at 256: every step re-checked every view in full, read `/proc/self/maps`
   once a second in the step that published (5-8 ms for a worker's ~8,000 mappings), wrote
