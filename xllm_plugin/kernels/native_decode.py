@@ -41,7 +41,6 @@ from xllm_plugin.cpu_features import cpuinfo_field
 log = logging.getLogger("xllm_plugin.kernels.native_decode")
 
 SOURCE = r"""
-
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -224,21 +223,8 @@ typedef struct {
    straight from the token-major view (tile stride = the token stride), 32 dims at a time,
    against a block-diagonal Q^T (each 32-dim step of one KV head meets only that head's
    query group; the other columns are zero), so one accumulator holds the scores of up to
-   16 query heads: C[t][col] for a run of whole KV-head groups. Blocks alternate between two
-   accumulators so one block's store overlaps the next block's products. Returns how many
-   tokens it scored (a multiple of 16); scores land in scores[hg * len + t], raising mx[hg]. */
-#define XT_QK_BLOCK(CT, T)                                                                  \
-    do {                                                                                    \
-        const char *block_ = k + (size_t)(T) * row_bytes;                                   \
-        _tile_zero(CT);                                                                     \
-        for (int s = 0; s < nsteps; s++) {                                                  \
-            _tile_loadd(2, block_ + (size_t)(h0 * d + 32 * s) * 2, (long)row_bytes);        \
-            _tile_loadd(3, qt + (size_t)s * 16 * cols, cols * 4);                           \
-            _tile_dpbf16ps(CT, 2, 3);                                                       \
-        }                                                                                   \
-        _tile_stored(CT, ct[CT], 64);                                                 \
-    } while (0)
-
+   16 query heads: C[t][col] for a run of whole KV-head groups. Returns how many tokens it
+   scored (a multiple of 16); scores land in scores[hg * len + t], raising mx[hg]. */
 /* 16 x 16 transpose of 32-bit elements in registers: out[j] lane i = r[i] lane j (four
    rounds of in-lane and cross-lane shuffles). */
 static inline void transpose16(const __m512 *r, __m512 *out) {
@@ -285,7 +271,7 @@ static int qk_amx(const __m512bh (*qb)[8], const char *k, size_t row_bytes, int 
     uint32_t qt[16 * 16 * 16];  /* [step of the run][pair i][col] */
     __m512 vmx[64];  /* running maxima per head, reduced once at the end */
     for (int hg = 0; hg < hkv * group; hg++) vmx[hg] = _mm512_set1_ps(-INFINITY);
-    float ct[2][16 * 16] __attribute__((aligned(64))) = {{0}};
+    float ct[16 * 16] __attribute__((aligned(64))) = {0};
     for (int h0 = 0; h0 < hkv; h0 += per_run) {
         const int h1 = h0 + per_run < hkv ? h0 + per_run : hkv;
         const int cols = (h1 - h0) * group, nsteps = (h1 - h0) * steps;
@@ -301,21 +287,20 @@ static int qk_amx(const __m512bh (*qb)[8], const char *k, size_t row_bytes, int 
         xt_tilecfg cfg;
         memset(&cfg, 0, sizeof cfg);
         cfg.palette = 1;
-        cfg.rows[0] = cfg.rows[1] = 16;
-        cfg.colsb[0] = cfg.colsb[1] = (uint16_t)(cols * 4);  /* C: 16 tokens x cols fp32 */
+        cfg.rows[0] = 16; cfg.colsb[0] = (uint16_t)(cols * 4);  /* C: 16 tokens x cols fp32 */
         cfg.rows[2] = 16; cfg.colsb[2] = 64;                  /* A: 16 tokens x 32 dims */
         cfg.rows[3] = 16; cfg.colsb[3] = (uint16_t)(cols * 4); /* B: 16 dim pairs x cols */
         _tile_loadconfig(&cfg);
-        int t = 0;
-        for (; t + 32 <= full; t += 32) {
-            XT_QK_BLOCK(0, t);
-            XT_QK_BLOCK(1, t + 16);
-            qk_scatter(ct[0], cols, h0 * group, len, t, scores, vmx);
-            qk_scatter(ct[1], cols, h0 * group, len, t + 16, scores, vmx);
-        }
-        if (t < full) {
-            XT_QK_BLOCK(0, t);
-            qk_scatter(ct[0], cols, h0 * group, len, t, scores, vmx);
+        for (int t = 0; t < full; t += 16) {
+            const char *block = k + (size_t)t * row_bytes + (size_t)h0 * d * 2;
+            _tile_zero(0);
+            for (int s = 0; s < nsteps; s++) {
+                _tile_loadd(2, block + 64 * s, (long)row_bytes);
+                _tile_loadd(3, qt + (size_t)s * 16 * cols, cols * 4);
+                _tile_dpbf16ps(0, 2, 3);
+            }
+            _tile_stored(0, ct, 64);
+            qk_scatter(ct, cols, h0 * group, len, t, scores, vmx);
         }
         _tile_release();
     }
@@ -340,11 +325,12 @@ static inline void repack_pairs(const char *v, size_t row_bytes, uint32_t bt[4][
 }
 
 /* P.V for one KV head's group over 64 output dims, on the AMX tile unit, for every full
-   block of 32 tokens: C[g][n] += sum_t P[g][t] V[t][n]. P rows come straight from the
+   block of 32 tokens: C[g][n] = sum_t P[g][t] V[t][n]. P rows come straight from the
    bf16 probabilities (pp: row g at pp + g * half words, tokens in order); V is repacked
    per block into the unit's pair layout with the same unpacks as the vector path (so C's
-   columns carry the same in-lane dim permutation, undone by the caller). Adds into
-   cacc[g][j][16] (j = which unpack); returns how many token pairs it consumed. */
+   columns carry the same in-lane dim permutation, undone by the caller). Writes C to
+   cacc[g][j][16] (j = which unpack) if there was a full block; returns how many token
+   pairs it consumed. */
 static int pv_amx(const uint32_t *pp, int half, const char *vbase, size_t row_bytes,
                   int len, int group, float *cacc) {
     const int blocks = len / 32;
@@ -355,8 +341,7 @@ static int pv_amx(const uint32_t *pp, int half, const char *vbase, size_t row_by
     for (int i = 0; i < 5; i++) { cfg.rows[i] = (uint8_t)group; cfg.colsb[i] = 64; }
     cfg.rows[5] = 16; cfg.colsb[5] = 64;
     _tile_loadconfig(&cfg);
-    _tile_loadd(0, cacc, 256); _tile_loadd(1, cacc + 16, 256);
-    _tile_loadd(2, cacc + 32, 256); _tile_loadd(3, cacc + 48, 256);
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     /* Two repack buffers, one block apart: the tile loads of block b read what was
        stored while block b - 1 ran, so they do not wait on the stores of the block just
        repacked (a tile load takes no data forwarded from pending stores). */
@@ -790,7 +775,8 @@ static const row_fn special[2][2][XT_MAX_GROUP] = {
 #endif
 
 #ifdef XT_AMX
-/* Per-thread scratch that only grows (prefill repacks and score rows); kept for the
+/* Per-thread scratch that only grows (a prefill task's scores, probabilities, query and
+   output rows); kept for the
    process, so steady-state calls do not fault fresh pages in. */
 static __thread char *scratch_mem = NULL;
 static __thread size_t scratch_size = 0;
