@@ -118,18 +118,18 @@ def _attention_case(context: int, batch: int, q_len: int, block: int, reps: int,
     qsl_list = qsl.tolist()
     slot_k, slot_v = xt.slot_tensors(0)
     slot_ids = [xt.slot_of(i) for i in range(batch)]
-    # What the backend does: all decode rows in one native call (built per step: q index,
-    # slots, lengths), prefill chunks one native call each where the CPU has AMX tiles (bf16),
-    # else through SDPA on slices of the views.
+    # What the backend does: all decode rows in one native call per layer (the rows packed
+    # once per step: q index, slots, lengths), prefill chunks one native call each where the
+    # CPU has AMX tiles (bf16), else through SDPA on slices of the views.
     lib = native_decode.load() if native else None
     prefill_lib = lib if lib is not None and native_decode.has_prefill(lib, dtype) else None
     q_index = torch.arange(batch, dtype=torch.int32)
-    slots_t = torch.tensor(slot_ids, dtype=torch.int64)
+    decode_rows = None if lib is None else native_decode.DecodeRows(
+        lib, q_index, torch.tensor(slot_ids, dtype=torch.int64), seq_lens)
 
     def xtensor() -> None:
-        if q_len == 1 and lib is not None:
-            native_decode.decode(lib, query, out, q_index, slot_k, slot_v, slots_t, seq_lens,
-                                 HEAD_SIZE ** -0.5)
+        if q_len == 1 and decode_rows is not None:
+            decode_rows.run(query, out, slot_k, slot_v, HEAD_SIZE ** -0.5)
             return
         ks = [slot_k[s, :context] for s in slot_ids]
         vs = [slot_v[s, :context] for s in slot_ids]
@@ -148,12 +148,12 @@ def _attention_case(context: int, batch: int, q_len: int, block: int, reps: int,
     paged_k, paged_v = xt.space.paged_tensor(0, K, dtype), xt.space.paged_tensor(0, V, dtype)
     buffer_k = torch.empty(pages.numel(), *paged_k.shape[1:], dtype=dtype)
     buffer_v = torch.empty_like(buffer_k)
-    rows_t = torch.arange(batch, dtype=torch.int64)
+    gathered_rows = None if lib is None else native_decode.DecodeRows(
+        lib, q_index, torch.arange(batch, dtype=torch.int64), seq_lens)
 
     def no_view() -> None:
-        native_decode.decode(lib, query, out, q_index, copy_pages(paged_k, pages, buffer_k),
-                             copy_pages(paged_v, pages, buffer_v), rows_t, seq_lens,
-                             HEAD_SIZE ** -0.5)
+        gathered_rows.run(query, out, copy_pages(paged_k, pages, buffer_k),
+                          copy_pages(paged_v, pages, buffer_v), HEAD_SIZE ** -0.5)
 
     def timed(fn: Any) -> float:
         fn()

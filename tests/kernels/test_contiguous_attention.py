@@ -201,6 +201,42 @@ def test_native_decode_matches_reference(dtype: torch.dtype, tol: float,
     assert (out[[1, 5]] == 0).all()  # rows not asked for are untouched
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+def test_decode_rows_serve_every_layer_of_a_step(dtype: torch.dtype, tol: float) -> None:
+    """Rows packed once run against each layer's own query and K/V planes (as the backend
+    calls them), and a call whose layout differs from the last one is checked again."""
+    from xllm_plugin.kernels import native_decode
+
+    lib = native_decode.load()
+    if lib is None:
+        pytest.skip("no C compiler: the native decode kernel falls back to SDPA")
+    torch.manual_seed(3)
+    lens = [5, 64, 130, 300]
+    q_index = torch.tensor([3, 0, 1, 2], dtype=torch.int32)
+    slot_ids = torch.tensor([2, 0, 3, 1], dtype=torch.int64)
+    rows = native_decode.DecodeRows(lib, q_index, slot_ids, torch.tensor(lens, dtype=torch.int32))
+    assert len(rows) == 4
+    for layer, scale in enumerate([0.125, 0.125, 0.2]):
+        keys = torch.randn(4, 320, 3, 64, dtype=dtype)
+        values = torch.randn_like(keys)
+        query = torch.randn(4, 9, 64, dtype=dtype)
+        out = torch.zeros_like(query)
+        rows.run(query, out, keys, values, scale)
+        for token, slot, length in zip(q_index.tolist(), slot_ids.tolist(), lens):
+            ref = reference_attention(query[token:token + 1], keys[slot, :length],
+                                      values[slot, :length], scale)
+            torch.testing.assert_close(out[token:token + 1], ref, atol=tol, rtol=tol,
+                                       msg=f"layer {layer}, row of {length} tokens")
+    with pytest.raises(ValueError, match="one dtype"):
+        rows.run(query.float() if dtype != torch.float32 else query.double(), out, keys,
+                 values, 0.2)
+    with pytest.raises(ValueError, match="contiguous heads"):
+        padded = torch.randn(4, 320, 3, 128, dtype=dtype)[..., :64]  # heads 128 apart
+        rows.run(query, out, padded, padded, 0.2)
+    with pytest.raises(ValueError, match="int32"):
+        native_decode.DecodeRows(lib, q_index.long(), slot_ids, torch.tensor(lens))
+
+
 @pytest.mark.parametrize("heads,head_size", [((9, 3), 64), ((8, 1), 128), ((32, 8), 64),
                                              ((4, 4), 256)])
 def test_native_prefill_matches_reference(heads: tuple[int, int], head_size: int) -> None:

@@ -64,6 +64,20 @@ SOURCE = r"""
 
 #define XT_MAX_GROUP 8
 
+/* Per-thread scratch that only grows (a decode row's scores and probabilities, a prefill
+   task's rows); kept for the process, so steady-state calls neither allocate nor fault
+   fresh pages in. */
+static __thread char *scratch_mem = NULL;
+static __thread size_t scratch_size = 0;
+static char *scratch(size_t bytes) {
+    if (bytes > scratch_size) {
+        free(scratch_mem);
+        scratch_mem = (char *)aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+        scratch_size = scratch_mem ? bytes : 0;
+    }
+    return scratch_mem;
+}
+
 static inline float bf16_to_f32(uint16_t x) {
     union { uint32_t u; float f; } v; v.u = ((uint32_t)x) << 16; return v.f;
 }
@@ -219,6 +233,24 @@ typedef struct {
     uint8_t rows[16];
 } __attribute__((packed)) xt_tilecfg;
 
+/* One tile palette serves every decode row of a call (loading a configuration and
+   releasing it costs about as much as a row's Q.K at 128 tokens, so a thread sets it once
+   per call, not per product):
+   tmm0-3  P.V accumulators, group rows x 16 fp32 dims each;
+   tmm4    P.V's A: group rows of 16 bf16 token pairs (the probabilities);
+   tmm5    16 rows x 64 bytes: P.V's B (16 token pairs x 16 dims) and Q.K's A (16 tokens x
+           32 dims);
+   tmm6    Q.K's accumulator, 16 tokens x 16 query-head columns;
+   tmm7    Q.K's B, 16 dim pairs x 16 columns (the block-diagonal Q^T). */
+static void decode_tiles(int group) {
+    xt_tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 5; i++) { cfg.rows[i] = (uint8_t)group; cfg.colsb[i] = 64; }
+    for (int i = 5; i < 8; i++) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
+    _tile_loadconfig(&cfg);
+}
+
 /* Q.K for every full block of 16 tokens on the AMX tile unit. The 16 token rows of K load
    straight from the token-major view (tile stride = the token stride), 32 dims at a time,
    against a block-diagonal Q^T (each 32-dim step of one KV head meets only that head's
@@ -275,34 +307,26 @@ static int qk_amx(const __m512bh (*qb)[8], const char *k, size_t row_bytes, int 
     for (int h0 = 0; h0 < hkv; h0 += per_run) {
         const int h1 = h0 + per_run < hkv ? h0 + per_run : hkv;
         const int cols = (h1 - h0) * group, nsteps = (h1 - h0) * steps;
-        memset(qt, 0, sizeof(uint32_t) * (size_t)nsteps * 16 * cols);
+        memset(qt, 0, sizeof(uint32_t) * (size_t)nsteps * 16 * 16);
         for (int h = h0; h < h1; h++)
             for (int g = 0; g < group; g++) {
                 const uint32_t *words = (const uint32_t *)qb[h * group + g];
                 const int col = (h - h0) * group + g;
                 for (int s = 0; s < steps; s++)
                     for (int i = 0; i < 16; i++)
-                        qt[(((h - h0) * steps + s) * 16 + i) * cols + col] = words[s * 16 + i];
+                        qt[(((h - h0) * steps + s) * 16 + i) * 16 + col] = words[s * 16 + i];
             }
-        xt_tilecfg cfg;
-        memset(&cfg, 0, sizeof cfg);
-        cfg.palette = 1;
-        cfg.rows[0] = 16; cfg.colsb[0] = (uint16_t)(cols * 4);  /* C: 16 tokens x cols fp32 */
-        cfg.rows[2] = 16; cfg.colsb[2] = 64;                  /* A: 16 tokens x 32 dims */
-        cfg.rows[3] = 16; cfg.colsb[3] = (uint16_t)(cols * 4); /* B: 16 dim pairs x cols */
-        _tile_loadconfig(&cfg);
         for (int t = 0; t < full; t += 16) {
             const char *block = k + (size_t)t * row_bytes + (size_t)h0 * d * 2;
-            _tile_zero(0);
+            _tile_zero(6);
             for (int s = 0; s < nsteps; s++) {
-                _tile_loadd(2, block + 64 * s, (long)row_bytes);
-                _tile_loadd(3, qt + (size_t)s * 16 * cols, cols * 4);
-                _tile_dpbf16ps(0, 2, 3);
+                _tile_loadd(5, block + 64 * s, (long)row_bytes);
+                _tile_loadd(7, qt + (size_t)s * 16 * 16, 64);
+                _tile_dpbf16ps(6, 5, 7);
             }
-            _tile_stored(0, ct, 64);
+            _tile_stored(6, ct, 64);
             qk_scatter(ct, cols, h0 * group, len, t, scores, vmx);
         }
-        _tile_release();
     }
     for (int hg = 0; hg < hkv * group; hg++)
         mx[hg] = fmaxf(mx[hg], _mm512_reduce_max_ps(vmx[hg]));
@@ -332,15 +356,9 @@ static inline void repack_pairs(const char *v, size_t row_bytes, uint32_t bt[4][
    cacc[g][j][16] (j = which unpack) if there was a full block; returns how many token
    pairs it consumed. */
 static int pv_amx(const uint32_t *pp, int half, const char *vbase, size_t row_bytes,
-                  int len, int group, float *cacc) {
+                  int len, float *cacc) {
     const int blocks = len / 32;
     if (blocks == 0) return 0;
-    xt_tilecfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int i = 0; i < 5; i++) { cfg.rows[i] = (uint8_t)group; cfg.colsb[i] = 64; }
-    cfg.rows[5] = 16; cfg.colsb[5] = 64;
-    _tile_loadconfig(&cfg);
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     /* Two repack buffers, one block apart: the tile loads of block b read what was
        stored while block b - 1 ran, so they do not wait on the stores of the block just
@@ -359,7 +377,6 @@ static int pv_amx(const uint32_t *pp, int half, const char *vbase, size_t row_by
     }
     _tile_stored(0, cacc, 256); _tile_stored(1, cacc + 16, 256);
     _tile_stored(2, cacc + 32, 256); _tile_stored(3, cacc + 48, 256);
-    _tile_release();
     return blocks * 16;
 }
 #endif
@@ -480,7 +497,7 @@ static inline __attribute__((always_inline)) void row_avx512(
                 float cacc[XT_MAX_GROUP * 64] __attribute__((aligned(64)));
                 memset(cacc, 0, sizeof(float) * 64 * (size_t)group);
                 const int i0 = pv_amx(pp + (size_t)h * group * half, half, base, row_bytes, len,
-                                      group, cacc);
+                                      cacc);
                 __m512 acc[XT_MAX_GROUP][4];
                 for (int g = 0; g < group; g++)
                     for (int j = 0; j < 4; j++) acc[g][j] = _mm512_load_ps(cacc + 64 * g + 16 * j);
@@ -775,20 +792,6 @@ static const row_fn special[2][2][XT_MAX_GROUP] = {
 #endif
 
 #ifdef XT_AMX
-/* Per-thread scratch that only grows (a prefill task's scores, probabilities, query and
-   output rows); kept for the
-   process, so steady-state calls do not fault fresh pages in. */
-static __thread char *scratch_mem = NULL;
-static __thread size_t scratch_size = 0;
-static char *scratch(size_t bytes) {
-    if (bytes > scratch_size) {
-        free(scratch_mem);
-        scratch_mem = (char *)aligned_alloc(64, (bytes + 63) & ~(size_t)63);
-        scratch_size = scratch_mem ? bytes : 0;
-    }
-    return scratch_mem;
-}
-
 /* Q.K's B operand for one KV head: per block of 16 keys and step of 32 dims, a 16 x 16
    transpose of 32-bit words (row i: dims 32s + 2i, 2i + 1 of each key). Keys past len
    are zero. kt: [blocks][steps][16][16]. */
@@ -1072,48 +1075,69 @@ const char *xt_isa(void) {
 }
 
 /*
- * One decode token per row. Row r: query q + q_index[r] * q_stride ([Hq, D]);
+ * One decode token per row. The rows of a step are the same for every layer, so they
+ * travel in one struct built once per step (a ctypes call pays for each argument: 17 of
+ * them cost ~1.6 us, five ~0.4 us). Row r: query q + q_index[r] * q_stride ([Hq, D]);
  * keys k_plane + slots[r] * slot_stride + t * tok_stride + h * D for t < lens[r];
- * output out + q_index[r] * out_stride. Strides in elements. Returns 0, or -1 if the
- * shape is unsupported (group > 8 or head size > 256).
+ * output out + q_index[r] * out_stride. Strides in elements.
  */
-int xt_decode(int bf16, const void *q, int64_t q_stride, const int32_t *q_index,
-              const void *k_plane, const void *v_plane, int64_t slot_stride,
-              int64_t tok_stride, const int64_t *slots, const int32_t *lens, int rows,
-              int hq, int hkv, int d, float scale, void *out, int64_t out_stride) {
-    const int group = hq / hkv;
+typedef struct {
+    int32_t bf16, rows, hq, hkv, d;
+    float scale;
+    int64_t q_stride, out_stride, slot_stride, tok_stride;
+    const int32_t *q_index;
+    const int64_t *slots;
+    const int32_t *lens;
+} xt_rows;
+
+/* Returns 0; -1 if the shape is unsupported (group > 8, head size > 256, over 64 query
+   heads), -2 if scratch memory could not be had. */
+int xt_decode(const xt_rows *b, const void *q, const void *k_plane, const void *v_plane,
+              void *out) {
+    const int bf16 = b->bf16, hq = b->hq, hkv = b->hkv, d = b->d, group = hq / hkv;
     const size_t es = bf16 ? 2 : 4;
     if (group > XT_MAX_GROUP || d > 256 || hq > 64) return -1;
+    int failed = 0;
 #ifdef XT_AMX
-    amx_ready();
+    const int tiles = bf16 && amx_ready();
 #endif
-    #pragma omp parallel for schedule(dynamic, 1)
-    for (int r = 0; r < rows; r++) {
-        const int len = lens[r];
-        float *scores = (float *)malloc(sizeof(float) * ((size_t)hq * (size_t)len + (size_t)hq * d
-                                                      + (size_t)hq * ((size_t)len / 2 + 1)));
-        const char *qr = (const char *)q + (int64_t)q_index[r] * q_stride * es;
-        const char *kr = (const char *)k_plane + slots[r] * slot_stride * es;
-        const char *vr = (const char *)v_plane + slots[r] * slot_stride * es;
-        char *orow = (char *)out + (int64_t)q_index[r] * out_stride * es;
+    #pragma omp parallel
+    {
+#ifdef XT_AMX
+        if (tiles) decode_tiles(group);
+#endif
+        #pragma omp for schedule(dynamic, 1)
+        for (int r = 0; r < b->rows; r++) {
+            const int len = b->lens[r];
+            float *scores = (float *)scratch(sizeof(float) * ((size_t)hq * (size_t)len
+                                             + (size_t)hq * d + (size_t)hq * ((size_t)len / 2 + 1)));
+            if (scores == NULL) { failed = 1; continue; }
+            const char *qr = (const char *)q + (int64_t)b->q_index[r] * b->q_stride * es;
+            const char *kr = (const char *)k_plane + b->slots[r] * b->slot_stride * es;
+            const char *vr = (const char *)v_plane + b->slots[r] * b->slot_stride * es;
+            char *orow = (char *)out + (int64_t)b->q_index[r] * b->out_stride * es;
+            const int64_t ts = b->tok_stride;
 #if defined(XT_AVX512) || defined(XT_AVX2)
-        if (d == 64 || d == 128) {
-            special[bf16 != 0][d == 128][group - 1](qr, kr, vr, tok_stride, len, hkv, scale,
-                                                    scores, scores + (size_t)hq * len, orow);
-        } else if (d % XT_DIM_MULTIPLE == 0) {
-            XT_ROW_SIMD(bf16, qr, kr, vr, tok_stride, len, hkv, group, d, scale, scores,
-                        scores + (size_t)hq * len, orow);
-        } else
+            if (d == 64 || d == 128) {
+                special[bf16 != 0][d == 128][group - 1](qr, kr, vr, ts, len, hkv, b->scale,
+                                                        scores, scores + (size_t)hq * len, orow);
+            } else if (d % XT_DIM_MULTIPLE == 0) {
+                XT_ROW_SIMD(bf16, qr, kr, vr, ts, len, hkv, group, d, b->scale, scores,
+                            scores + (size_t)hq * len, orow);
+            } else
 #endif
-        {
-            for (int h = 0; h < hkv; h++)
-                head_generic(bf16, qr + (size_t)h * group * d * es, kr + (size_t)h * d * es,
-                             vr + (size_t)h * d * es, tok_stride, len, group, d, scale, scores,
-                             orow + (size_t)h * group * d * es);
+            {
+                for (int h = 0; h < hkv; h++)
+                    head_generic(bf16, qr + (size_t)h * group * d * es, kr + (size_t)h * d * es,
+                                 vr + (size_t)h * d * es, ts, len, group, d, b->scale, scores,
+                                 orow + (size_t)h * group * d * es);
+            }
         }
-        free(scores);
+#ifdef XT_AMX
+        if (tiles) _tile_release();
+#endif
     }
-    return 0;
+    return failed ? -2 : 0;
 }
 """
 
@@ -1181,11 +1205,7 @@ def load(force_isa: str | None = None) -> ctypes.CDLL | None:
             ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
             ctypes.c_void_p, ctypes.c_int64]
         lib.xt_decode.restype = ctypes.c_int
-        lib.xt_decode.argtypes = [
-            ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-            ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
-            ctypes.c_void_p, ctypes.c_int64]
+        lib.xt_decode.argtypes = [ctypes.c_void_p] * 5
         _loaded[force_isa] = lib
         return lib
 
@@ -1203,34 +1223,89 @@ def supports(dtype: torch.dtype) -> bool:
     return dtype in _DTYPE_CODES
 
 
+class _Rows(ctypes.Structure):
+    """The C kernel's ``xt_rows``: one step's decode rows, shared by every layer's call."""
+
+    _fields_ = [("bf16", ctypes.c_int32), ("rows", ctypes.c_int32), ("hq", ctypes.c_int32),
+                ("hkv", ctypes.c_int32), ("d", ctypes.c_int32), ("scale", ctypes.c_float),
+                ("q_stride", ctypes.c_int64), ("out_stride", ctypes.c_int64),
+                ("slot_stride", ctypes.c_int64), ("tok_stride", ctypes.c_int64),
+                ("q_index", ctypes.c_void_p), ("slots", ctypes.c_void_p),
+                ("lens", ctypes.c_void_p)]
+
+
+class DecodeRows:
+    """A step's decode rows, packed once and run for every layer.
+
+    Row ``i`` reads query token ``q_index[i]`` (int32), K/V slot ``slots[i]`` (int64) and
+    its first ``lens[i]`` (int32) tokens. At short contexts one layer's kernel takes a few
+    µs, so the per-layer call must cost well under that: the rows travel as one C struct,
+    and :meth:`run` checks the layout only when it differs from the last call's (each
+    layer's query and output are fresh views of one shape, and its K/V slot planes are
+    built once, so after the first layer that is a tuple comparison).
+    """
+
+    def __init__(self, lib: ctypes.CDLL, q_index: torch.Tensor, slots: torch.Tensor,
+                 lens: torch.Tensor) -> None:
+        if not (q_index.dtype == lens.dtype == torch.int32 and slots.dtype == torch.int64
+                and q_index.is_contiguous() and slots.is_contiguous() and lens.is_contiguous()
+                and q_index.numel() == slots.numel() == lens.numel()):
+            raise ValueError("decode rows need contiguous int32 q_index and lens and int64 "
+                             "slots of one length")
+        self._lib = lib
+        self._index = (q_index, slots, lens)  # the struct points into these
+        self._rows = _Rows(rows=q_index.numel(), q_index=q_index.data_ptr(),
+                           slots=slots.data_ptr(), lens=lens.data_ptr())
+        self._address = ctypes.addressof(self._rows)
+        self._layout: tuple | None = None
+
+    def __len__(self) -> int:
+        return self._rows.rows
+
+    def run(self, query: torch.Tensor, out: torch.Tensor, k_slots: torch.Tensor,
+            v_slots: torch.Tensor, scale: float) -> None:
+        """Attention of every row: ``query/out`` ``[tokens, Hq, D]``; ``k_slots/v_slots``
+        ``[slots, max_tokens, Hkv, D]`` with contiguous ``[Hkv, D]`` per token."""
+        layout = (query.shape, query.stride(), out.stride(), query.dtype, out.dtype,
+                  k_slots.shape, k_slots.stride(), v_slots.stride(), k_slots.dtype,
+                  v_slots.dtype, scale)
+        if layout != self._layout:
+            self._check(layout)
+        status = self._lib.xt_decode(self._address, query.data_ptr(), k_slots.data_ptr(),
+                                     v_slots.data_ptr(), out.data_ptr())
+        if status != 0:
+            raise (MemoryError("native decode could not allocate its scratch") if status == -2
+                   else ValueError(f"native decode does not support {self._rows.hq}/"
+                                   f"{self._rows.hkv} heads of size {self._rows.d}"))
+
+    def _check(self, layout: tuple) -> None:
+        (q_shape, q_stride, out_stride, dtype, out_dtype, kv_shape, kv_stride, v_stride,
+         k_dtype, v_dtype, scale) = layout
+        if len(q_shape) != 3 or len(kv_shape) != 4 or q_shape[1] % kv_shape[2]:
+            raise ValueError("native decode needs query [tokens, Hq, D] and K/V [slots, tokens, "
+                             "Hkv, D] with Hq a multiple of Hkv")
+        _, num_heads, head_size = q_shape
+        if (q_stride[1:] != (head_size, 1) or out_stride[1:] != (head_size, 1)
+                or kv_stride[2:] != (head_size, 1) or kv_stride != v_stride
+                or kv_shape[3] != head_size
+                or not dtype == k_dtype == v_dtype == out_dtype or dtype not in _DTYPE_CODES):
+            raise ValueError("native decode needs [tokens, heads, head_size] query/out and "
+                             "[slots, tokens, kv_heads, head_size] K/V with contiguous heads, "
+                             "one dtype (bfloat16 or float32)")
+        rows = self._rows
+        rows.bf16, rows.hq, rows.hkv, rows.d = (_DTYPE_CODES[dtype], num_heads, kv_shape[2],
+                                                head_size)
+        rows.q_stride, rows.out_stride = q_stride[0], out_stride[0]
+        rows.slot_stride, rows.tok_stride = kv_stride[0], kv_stride[1]
+        rows.scale = scale
+        self._layout = layout
+
+
 def decode(lib: ctypes.CDLL, query: torch.Tensor, out: torch.Tensor, q_index: torch.Tensor,
            k_slots: torch.Tensor, v_slots: torch.Tensor, slots: torch.Tensor,
            lens: torch.Tensor, scale: float) -> None:
-    """Decode attention for the rows given by ``q_index`` (query token per row).
-
-    ``query/out``: ``[tokens, Hq, D]``; ``k_slots/v_slots``: ``[slots, max_tokens, Hkv, D]``
-    with contiguous ``[Hkv, D]`` per token; ``slots`` (int64) and ``lens`` (int32) per row.
-    """
-    # One layer's call costs a few µs of Python around a kernel of the same order at short
-    # contexts, so the layout checks compare whole stride tuples (one call each).
-    _, num_heads, head_size = query.shape
-    num_kv_heads = k_slots.shape[2]
-    q_stride, out_stride, kv_stride = query.stride(), out.stride(), k_slots.stride()
-    dtype = query.dtype
-    if (q_stride[1:] != (head_size, 1) or out_stride[1:] != (head_size, 1)
-            or kv_stride[2:] != (head_size, 1) or kv_stride != v_slots.stride()
-            or not dtype == k_slots.dtype == out.dtype or dtype not in _DTYPE_CODES):
-        raise ValueError("native decode needs [tokens, heads, head_size] query/out and "
-                         "[slots, tokens, kv_heads, head_size] K/V with contiguous heads, "
-                         "one dtype (bfloat16 or float32)")
-    status = lib.xt_decode(
-        _DTYPE_CODES[dtype], query.data_ptr(), q_stride[0], q_index.data_ptr(),
-        k_slots.data_ptr(), v_slots.data_ptr(), kv_stride[0], kv_stride[1], slots.data_ptr(),
-        lens.data_ptr(), slots.shape[0], num_heads, num_kv_heads, head_size, scale,
-        out.data_ptr(), out_stride[0])
-    if status != 0:
-        raise ValueError(f"native decode does not support {num_heads}/{num_kv_heads} heads of "
-                         f"size {head_size}")
+    """One call of :class:`DecodeRows` (for rows used by a single layer)."""
+    DecodeRows(lib, q_index, slots, lens).run(query, out, k_slots, v_slots, scale)
 
 
 def has_prefill(lib: ctypes.CDLL, dtype: torch.dtype) -> bool:

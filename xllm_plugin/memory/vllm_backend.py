@@ -136,16 +136,12 @@ class XTensorAttentionImpl(AttentionImpl):
         index = self._layer_index(layer)
         rows = attn_metadata.rows
         slot_k, slot_v = store.slot_k[index], store.slot_v[index]
-        if rows.decode_q_index is not None:  # all decode rows with a view: one native call
-            native_decode.decode(store.native_decode, query, output, rows.decode_q_index,
-                                 slot_k, slot_v, rows.decode_slots, rows.decode_lens,
-                                 self.scale)
+        if rows.decode is not None:  # all decode rows with a view: one native call
+            rows.decode.run(query, output, slot_k, slot_v, self.scale)
         paged_k, paged_v = store.paged_k[index], store.paged_v[index]
-        if rows.gathered_q_index is not None:  # decode rows without a view: one copy
+        if rows.gathered is not None:  # decode rows without a view: one copy
             gathered_k, gathered_v = store.gather_pages(index, rows.gathered_pages)
-            native_decode.decode(store.native_decode, query, output, rows.gathered_q_index,
-                                 gathered_k, gathered_v, rows.gathered_rows,
-                                 rows.gathered_lens, self.scale)
+            rows.gathered.run(query, output, gathered_k, gathered_v, self.scale)
         qsl = rows.query_start_loc
         prefill_lib = store.native_prefill
         for row in (range(len(rows.slots)) if rows.other_rows is None else rows.other_rows):

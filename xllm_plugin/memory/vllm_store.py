@@ -15,6 +15,7 @@ one memory.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -63,10 +64,11 @@ def set_current_store(store: XTensorKVStore | None) -> None:
 class StepRows:
     """What every layer's attention needs per request row, built once per step.
 
-    Decode rows with a view go to one batched kernel call per layer (``decode_*``). Decode
+    Decode rows with a view go to one batched kernel call per layer (``decode``). Decode
     rows without one (the VMA budget refused it) go to a second call over their pages
-    copied into one reused buffer (``gathered_*``, :meth:`XTensorKVStore.gather_pages`):
-    one copy and one call per layer instead of a copy and an SDPA call per row. Prefill
+    copied into one reused buffer (``gathered``, ``gathered_pages``,
+    :meth:`XTensorKVStore.gather_pages`): one copy and one call per layer instead of a copy
+    and an SDPA call per row. Both are packed once here for every layer's call. Prefill
     chunks are attended one by one (``other_rows``).
     """
 
@@ -74,16 +76,12 @@ class StepRows:
     seq_lens: list[int]
     slots: list[int | None]
     fallback_pages: list[torch.Tensor | None]  # page ids of rows read through the page list
-    decode_q_index: torch.Tensor | None = None  # int32 query token of each batched decode row
-    decode_slots: torch.Tensor | None = None  # int64
-    decode_lens: torch.Tensor | None = None  # int32
-    gathered_q_index: torch.Tensor | None = None  # int32, decode rows without a view
+    decode: native_decode.DecodeRows | None = None  # decode rows with a view
+    gathered: native_decode.DecodeRows | None = None  # decode rows without one (buffer row i)
     gathered_pages: torch.Tensor | None = None  # int64 [rows, most pages], padded
-    gathered_rows: torch.Tensor | None = None  # int64 arange: row i is buffer entry i
-    gathered_lens: torch.Tensor | None = None  # int32
     other_rows: list[int] | None = None
 
-    def split_decodes(self) -> None:
+    def split_decodes(self, lib: ctypes.CDLL) -> None:
         """Sort rows into the batched decode calls and the one-by-one rest."""
         qsl = self.query_start_loc
         one_token = [r for r in range(len(self.slots)) if qsl[r + 1] - qsl[r] == 1]
@@ -92,9 +90,9 @@ class StepRows:
         chosen = set(one_token)
         self.other_rows = [r for r in range(len(self.slots)) if r not in chosen]
         if decode:
-            self.decode_q_index, self.decode_lens = self._query_and_lens(decode)
-            self.decode_slots = torch.from_numpy(
-                np.array([self.slots[r] for r in decode], dtype=np.int64))
+            q_index, lens = self._query_and_lens(decode)
+            slots = torch.from_numpy(np.array([self.slots[r] for r in decode], dtype=np.int64))
+            self.decode = native_decode.DecodeRows(lib, q_index, slots, lens)
         if gathered:
             width = max(len(self.fallback_pages[r]) for r in gathered)
             pages = np.empty((len(gathered), width), dtype=np.int64)
@@ -103,8 +101,9 @@ class StepRows:
                 pages[i, :own.size] = own
                 pages[i, own.size:] = own[0]  # padding past the row's length, never read
             self.gathered_pages = torch.from_numpy(pages)
-            self.gathered_q_index, self.gathered_lens = self._query_and_lens(gathered)
-            self.gathered_rows = torch.arange(len(gathered), dtype=torch.int64)
+            q_index, lens = self._query_and_lens(gathered)
+            self.gathered = native_decode.DecodeRows(
+                lib, q_index, torch.arange(len(gathered), dtype=torch.int64), lens)
 
     def _query_and_lens(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """int32 query token and sequence length of each row (through numpy: torch.tensor()
@@ -222,7 +221,7 @@ class XTensorKVStore:
         self._writer.publish(self.snapshot)
         rows = StepRows(qsl, lens, slots, fallback)
         if self.native_decode is not None:
-            rows.split_decodes()
+            rows.split_decodes(self.native_decode)
         return rows
 
     def gather_pages(self, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
