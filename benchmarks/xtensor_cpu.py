@@ -123,9 +123,12 @@ def _attention_case(context: int, batch: int, q_len: int, block: int, reps: int,
     # CPU has AMX tiles (bf16), else through SDPA on slices of the views.
     lib = native_decode.load() if native else None
     prefill_lib = lib if lib is not None and native_decode.has_prefill(lib, dtype) else None
+    # V in token pairs where the store keeps it so (both kernels native); the bytes are
+    # random either way.
+    pairs = prefill_lib is not None and native_decode.supports_pairs(lib, dtype, HEAD_SIZE)
     q_index = torch.arange(batch, dtype=torch.int32)
     decode_rows = None if lib is None else native_decode.DecodeRows(
-        lib, q_index, torch.tensor(slot_ids, dtype=torch.int64), seq_lens)
+        lib, q_index, torch.tensor(slot_ids, dtype=torch.int64), seq_lens, pairs)
 
     def xtensor() -> None:
         if q_len == 1 and decode_rows is not None:
@@ -137,7 +140,7 @@ def _attention_case(context: int, batch: int, q_len: int, block: int, reps: int,
             for i, (k, v) in enumerate(zip(ks, vs, strict=True)):
                 a, b = qsl_list[i], qsl_list[i + 1]
                 if not native_decode.prefill(prefill_lib, query[a:b], k, v, HEAD_SIZE ** -0.5,
-                                             out[a:b]):
+                                             out[a:b], pairs):
                     raise RuntimeError("the native prefill kernel declined this case")
             return
         attend_rows(query, out, qsl_list, ks, vs, HEAD_SIZE ** -0.5)
@@ -149,7 +152,7 @@ def _attention_case(context: int, batch: int, q_len: int, block: int, reps: int,
     buffer_k = torch.empty(pages.numel(), *paged_k.shape[1:], dtype=dtype)
     buffer_v = torch.empty_like(buffer_k)
     gathered_rows = None if lib is None else native_decode.DecodeRows(
-        lib, q_index, torch.arange(batch, dtype=torch.int64), seq_lens)
+        lib, q_index, torch.arange(batch, dtype=torch.int64), seq_lens, pairs)
 
     def no_view() -> None:
         gathered_rows.run(query, out, copy_pages(paged_k, pages, buffer_k),
@@ -482,8 +485,10 @@ def _kernel_paths(block_size: int, dtype_name: str) -> str:
     prefill = ("native " + native_decode.isa(lib)
                if lib is not None and native_decode.has_prefill(lib, dtype) else "SDPA")
     stock = _get_attn_isa(dtype, block_size, HEAD_SIZE, "auto")
+    pairs = (prefill != "SDPA" and lib is not None
+             and native_decode.supports_pairs(lib, dtype, HEAD_SIZE))
     return (f"{model}; vLLM CPU attention path {stock}, xTensor native decode path {ours}, "
-            f"prefill {prefill}")
+            f"prefill {prefill}, V {'in token pairs' if pairs else 'token-major'}")
 
 
 # -- report --------------------------------------------------------------------------------

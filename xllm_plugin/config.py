@@ -169,6 +169,12 @@ class XTensorConfig(_Section):
         description="Prefill chunks in the native kernel on the AMX tile unit where the CPU "
                     "has one and the KV cache is bf16; false (or no AMX) = PyTorch SDPA per "
                     "request.")
+    v_pairs: bool = Field(
+        default=True,
+        description="Store V in token pairs (element n of tokens 2i and 2i+1 side by side, the "
+                    "AMX tile unit's operand layout) where both native kernels run (bf16 KV, "
+                    "AMX, head size a multiple of 64), so attention reads V without repacking "
+                    "it; false = token-major V everywhere.")
 
 
 class RecommendConfig(_Section):

@@ -275,3 +275,104 @@ def test_native_prefill_declines_what_it_does_not_cover() -> None:
     if native_decode.has_prefill(lib, torch.bfloat16):  # head size 96: not a multiple of 64
         q96 = torch.randn(4, 4, 96, dtype=torch.bfloat16)
         assert not native_decode.prefill(lib, q96, q96, q96, 0.1, torch.zeros_like(q96))
+
+
+def _paired(lib, values: torch.Tensor) -> torch.Tensor:
+    """``values [slots, tokens, Hkv, D]`` written into fresh planes in token pairs through
+    KVWrites, the halves no token owns filled with NaN (stale bytes a kernel must not read)."""
+    from xllm_plugin.kernels import native_decode
+
+    slots, tokens, heads, size = values.shape
+    planes = torch.full((slots * tokens, heads, size), float("nan"), dtype=values.dtype)
+    keys = torch.empty_like(planes)
+    flat = values.reshape(slots * tokens, heads, size)
+    order = torch.randperm(slots * tokens)  # any order, and padded tokens skipped
+    slot_ids = torch.cat([order, torch.tensor([-1])])
+    source = torch.cat([flat[order], torch.zeros(1, heads, size, dtype=values.dtype)])
+    native_decode.KVWrites(lib, slot_ids, v_pairs=True).run(source, source, keys, planes)
+    torch.testing.assert_close(keys, flat, atol=0, rtol=0, equal_nan=True)  # K rows whole
+    return planes.view(slots, tokens, heads, size)
+
+
+@pytest.mark.parametrize("force_isa", [None, "avx512"])
+def test_decode_reads_values_stored_in_token_pairs(force_isa: str | None) -> None:
+    """V in token pairs (the tile unit's layout, written by KVWrites) gives the same
+    attention as token-major V: on the tile unit and on the vector path, odd lengths
+    included, where the pair's unwritten half holds NaN."""
+    from xllm_plugin.kernels import native_decode
+
+    lib = native_decode.load(force_isa)
+    if lib is None or not native_decode.supports_pairs(lib, torch.bfloat16, 64):
+        pytest.skip("token pairs need the AVX-512 BF16 path")
+    if force_isa is not None and native_decode.isa(lib) != force_isa:
+        pytest.skip(f"this CPU cannot run the {force_isa} path")
+    torch.manual_seed(4)
+    for (num_heads, num_kv_heads), head_size in [((9, 3), 64), ((8, 1), 128), ((4, 2), 256)]:
+        lens = [1, 2, 15, 31, 32, 33, 63, 64, 97, 130, 301]
+        keys = torch.randn(len(lens), 304, num_kv_heads, head_size, dtype=torch.bfloat16)
+        values = torch.randn_like(keys)
+        for slot, length in enumerate(lens):  # past each row's length: stale NaN
+            keys[slot, length:] = values[slot, length:] = float("nan")
+        paired = _paired(lib, values)
+        query = torch.randn(len(lens), num_heads, head_size, dtype=torch.bfloat16)
+        out = torch.zeros_like(query)
+        rows = native_decode.DecodeRows(
+            lib, torch.arange(len(lens), dtype=torch.int32),
+            torch.arange(len(lens), dtype=torch.int64), torch.tensor(lens, dtype=torch.int32),
+            v_pairs=True)
+        rows.run(query, out, keys, paired, 0.11)
+        for row, length in enumerate(lens):
+            ref = reference_attention(query[row:row + 1], keys[row, :length],
+                                      values[row, :length], 0.11)
+            torch.testing.assert_close(out[row:row + 1], ref, atol=3e-2, rtol=3e-2,
+                                       msg=f"{num_heads}/{num_kv_heads} x {head_size}, "
+                                           f"{length} tokens")
+        unpaired = native_decode.values_from_pairs(paired[len(lens) - 1], lens[-1])
+        torch.testing.assert_close(unpaired, values[len(lens) - 1, :lens[-1]], atol=0, rtol=0)
+
+
+def test_prefill_reads_values_stored_in_token_pairs() -> None:
+    from xllm_plugin.kernels import native_decode
+
+    lib = native_decode.load()
+    if lib is None or not native_decode.has_prefill(lib, torch.bfloat16):
+        pytest.skip("no AMX tiles here: prefill chunks use SDPA")
+    torch.manual_seed(5)
+    for q_len, kv_len in [(1, 1), (5, 5), (17, 41), (33, 301), (300, 300), (64, 999)]:
+        key = torch.randn(kv_len + 2 - kv_len % 2, 3, 64, dtype=torch.bfloat16)  # even
+        value = torch.randn_like(key)
+        value[kv_len:] = float("nan")
+        paired = _paired(lib, value[None])[0]
+        query = torch.randn(q_len, 9, 64, dtype=torch.bfloat16)
+        out = torch.zeros_like(query)
+        assert native_decode.prefill(lib, query, key[:kv_len], paired[:kv_len], 0.11, out,
+                                     v_pairs=True)
+        torch.testing.assert_close(
+            out, reference_attention(query, key[:kv_len], value[:kv_len], 0.11),
+            atol=2e-2, rtol=2e-2, msg=f"{q_len} queries over {kv_len} tokens")
+
+
+def test_kv_writes_check_what_they_are_given() -> None:
+    from xllm_plugin.kernels import native_decode
+
+    lib = native_decode.load()
+    if lib is None:
+        pytest.skip("no C compiler")
+    planes = torch.zeros(64, 2, 64)
+    rows = torch.randn(3, 2, 64)
+    with pytest.raises(ValueError, match="past the plane"):
+        native_decode.KVWrites(lib, torch.tensor([0, 5, 64])).run(rows, rows, planes, planes)
+    with pytest.raises(ValueError, match="bf16 only"):
+        native_decode.KVWrites(lib, torch.tensor([0, 5, 6]), v_pairs=True).run(
+            rows, rows, planes, planes)
+    with pytest.raises(ValueError, match="even number"):
+        native_decode.KVWrites(lib, torch.tensor([0, 5, 6]), v_pairs=True).run(
+            rows.bfloat16(), rows.bfloat16(), planes[:63].bfloat16(), planes[:63].bfloat16())
+    with pytest.raises(ValueError, match="one dtype"):
+        native_decode.KVWrites(lib, torch.tensor([0, 5, 6])).run(
+            rows, rows.bfloat16(), planes, planes)
+    writes = native_decode.KVWrites(lib, torch.tensor([9, -1, 4], dtype=torch.int32))
+    values = torch.randn(3, 2, 64)
+    writes.run(rows, values, planes, planes.clone())
+    assert torch.equal(planes[9], rows[0]) and torch.equal(planes[4], rows[2])
+    assert planes.abs().sum(dim=(1, 2)).nonzero().flatten().tolist() == [4, 9]

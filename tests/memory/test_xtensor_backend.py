@@ -166,4 +166,6 @@ def test_backend_matches_dense_attention_through_a_request_lifecycle(
     lib = native_decode.load()
     amx_prefill = native and lib is not None and native_decode.has_prefill(lib, dtype)
     assert snapshot["prefill_kernel"] == ("native-avx512-amx" if amx_prefill else "sdpa")
+    # where both kernels are native, V is stored in token pairs (the tile unit's layout)
+    assert snapshot["v_layout"] == ("token-pairs" if amx_prefill else "token-major")
     set_current_store(None)

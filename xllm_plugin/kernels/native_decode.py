@@ -181,22 +181,6 @@ static float exp_and_sum16(float *s, int len, float mx) {
     return _mm512_reduce_add_ps(total) + rest;
 }
 
-/* bf16 rows use the AMX tile unit where the CPU has it (Sapphire Rapids and later), unless
-   XT_NO_AMX caps the build at plain AVX-512. */
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && !defined(XT_NO_AMX)
-#include <sys/syscall.h>
-#include <unistd.h>
-#define XT_AMX 1
-/* Linux gives a process AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
-   XTILEDATA, Linux 5.16+); 1 once granted, -1 if refused, 0 before asking. xt_decode asks
-   before its parallel region, so the rows only read it. */
-static int amx_state = 0;
-/* Shorter rows stay on the vector path: the tile setup costs more than it saves there. */
-#define XT_AMX_MIN_LEN 64
-static int amx_ready(void) {
-    if (amx_state == 0) amx_state = syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : -1;
-    return amx_state > 0;
-}
 /* 2^x for 16 floats, x <= 0, to the precision bf16 keeps. */
 static inline __m512 exp2_16_bf16(__m512 x) { return pow2_16(x, 4); }
 
@@ -227,6 +211,22 @@ static float exp_pairs_bf16(const float *s, int len, float mx, uint32_t *dst) {
     return _mm512_reduce_add_ps(total);
 }
 
+/* bf16 rows use the AMX tile unit where the CPU has it (Sapphire Rapids and later), unless
+   XT_NO_AMX caps the build at plain AVX-512. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && !defined(XT_NO_AMX)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define XT_AMX 1
+/* Linux gives a process AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
+   XTILEDATA, Linux 5.16+); 1 once granted, -1 if refused, 0 before asking. xt_decode asks
+   before its parallel region, so the rows only read it. */
+static int amx_state = 0;
+/* Shorter rows stay on the vector path: the tile setup costs more than it saves there. */
+#define XT_AMX_MIN_LEN 64
+static int amx_ready(void) {
+    if (amx_state == 0) amx_state = syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : -1;
+    return amx_state > 0;
+}
 typedef struct {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
@@ -379,6 +379,32 @@ static int pv_amx(const uint32_t *pp, int half, const char *vbase, size_t row_by
     _tile_stored(2, cacc + 32, 256); _tile_stored(3, cacc + 48, 256);
     return blocks * 16;
 }
+
+/* pv_amx for V stored in token pairs: each block's four B tiles load straight from the
+   pairs (pair_bytes apart), nothing repacked; C's columns are dims in order. The loads
+   rotate over tiles 5-7 (Q.K's, idle here): tiles are not renamed, so a load into the tile
+   the previous product still reads would wait for it. */
+static int pv_amx_pairs(const uint32_t *pp, int half, const char *vbase, size_t pair_bytes,
+                        int len, float *cacc) {
+    const int blocks = len / 32;
+    if (blocks == 0) return 0;
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int b = 0; b < blocks; b++) {
+        const char *block = vbase + (size_t)(16 * b) * pair_bytes;
+        _tile_loadd(4, pp + (size_t)b * 16, (long)half * 4);
+        _tile_loadd(5, block, (long)pair_bytes);
+        _tile_loadd(6, block + 64, (long)pair_bytes);
+        _tile_loadd(7, block + 128, (long)pair_bytes);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(5, block + 192, (long)pair_bytes);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_dpbf16ps(3, 4, 5);
+    }
+    _tile_stored(0, cacc, 256); _tile_stored(1, cacc + 16, 256);
+    _tile_stored(2, cacc + 32, 256); _tile_stored(3, cacc + 48, 256);
+    return blocks * 16;
+}
 #endif
 
 /* 16 lanes of partial products of q . k (their sum is the dot product). */
@@ -420,7 +446,7 @@ static inline __m512 hsum16(const __m512 *v) {
    (vdpbf16ps); fp32 uses FMA. scores: [hkv * group * len]. */
 static inline __attribute__((always_inline)) void row_avx512(
         int bf16, const void *q, const void *k, const void *v, int64_t ts, int len, int hkv,
-        int group, int d, float scale, float *scores, float *accbuf, void *out) {
+        int group, int d, float scale, float *scores, float *accbuf, void *out, int pairs) {
     const size_t es = bf16 ? 2 : 4;
     const int n16 = d / 16, n32 = d / 32, heads = hkv * group;
     const size_t row_bytes = (size_t)ts * es;
@@ -471,60 +497,79 @@ static inline __attribute__((always_inline)) void row_avx512(
         }
     }
 #ifdef XT_AMX
-    const int tile_row = bf16 && len >= XT_AMX_MIN_LEN && amx_ready();
+    const int amx = bf16 && amx_ready(), tile_row = amx && len >= XT_AMX_MIN_LEN;
 #else
-    const int tile_row = 0;
+    const int amx = 0, tile_row = 0;
 #endif
-    if (!tile_row)
+    /* P.V in bf16 pairs of tokens, (p[t], p[t+1]) times (v[t][n], v[t+1][n]): where V is
+       stored in token pairs (any length), or where the tile unit takes the row. P is rounded
+       to bf16 first (as the tile unit needs). Full blocks of 32 tokens go to the tile unit,
+       the remaining pairs to vdpbf16ps. Token-major V is interleaved by one unpack per 16
+       dims, which permutes dims within 128-bit lanes (undone at the end); token-pair V is
+       already in the unit's layout, dims in order. */
+    const int pair_pv = bf16 && (pairs || tile_row);
+    if (!pair_pv)
         for (int hg = 0; hg < heads; hg++)
             sum[hg] = exp_and_sum16(scores + (size_t)hg * len, len, mx[hg]);
-#ifdef XT_AMX
-    if (tile_row) {
-        /* P.V on the tile unit, in bf16 pairs of tokens: (p[t], p[t+1]) times (v[t][i],
-           v[t+1][i]), so P is rounded to bf16 first (as the tile unit needs). Two tokens' V
-           rows are interleaved by one unpack per 16 dims; full blocks of 32 tokens go to
-           pv_amx, the remaining pairs to vdpbf16ps with the same interleave. The unpacks
-           permute dims within 128-bit lanes; the permutation is undone at the end. */
+    if (pair_pv) {
         const int half = (len + 1) / 2;
+        const size_t pair_bytes = 2 * row_bytes;
         uint32_t *pp = (uint32_t *)(accbuf + (size_t)heads * d);
         for (int hg = 0; hg < heads; hg++)
             sum[hg] = exp_pairs_bf16(scores + (size_t)hg * len, len, mx[hg],
                                      pp + (size_t)hg * half);
         const __m512i zero = _mm512_setzero_si512();
+        /* the last pair of an odd length: keep token 2i (low halves), not what follows */
+        const __m512i low_halves = _mm512_set1_epi32(0xFFFF);
         for (int h = 0; h < hkv; h++) {
             for (int c = 0; c < d / 64; c++) {
-                const char *base = (const char *)v + ((size_t)h * d + c * 64) * es;
+                /* token-major: dims from h * d + 64c of each token row; token pairs: the same
+                   elements are words (4 bytes) of each pair's 2 * row_bytes */
+                const char *base = (const char *)v + ((size_t)h * d + c * 64) * (pairs ? 4 : es);
                 float cacc[XT_MAX_GROUP * 64] __attribute__((aligned(64)));
                 memset(cacc, 0, sizeof(float) * 64 * (size_t)group);
-                const int i0 = pv_amx(pp + (size_t)h * group * half, half, base, row_bytes, len,
-                                      cacc);
+                int i0 = 0;
+#ifdef XT_AMX
+                if (amx)
+                    i0 = pairs ? pv_amx_pairs(pp + (size_t)h * group * half, half, base,
+                                              pair_bytes, len, cacc)
+                               : pv_amx(pp + (size_t)h * group * half, half, base, row_bytes,
+                                        len, cacc);
+#endif
                 __m512 acc[XT_MAX_GROUP][4];
                 for (int g = 0; g < group; g++)
                     for (int j = 0; j < 4; j++) acc[g][j] = _mm512_load_ps(cacc + 64 * g + 16 * j);
                 for (int i = i0; i < half; i++) {
-                    const char *va = base + (size_t)(2 * i) * row_bytes;
-                    const __m512i a0 = _mm512_loadu_si512(va), a1 = _mm512_loadu_si512(va + 64);
-                    __m512i b0 = zero, b1 = zero;
-                    if (2 * i + 1 < len) {
-                        b0 = _mm512_loadu_si512(va + row_bytes);
-                        b1 = _mm512_loadu_si512(va + row_bytes + 64);
+                    __m512bh x[4];
+                    if (pairs) {
+                        const char *vp = base + (size_t)i * pair_bytes;
+                        const int odd_end = 2 * i + 1 == len;
+                        for (int j = 0; j < 4; j++) {
+                            const __m512i w = _mm512_loadu_si512(vp + 64 * j);
+                            x[j] = (__m512bh)(odd_end ? _mm512_and_si512(w, low_halves) : w);
+                        }
+                    } else {
+                        const char *va = base + (size_t)(2 * i) * row_bytes;
+                        const __m512i a0 = _mm512_loadu_si512(va), a1 = _mm512_loadu_si512(va + 64);
+                        __m512i b0 = zero, b1 = zero;
+                        if (2 * i + 1 < len) {
+                            b0 = _mm512_loadu_si512(va + row_bytes);
+                            b1 = _mm512_loadu_si512(va + row_bytes + 64);
+                        }
+                        x[0] = (__m512bh)_mm512_unpacklo_epi16(a0, b0);
+                        x[1] = (__m512bh)_mm512_unpackhi_epi16(a0, b0);
+                        x[2] = (__m512bh)_mm512_unpacklo_epi16(a1, b1);
+                        x[3] = (__m512bh)_mm512_unpackhi_epi16(a1, b1);
                     }
-                    const __m512bh x0 = (__m512bh)_mm512_unpacklo_epi16(a0, b0);
-                    const __m512bh x1 = (__m512bh)_mm512_unpackhi_epi16(a0, b0);
-                    const __m512bh x2 = (__m512bh)_mm512_unpacklo_epi16(a1, b1);
-                    const __m512bh x3 = (__m512bh)_mm512_unpackhi_epi16(a1, b1);
                     for (int g = 0; g < group; g++) {
                         const __m512bh p = (__m512bh)_mm512_set1_epi32(
                             (int)pp[(size_t)(h * group + g) * half + i]);
-                        acc[g][0] = _mm512_dpbf16_ps(acc[g][0], p, x0);
-                        acc[g][1] = _mm512_dpbf16_ps(acc[g][1], p, x1);
-                        acc[g][2] = _mm512_dpbf16_ps(acc[g][2], p, x2);
-                        acc[g][3] = _mm512_dpbf16_ps(acc[g][3], p, x3);
+                        for (int j = 0; j < 4; j++) acc[g][j] = _mm512_dpbf16_ps(acc[g][j], p, x[j]);
                     }
                 }
-                /* acc j: unpack (lo, hi) = j % 2 of dims 32 * (j / 2) ..; lane e of it holds
-                   dim 8 * (e / 4) + 4 * (j % 2) + e % 4 of that run: one two-source permute
-                   per 16 dims puts them back in order. */
+                /* Token-major V: acc j holds unpack (lo, hi) = j % 2 of dims 32 * (j / 2) ..;
+                   lane e of it is dim 8 * (e / 4) + 4 * (j % 2) + e % 4 of that run, so one
+                   two-source permute per 16 dims puts them back in order. */
                 const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4,
                                                        19, 18, 17, 16, 3, 2, 1, 0);
                 const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12,
@@ -534,17 +579,17 @@ static inline __attribute__((always_inline)) void row_avx512(
                     const __m512 inv = _mm512_set1_ps(1.f / sum[hg]);
                     for (int q4 = 0; q4 < 4; q4++) {
                         const __m512 lo = acc[g][2 * (q4 / 2)], hi = acc[g][2 * (q4 / 2) + 1];
-                        const __m512 r = _mm512_mul_ps(
-                            _mm512_permutex2var_ps(lo, q4 % 2 ? second : first, hi), inv);
+                        const __m512 o = pairs ? acc[g][q4]
+                            : _mm512_permutex2var_ps(lo, q4 % 2 ? second : first, hi);
                         char *dst = (char *)out + (hg * d + c * 64 + q4 * 16) * es;
-                        _mm256_storeu_si256((__m256i *)dst, (__m256i)_mm512_cvtneps_pbh(r));
+                        _mm256_storeu_si256((__m256i *)dst,
+                                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o, inv)));
                     }
                 }
             }
         }
         return;
     }
-#endif
     /* P.V: accumulators of 64 output dims of a head's group live in registers for one
        block of tokens, and in accbuf between blocks. */
     const int chunks = d / 64;
@@ -668,7 +713,8 @@ static inline void store8_bf16(void *dst, __m256 x) {
    P.V with 32 output dims of the group in registers. scores: [hkv * group * len]. */
 static inline __attribute__((always_inline)) void row_avx2(
         int bf16, const void *q, const void *k, const void *v, int64_t ts, int len, int hkv,
-        int group, int d, float scale, float *scores, float *accbuf, void *out) {
+        int group, int d, float scale, float *scores, float *accbuf, void *out,
+        int pairs __attribute__((unused))) {  /* xt_decode takes token pairs on AVX-512 only */
     const size_t es = bf16 ? 2 : 4;
     const int n8 = d / 8, heads = hkv * group;
     const size_t row_bytes = (size_t)ts * es;
@@ -775,8 +821,8 @@ static inline __attribute__((always_inline)) void row_avx2(
 #define XT_SPECIAL(B, G, D) \
     static void row_##B##_##G##_##D(const void *q, const void *k, const void *v, int64_t ts, \
                                     int len, int hkv, float scale, float *scores, \
-                                    float *accbuf, void *out) { \
-        XT_ROW_SIMD(B, q, k, v, ts, len, hkv, G, D, scale, scores, accbuf, out); \
+                                    float *accbuf, void *out, int pairs) { \
+        XT_ROW_SIMD(B, q, k, v, ts, len, hkv, G, D, scale, scores, accbuf, out, pairs); \
     }
 #define XT_SPECIAL_G(B, D) XT_SPECIAL(B, 1, D) XT_SPECIAL(B, 2, D) XT_SPECIAL(B, 3, D) \
     XT_SPECIAL(B, 4, D) XT_SPECIAL(B, 5, D) XT_SPECIAL(B, 6, D) XT_SPECIAL(B, 7, D) \
@@ -784,7 +830,7 @@ static inline __attribute__((always_inline)) void row_avx2(
 XT_SPECIAL_G(0, 64) XT_SPECIAL_G(1, 64) XT_SPECIAL_G(0, 128) XT_SPECIAL_G(1, 128)
 
 typedef void (*row_fn)(const void *, const void *, const void *, int64_t, int, int, float,
-                       float *, float *, void *);
+                       float *, float *, void *, int);
 #define XT_ROW(B, D) { row_##B##_1_##D, row_##B##_2_##D, row_##B##_3_##D, row_##B##_4_##D, \
                        row_##B##_5_##D, row_##B##_6_##D, row_##B##_7_##D, row_##B##_8_##D }
 static const row_fn special[2][2][XT_MAX_GROUP] = {
@@ -837,6 +883,29 @@ static void repack_values(const char *v, size_t row_bytes, int len, int d, uint3
                 uint32_t *base = vv + ((size_t)b * chunks + 2 * c) * 256 + 16 * i;
                 _mm512_store_si512(base, _mm512_permutex2var_epi16(a, lo_idx, n));
                 _mm512_store_si512(base + 256, _mm512_permutex2var_epi16(a, hi_idx, n));
+            }
+        }
+}
+
+/* repack_values for V stored in token pairs (see xt_store_kv): the pairs are already the
+   B layout, so each 16-dim row of a block is one 64-byte copy. vbase: the head's first
+   element (4 bytes per element of a pair). Past len: zero, and the unwritten high half of
+   an odd length's last pair too. */
+static void repack_value_pairs(const char *vbase, size_t pair_bytes, int len, int d,
+                               uint32_t *vv) {
+    const int blocks = (len + 31) / 32, chunks = d / 16;
+    const __m512i low_halves = _mm512_set1_epi32(0xFFFF);
+    for (int b = 0; b < blocks; b++)
+        for (int i = 0; i < 16; i++) {
+            const int t = 32 * b + 2 * i;
+            const char *src = vbase + (size_t)(16 * b + i) * pair_bytes;
+            for (int c = 0; c < chunks; c++) {
+                __m512i w = _mm512_setzero_si512();
+                if (t < len) {
+                    w = _mm512_loadu_si512(src + 64 * c);
+                    if (t + 1 == len) w = _mm512_and_si512(w, low_halves);
+                }
+                _mm512_store_si512(vv + ((size_t)b * chunks + c) * 256 + 16 * i, w);
             }
         }
 }
@@ -1018,7 +1087,7 @@ static void prefill_task(const char *q, int64_t q_stride, const uint32_t *kt,
  */
 int xt_prefill(const void *q, int64_t q_stride, const void *k, const void *v,
                int64_t tok_stride, int q_len, int kv_len, int hq, int hkv, int d, float scale,
-               void *out, int64_t out_stride) {
+               void *out, int64_t out_stride, int pairs) {
     if (!amx_ready() || d % 64 != 0 || d > 256 || q_len > kv_len || q_len <= 0
         || hq % hkv != 0)
         return -1;
@@ -1035,8 +1104,11 @@ int xt_prefill(const void *q, int64_t q_stride, const void *k, const void *v,
     for (int h = 0; h < hkv; h++) {
         repack_keys((const char *)k + (size_t)h * d * 2, row_bytes, kv_len, d,
                     packed + (size_t)h * kt_words);
-        repack_values((const char *)v + (size_t)h * d * 2, row_bytes, kv_len, d,
-                      packed + (size_t)hkv * kt_words + (size_t)h * vv_words);
+        uint32_t *vv = packed + (size_t)hkv * kt_words + (size_t)h * vv_words;
+        if (pairs)
+            repack_value_pairs((const char *)v + (size_t)h * d * 4, 2 * row_bytes, kv_len, d, vv);
+        else
+            repack_values((const char *)v + (size_t)h * d * 2, row_bytes, kv_len, d, vv);
     }
     const int qblocks = (q_len + XT_TASK_ROWS - 1) / XT_TASK_ROWS, offset = kv_len - q_len;
     int failed = 0;
@@ -1060,7 +1132,7 @@ int xt_prefill(const void *q, int64_t q_stride, const void *k, const void *v,
 #else
 int xt_prefill(const void *q, int64_t q_stride, const void *k, const void *v,
                int64_t tok_stride, int q_len, int kv_len, int hq, int hkv, int d, float scale,
-               void *out, int64_t out_stride) {
+               void *out, int64_t out_stride, int pairs) {
     return -1;
 }
 #endif
@@ -1079,10 +1151,12 @@ const char *xt_isa(void) {
  * travel in one struct built once per step (a ctypes call pays for each argument: 17 of
  * them cost ~1.6 us, five ~0.4 us). Row r: query q + q_index[r] * q_stride ([Hq, D]);
  * keys k_plane + slots[r] * slot_stride + t * tok_stride + h * D for t < lens[r];
- * output out + q_index[r] * out_stride. Strides in elements.
+ * output out + q_index[r] * out_stride. Strides in elements. With pairs set, V is stored in
+ * token pairs (see xt_store_kv): same bytes per pair of tokens, element n of tokens 2i and
+ * 2i + 1 side by side in one 32-bit word, which is the tile unit's B layout.
  */
 typedef struct {
-    int32_t bf16, rows, hq, hkv, d;
+    int32_t bf16, rows, hq, hkv, d, pairs;
     float scale;
     int64_t q_stride, out_stride, slot_stride, tok_stride;
     const int32_t *q_index;
@@ -1091,12 +1165,19 @@ typedef struct {
 } xt_rows;
 
 /* Returns 0; -1 if the shape is unsupported (group > 8, head size > 256, over 64 query
-   heads), -2 if scratch memory could not be had. */
+   heads; token pairs other than bf16 on AVX-512 with a head size multiple of 64), -2 if
+   scratch memory could not be had. */
 int xt_decode(const xt_rows *b, const void *q, const void *k_plane, const void *v_plane,
               void *out) {
     const int bf16 = b->bf16, hq = b->hq, hkv = b->hkv, d = b->d, group = hq / hkv;
+    const int pairs = b->pairs;
     const size_t es = bf16 ? 2 : 4;
     if (group > XT_MAX_GROUP || d > 256 || hq > 64) return -1;
+#ifdef XT_AVX512
+    if (pairs && (!bf16 || d % 64 != 0)) return -1;
+#else
+    if (pairs) return -1;
+#endif
     int failed = 0;
 #ifdef XT_AMX
     const int tiles = bf16 && amx_ready();
@@ -1120,10 +1201,11 @@ int xt_decode(const xt_rows *b, const void *q, const void *k_plane, const void *
 #if defined(XT_AVX512) || defined(XT_AVX2)
             if (d == 64 || d == 128) {
                 special[bf16 != 0][d == 128][group - 1](qr, kr, vr, ts, len, hkv, b->scale,
-                                                        scores, scores + (size_t)hq * len, orow);
+                                                        scores, scores + (size_t)hq * len, orow,
+                                                        pairs);
             } else if (d % XT_DIM_MULTIPLE == 0) {
                 XT_ROW_SIMD(bf16, qr, kr, vr, ts, len, hkv, group, d, b->scale, scores,
-                            scores + (size_t)hq * len, orow);
+                            scores + (size_t)hq * len, orow, pairs);
             } else
 #endif
             {
@@ -1138,6 +1220,38 @@ int xt_decode(const xt_rows *b, const void *q, const void *k_plane, const void *
 #endif
     }
     return failed ? -2 : 0;
+}
+
+/*
+ * A step's new K/V rows into the token planes at their slots (token indices; -1 = a padded
+ * token, skipped). Like xt_rows, the slots are the same for every layer and travel in one
+ * struct. K rows are copied whole; V rows too, or, with pairs set (bf16 only), into token
+ * pairs: token s lands in the pair starting at token 2 * (s / 2), element n in the low
+ * (s even) or high (s odd) half of the pair's word n.
+ */
+typedef struct {
+    int32_t rows, width, es, pairs;  /* width: elements per token (kv heads x head size) */
+    int64_t k_stride, v_stride;      /* source row strides, elements */
+    const int64_t *slots;
+} xt_writes;
+
+void xt_store_kv(const xt_writes *w, const void *key, const void *value, void *k_tokens,
+                 void *v_tokens) {
+    const size_t row = (size_t)w->width * (size_t)w->es;
+    for (int i = 0; i < w->rows; i++) {
+        const int64_t s = w->slots[i];
+        if (s < 0) continue;
+        memcpy((char *)k_tokens + (size_t)s * row, (const char *)key + i * w->k_stride * w->es,
+               row);
+        const char *src = (const char *)value + i * w->v_stride * w->es;
+        if (!w->pairs) {
+            memcpy((char *)v_tokens + (size_t)s * row, src, row);
+            continue;
+        }
+        uint16_t *dst = (uint16_t *)((char *)v_tokens + (size_t)(s & ~(int64_t)1) * row) + (s & 1);
+        const uint16_t *from = (const uint16_t *)src;
+        for (int n = 0; n < w->width; n++) dst[2 * n] = from[n];
+    }
 }
 """
 
@@ -1203,9 +1317,11 @@ def load(force_isa: str | None = None) -> ctypes.CDLL | None:
         lib.xt_prefill.argtypes = [
             ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
             ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
-            ctypes.c_void_p, ctypes.c_int64]
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
         lib.xt_decode.restype = ctypes.c_int
         lib.xt_decode.argtypes = [ctypes.c_void_p] * 5
+        lib.xt_store_kv.restype = None
+        lib.xt_store_kv.argtypes = [ctypes.c_void_p] * 5
         _loaded[force_isa] = lib
         return lib
 
@@ -1227,7 +1343,8 @@ class _Rows(ctypes.Structure):
     """The C kernel's ``xt_rows``: one step's decode rows, shared by every layer's call."""
 
     _fields_ = [("bf16", ctypes.c_int32), ("rows", ctypes.c_int32), ("hq", ctypes.c_int32),
-                ("hkv", ctypes.c_int32), ("d", ctypes.c_int32), ("scale", ctypes.c_float),
+                ("hkv", ctypes.c_int32), ("d", ctypes.c_int32), ("pairs", ctypes.c_int32),
+                ("scale", ctypes.c_float),
                 ("q_stride", ctypes.c_int64), ("out_stride", ctypes.c_int64),
                 ("slot_stride", ctypes.c_int64), ("tok_stride", ctypes.c_int64),
                 ("q_index", ctypes.c_void_p), ("slots", ctypes.c_void_p),
@@ -1236,6 +1353,9 @@ class _Rows(ctypes.Structure):
 
 class DecodeRows:
     """A step's decode rows, packed once and run for every layer.
+
+    ``v_pairs``: V is stored in token pairs (:class:`KVWrites` with ``v_pairs``; bf16 on
+    AVX-512 with a head size multiple of 64), not token-major.
 
     Row ``i`` reads query token ``q_index[i]`` (int32), K/V slot ``slots[i]`` (int64) and
     its first ``lens[i]`` (int32) tokens. At short contexts one layer's kernel takes a few
@@ -1246,7 +1366,7 @@ class DecodeRows:
     """
 
     def __init__(self, lib: ctypes.CDLL, q_index: torch.Tensor, slots: torch.Tensor,
-                 lens: torch.Tensor) -> None:
+                 lens: torch.Tensor, v_pairs: bool = False) -> None:
         if not (q_index.dtype == lens.dtype == torch.int32 and slots.dtype == torch.int64
                 and q_index.is_contiguous() and slots.is_contiguous() and lens.is_contiguous()
                 and q_index.numel() == slots.numel() == lens.numel()):
@@ -1254,7 +1374,7 @@ class DecodeRows:
                              "slots of one length")
         self._lib = lib
         self._index = (q_index, slots, lens)  # the struct points into these
-        self._rows = _Rows(rows=q_index.numel(), q_index=q_index.data_ptr(),
+        self._rows = _Rows(rows=q_index.numel(), pairs=int(v_pairs), q_index=q_index.data_ptr(),
                            slots=slots.data_ptr(), lens=lens.data_ptr())
         self._address = ctypes.addressof(self._rows)
         self._layout: tuple | None = None
@@ -1292,6 +1412,9 @@ class DecodeRows:
             raise ValueError("native decode needs [tokens, heads, head_size] query/out and "
                              "[slots, tokens, kv_heads, head_size] K/V with contiguous heads, "
                              "one dtype (bfloat16 or float32)")
+        if self._rows.pairs and not supports_pairs(self._lib, dtype, head_size):
+            raise ValueError("V in token pairs needs bf16, a head size multiple of 64 and the "
+                             f"AVX-512 path (this kernel: {isa(self._lib)}, {dtype}, {head_size})")
         rows = self._rows
         rows.bf16, rows.hq, rows.hkv, rows.d = (_DTYPE_CODES[dtype], num_heads, kv_shape[2],
                                                 head_size)
@@ -1308,19 +1431,102 @@ def decode(lib: ctypes.CDLL, query: torch.Tensor, out: torch.Tensor, q_index: to
     DecodeRows(lib, q_index, slots, lens).run(query, out, k_slots, v_slots, scale)
 
 
+def supports_pairs(lib: ctypes.CDLL, dtype: torch.dtype, head_size: int) -> bool:
+    """Whether decode reads V stored in token pairs for this dtype and head size."""
+    return dtype == torch.bfloat16 and head_size % 64 == 0 and head_size <= 256 \
+        and isa(lib).startswith("avx512")
+
+
+class _Writes(ctypes.Structure):
+    """The C kernel's ``xt_writes``: one step's KV slots, shared by every layer's write."""
+
+    _fields_ = [("rows", ctypes.c_int32), ("width", ctypes.c_int32), ("es", ctypes.c_int32),
+                ("pairs", ctypes.c_int32), ("k_stride", ctypes.c_int64),
+                ("v_stride", ctypes.c_int64), ("slots", ctypes.c_void_p)]
+
+
+class KVWrites:
+    """A step's new K/V rows written into the token planes, packed once for every layer.
+
+    One C call per layer where ``index_copy_`` on K and V and the padding check took ~7 µs
+    (vLLM's own cache write ~3 µs). With ``v_pairs``, V goes into token pairs: element n of
+    tokens 2i and 2i + 1 side by side in one 32-bit word, the tile unit's B layout, so decode
+    and prefill read V without repacking it. Slots of -1 (padded tokens) are skipped.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, slots: torch.Tensor, v_pairs: bool = False) -> None:
+        if slots.dim() != 1 or slots.dtype.is_floating_point:
+            raise ValueError("KV slots must be a 1-D integer tensor")
+        self._lib = lib
+        self.source = slots  # what the caller built this from (vLLM's slot mapping)
+        self._slots = slots.to(torch.int64).contiguous()
+        self._writes = _Writes(rows=self._slots.numel(), pairs=int(v_pairs),
+                               slots=self._slots.data_ptr())
+        self._address = ctypes.addressof(self._writes)
+        self._layout: tuple | None = None
+
+    def run(self, key: torch.Tensor, value: torch.Tensor, k_tokens: torch.Tensor,
+            v_tokens: torch.Tensor) -> None:
+        """``key/value``: ``[>= rows, Hkv, D]`` with contiguous ``[Hkv, D]``; ``k_tokens/
+        v_tokens``: contiguous ``[tokens, Hkv, D]`` planes of the same dtype."""
+        layout = (key.shape, key.stride(), value.shape, value.stride(), key.dtype,
+                  value.dtype, k_tokens.shape, v_tokens.shape, k_tokens.dtype, v_tokens.dtype)
+        if layout != self._layout:
+            self._check(layout, k_tokens, v_tokens)
+        self._lib.xt_store_kv(self._address, key.data_ptr(), value.data_ptr(),
+                              k_tokens.data_ptr(), v_tokens.data_ptr())
+
+    def _check(self, layout: tuple, k_tokens: torch.Tensor, v_tokens: torch.Tensor) -> None:
+        (k_shape, k_stride, v_shape, v_stride, k_dtype, v_dtype, tokens_shape, v_tokens_shape,
+         tokens_dtype, v_tokens_dtype) = layout
+        rows = self._writes.rows
+        if (len(k_shape) != 3 or k_shape[1:] != v_shape[1:] or k_shape[1:] != tokens_shape[1:]
+                or k_stride[1:] != (k_shape[2], 1) or v_stride[1:] != (k_shape[2], 1)
+                or min(k_shape[0], v_shape[0]) < rows or tokens_shape != v_tokens_shape
+                or not k_tokens.is_contiguous() or not v_tokens.is_contiguous()
+                or not k_dtype == v_dtype == tokens_dtype == v_tokens_dtype
+                or k_dtype not in _DTYPE_CODES):
+            raise ValueError("KV writes need key/value [>= rows, Hkv, D] with contiguous heads "
+                             "and contiguous [tokens, Hkv, D] planes, one dtype (bfloat16 or "
+                             "float32)")
+        if self._writes.pairs and k_dtype != torch.bfloat16:
+            raise ValueError("V in token pairs is bf16 only")
+        if self._writes.pairs and tokens_shape[0] % 2:
+            raise ValueError("V in token pairs needs an even number of tokens per plane")
+        if rows and int(self._slots.max()) >= tokens_shape[0]:
+            raise ValueError(f"a KV slot is past the plane's {tokens_shape[0]} tokens")
+        writes = self._writes
+        writes.width = k_shape[1] * k_shape[2]
+        writes.es = k_tokens.element_size()
+        writes.k_stride, writes.v_stride = k_stride[0], v_stride[0]
+        self._layout = layout
+
+
+def values_from_pairs(pairs: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` V rows, token-major, from a ``[tokens, Hkv, D]`` view of V stored
+    in token pairs (starting at an even token; at least ``length`` rounded up to even rows):
+    for the rare row no native kernel takes, so SDPA can read it."""
+    rows = length + (length & 1)
+    _, heads, size = pairs.shape
+    words = pairs[:rows].reshape(rows // 2, heads * size, 2)
+    return words.transpose(1, 2).reshape(rows, heads, size)[:length]
+
+
 def has_prefill(lib: ctypes.CDLL, dtype: torch.dtype) -> bool:
     """Whether :func:`prefill` runs natively for ``dtype`` (bf16 on AMX tiles), not SDPA."""
     return dtype == torch.bfloat16 and isa(lib) == "avx512-amx"
 
 
 def prefill(lib: ctypes.CDLL, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-            scale: float, out: torch.Tensor) -> bool:
+            scale: float, out: torch.Tensor, v_pairs: bool = False) -> bool:
     """Causal attention of one request's chunk, bottom-right aligned, on the AMX tile unit.
 
     ``query/out``: ``[q_len, Hq, D]`` with contiguous heads; ``key/value``: ``[kv_len, Hkv,
     D]`` with one token stride (an xTensor view or a gathered copy). Returns False, leaving
     ``out`` to the caller, where the kernel does not apply (no AMX, not bf16, head size not
-    a multiple of 64 or over 256).
+    a multiple of 64 or over 256). ``v_pairs``: ``value`` holds V in token pairs (see
+    :class:`KVWrites`) from an even token on; an odd ``kv_len``'s last pair is read whole,
+    its second half ignored.
     """
     q_len, num_heads, head_size = query.shape
     kv_len, num_kv_heads, _ = key.shape
@@ -1330,4 +1536,4 @@ def prefill(lib: ctypes.CDLL, query: torch.Tensor, key: torch.Tensor, value: tor
         return False
     return lib.xt_prefill(query.data_ptr(), query.stride(0), key.data_ptr(), value.data_ptr(),
                           key.stride(0), q_len, kv_len, num_heads, num_kv_heads, head_size,
-                          scale, out.data_ptr(), out.stride(0)) == 0
+                          scale, out.data_ptr(), out.stride(0), int(v_pairs)) == 0

@@ -11,7 +11,9 @@ native call each on the AMX tile unit where the CPU has one (bf16), else PyTorch
 slices (:mod:`xllm_plugin.kernels.cpu_attention`). No block table reaches any kernel.
 
 Within a layer's KV bytes the layout is xTensor's (``[K pages][V pages]``, token-major
-pages), not the stock CPU backend's; only this backend reads or writes them.
+K; V token-major too, or in token pairs where both native kernels read it, see
+``xtensor_options.v_pairs``), not the stock CPU backend's; only this backend reads or writes
+them. The new K/V of a step go in with one native call per layer where the kernel is built.
 """
 
 from __future__ import annotations
@@ -114,6 +116,10 @@ class XTensorAttentionImpl(AttentionImpl):
         """Write the step's K/V through the paged view at vLLM's slots (token indices)."""
         store = current_store()
         index = self._layer_index(layer)  # type: ignore[arg-type]
+        writes = store.kv_writes(slot_mapping)
+        if writes is not None:  # one native call; V in token pairs where the store keeps them
+            writes.run(key, value, store.token_k[index], store.token_v[index])
+            return
         count = slot_mapping.shape[0]
         slots = slot_mapping
         key, value = key[:count], value[:count]
@@ -136,6 +142,7 @@ class XTensorAttentionImpl(AttentionImpl):
         index = self._layer_index(layer)
         rows = attn_metadata.rows
         slot_k, slot_v = store.slot_k[index], store.slot_v[index]
+        pairs = store.v_pairs
         if rows.decode is not None:  # all decode rows with a view: one native call
             rows.decode.run(query, output, slot_k, slot_v, self.scale)
         paged_k, paged_v = store.paged_k[index], store.paged_v[index]
@@ -154,7 +161,11 @@ class XTensorAttentionImpl(AttentionImpl):
             if qsl[row + 1] > qsl[row]:
                 rows_q, rows_out = query[qsl[row]:qsl[row + 1]], output[qsl[row]:qsl[row + 1]]
                 if prefill_lib is None or not native_decode.prefill(
-                        prefill_lib, rows_q, key, value, self.scale, rows_out):
+                        prefill_lib, rows_q, key, value, self.scale, rows_out, pairs):
+                    if pairs:  # not seen in practice: the kernel declines no bf16 chunk
+                        value = native_decode.values_from_pairs(
+                            slot_v[slot] if slot is not None else paged_v[pages].flatten(0, 1),
+                            length)
                     attend_one(rows_q, key, value, self.scale, rows_out)
         return output
 

@@ -81,7 +81,7 @@ class StepRows:
     gathered_pages: torch.Tensor | None = None  # int64 [rows, most pages], padded
     other_rows: list[int] | None = None
 
-    def split_decodes(self, lib: ctypes.CDLL) -> None:
+    def split_decodes(self, lib: ctypes.CDLL, v_pairs: bool) -> None:
         """Sort rows into the batched decode calls and the one-by-one rest."""
         qsl = self.query_start_loc
         one_token = [r for r in range(len(self.slots)) if qsl[r + 1] - qsl[r] == 1]
@@ -92,7 +92,7 @@ class StepRows:
         if decode:
             q_index, lens = self._query_and_lens(decode)
             slots = torch.from_numpy(np.array([self.slots[r] for r in decode], dtype=np.int64))
-            self.decode = native_decode.DecodeRows(lib, q_index, slots, lens)
+            self.decode = native_decode.DecodeRows(lib, q_index, slots, lens, v_pairs)
         if gathered:
             width = max(len(self.fallback_pages[r]) for r in gathered)
             pages = np.empty((len(gathered), width), dtype=np.int64)
@@ -103,7 +103,7 @@ class StepRows:
             self.gathered_pages = torch.from_numpy(pages)
             q_index, lens = self._query_and_lens(gathered)
             self.gathered = native_decode.DecodeRows(
-                lib, q_index, torch.arange(len(gathered), dtype=torch.int64), lens)
+                lib, q_index, torch.arange(len(gathered), dtype=torch.int64), lens, v_pairs)
 
     def _query_and_lens(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """int32 query token and sequence length of each row (through numpy: torch.tensor()
@@ -137,6 +137,13 @@ class XTensorKVStore:
         #: The kernel library for prefill rows, where it runs them natively (else SDPA).
         self.native_prefill = lib if lib is not None and native_decode.has_prefill(lib, dtype) \
             else None
+        #: V in token pairs (see native_decode.KVWrites): only where both native kernels read
+        #: it, as SDPA would need each row unpaired first.
+        self.v_pairs = bool(options.v_pairs and self.native_decode is not None
+                            and self.native_prefill is not None
+                            and native_decode.supports_pairs(self.native_decode, dtype,
+                                                             geometry.head_size))
+        self._writes: native_decode.KVWrites | None = None
         self.metrics = XTensorMetrics()
         self.layer_index = {name: i for i, name in enumerate(layer_names)}
         layers = range(geometry.num_layers)
@@ -221,8 +228,17 @@ class XTensorKVStore:
         self._writer.publish(self.snapshot)
         rows = StepRows(qsl, lens, slots, fallback)
         if self.native_decode is not None:
-            rows.split_decodes(self.native_decode)
+            rows.split_decodes(self.native_decode, self.v_pairs)
         return rows
+
+    def kv_writes(self, slot_mapping: torch.Tensor) -> native_decode.KVWrites | None:
+        """The native writer of this step's new K/V (built on the first layer's call, reused
+        while vLLM passes the same slot mapping); None without the native kernel."""
+        if self.native_decode is None:
+            return None
+        if self._writes is None or self._writes.source is not slot_mapping:
+            self._writes = native_decode.KVWrites(self.native_decode, slot_mapping, self.v_pairs)
+        return self._writes
 
     def gather_pages(self, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of ``pages`` (``[rows, width]``) of one layer, copied into the reused
@@ -270,6 +286,7 @@ class XTensorKVStore:
                               if self.native_decode is not None else "sdpa"),
             "prefill_kernel": ("native-" + native_decode.isa(self.native_prefill)
                                if self.native_prefill is not None else "sdpa"),
+            "v_layout": "token-pairs" if self.v_pairs else "token-major",
             **self.mapper.stats.snapshot(), **self.metrics.snapshot(),
         }
 
