@@ -340,6 +340,30 @@ async def _round(url: str, context: int, batch: int, seed: int, max_tokens: int)
         return sum(tokens) / (time.perf_counter() - start)
 
 
+#: vLLM's per-request phase histograms: where a side's time went (prefill vs decode).
+PHASES = {"prefill": "vllm:request_prefill_time_seconds",
+          "decode": "vllm:request_decode_time_seconds"}
+
+
+def _phase_totals(url: str) -> dict[str, float]:
+    """Sum and count of each phase histogram on an engine's ``/metrics`` so far."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    totals = dict.fromkeys([f"{phase}_{part}" for phase in PHASES for part in ("sum", "count")],
+                           0.0)
+    names = {name: phase for phase, name in PHASES.items()}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for suffix in ("_sum", "_count"):
+                phase = names.get(sample.name.removesuffix(suffix)) \
+                    if sample.name.endswith(suffix) else None
+                if phase is not None:
+                    totals[f"{phase}_{suffix[1:]}"] += sample.value
+    return totals
+
+
 def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
     from xllm_plugin.launcher.cluster import LocalCluster
     from xllm_plugin.launcher.engine import EngineSpec, free_port, http_get_json
@@ -366,6 +390,8 @@ def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
         for context in args.contexts:
             for batch in args.batches:
                 tps: dict[str, list[float]] = {"stock": [], "xtensor": []}
+                before = {name: _phase_totals(engine.url)
+                          for name, engine in (("stock", stock), ("xtensor", xt))}
                 for rep in range(args.reps):
                     # A B, then B A: a side that always ran second would carry whatever
                     # the first round leaves behind (caches, clocks) in every repetition.
@@ -383,6 +409,13 @@ def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
                 out[f"e2e_spread_xtensor_{tag}"] = round(
                     (max(tps["xtensor"]) - min(tps["xtensor"])) / b, 3)
                 ratios.append(b / a)
+                for name, engine in (("stock", stock), ("xtensor", xt)):
+                    after = _phase_totals(engine.url)
+                    for phase in PHASES:
+                        count = after[f"{phase}_count"] - before[name][f"{phase}_count"]
+                        if count:
+                            spent = after[f"{phase}_sum"] - before[name][f"{phase}_sum"]
+                            out[f"e2e_{phase}_s_{name}_{tag}"] = round(spent / count, 3)
                 print(f"e2e {tag}: stock {a:.1f} tok/s {tps['stock']}, xtensor {b:.1f} tok/s "
                       f"{tps['xtensor']}", flush=True)
         status = http_get_json(xt.url + "/xllm/status")["xtensor"]
@@ -524,7 +557,11 @@ def write_report(result: dict[str, Any], name: str) -> None:
                        if no_view is not None else "- | - |"))
         return (f"| {tag} | {get(f'e2e_tps_stock_{tag}')} | {get(f'e2e_tps_xtensor_{tag}')} | "
                 f"{get(f'e2e_tps_ratio_{tag}')} | {get(f'e2e_spread_stock_{tag}')} / "
-                f"{get(f'e2e_spread_xtensor_{tag}')} |")
+                f"{get(f'e2e_spread_xtensor_{tag}')} | "
+                f"{get(f'e2e_prefill_s_stock_{tag}', '-')} / "
+                f"{get(f'e2e_prefill_s_xtensor_{tag}', '-')} | "
+                f"{get(f'e2e_decode_s_stock_{tag}', '-')} / "
+                f"{get(f'e2e_decode_s_xtensor_{tag}', '-')} |")
 
     def order(tag: str) -> tuple:
         import re
@@ -587,8 +624,12 @@ means.
 
 ## End to end (output tok/s, `vllm serve` SmolLM2, both engines on core 0, alternated A B, B A)
 
-| case | stock | xTensor | ratio | spread stock / xTensor |
-|---|---|---|---|---|
+Prefill and decode: mean seconds per request in each phase over the cell's rounds, from
+each engine's own `vllm:request_prefill_time_seconds` / `vllm:request_decode_time_seconds`
+(requests of a batch overlap, so these do not add up to the wall time).
+
+| case | stock | xTensor | ratio | spread stock / xTensor | prefill s, stock / xTensor | decode s, stock / xTensor |
+|---|---|---|---|---|---|---|
 """ + "\n".join(row(t, "e2e") for t in e2e) + f"""
 
 Engaged: {result.get('xtensor_rows')} request-steps read their own view,

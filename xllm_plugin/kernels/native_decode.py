@@ -15,7 +15,10 @@ which runs its ``vec`` path there. Where the CPU has AMX tiles (Sapphire Rapids 
 later), bf16 rows of 64 tokens or more put both products on the tile unit: vLLM's ``amx``
 path does, and on such a Xeon (2026-12-05) the vector path took about twice its time.
 Q.K loads 16 token rows of K straight from the view (the tile stride is the token
-stride); P.V needs V in the unit's pair layout, repacked per block of 32 tokens.
+stride); P.V needs V in the unit's pair layout: the store keeps V that way where both
+kernels run (:class:`KVWrites` with ``v_pairs``), else it is repacked per block of 32
+tokens. A step's rows (:class:`DecodeRows`) and KV slots (:class:`KVWrites`) are packed
+once and serve every layer's call.
 
 The C source is compiled with the system C compiler into ``~/.cache/xllm-plugin/kernels``
 (keyed by source, flags and CPU), about a second, once per machine. Without a compiler,
