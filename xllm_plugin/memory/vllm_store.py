@@ -187,6 +187,7 @@ class XTensorKVStore:
         """Bind every row's request to a slot showing its pages; map what changed."""
         if self.premapper is not None:
             self.premapper.drain()  # nothing may be rebound while a pre-map is in flight
+        self._writes = None  # a slot mapping may be a buffer vLLM refills in place
         g = self.geometry
         qsl = query_start_loc[:num_reqs + 1].tolist()
         lens = seq_lens[:num_reqs].tolist()
@@ -233,7 +234,8 @@ class XTensorKVStore:
 
     def kv_writes(self, slot_mapping: torch.Tensor) -> native_decode.KVWrites | None:
         """The native writer of this step's new K/V (built on the first layer's call, reused
-        while vLLM passes the same slot mapping); None without the native kernel."""
+        while vLLM passes the same slot mapping within the step); None without the native
+        kernel."""
         if self.native_decode is None:
             return None
         if self._writes is None or self._writes.source is not slot_mapping:
