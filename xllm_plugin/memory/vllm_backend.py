@@ -162,7 +162,7 @@ class XTensorAttentionImpl(AttentionImpl):
                 rows_q, rows_out = query[qsl[row]:qsl[row + 1]], output[qsl[row]:qsl[row + 1]]
                 if prefill_lib is None or not native_decode.prefill(
                         prefill_lib, rows_q, key, value, self.scale, rows_out, pairs):
-                    if pairs:  # not seen in practice: the kernel declines no bf16 chunk
+                    if pairs:  # only if the kernel could not get memory for its repacks
                         value = native_decode.values_from_pairs(
                             slot_v[slot] if slot is not None else paged_v[pages].flatten(0, 1),
                             length)

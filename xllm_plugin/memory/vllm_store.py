@@ -283,13 +283,18 @@ class XTensorKVStore:
             "vma": {"estimate": self.views.vma_estimate, "budget": self.vma_budget,
                     "max_map_count": self.max_map_count, "process": self._vma_sampler.latest,
                     "process_at_start": self.vmas_at_start},
-            "premap": self.premapper is not None,
+            "premap": self.premapper is not None, **self.kernel_paths(),
+            **self.mapper.stats.snapshot(), **self.metrics.snapshot(),
+        }
+
+    def kernel_paths(self) -> dict[str, str]:
+        """Which kernels attention runs and how V is laid out (status and startup log)."""
+        return {
             "decode_kernel": ("native-" + native_decode.isa(self.native_decode)
                               if self.native_decode is not None else "sdpa"),
             "prefill_kernel": ("native-" + native_decode.isa(self.native_prefill)
                                if self.native_prefill is not None else "sdpa"),
             "v_layout": "token-pairs" if self.v_pairs else "token-major",
-            **self.mapper.stats.snapshot(), **self.metrics.snapshot(),
         }
 
     def publish(self, force: bool = False) -> None:

@@ -120,10 +120,13 @@ class XTensorCPUModelRunner(CPUModelRunner):
         store.set_batch_source(batch)
         self.xtensor_store = store
         g = store.geometry
+        paths = store.kernel_paths()
         logger.info(
             "xTensor: %d pages of %d B per plane x %d planes in a memfd; %d views of %d "
-            "tokens; VMA budget %d of vm.max_map_count %d", g.num_pages, g.page_bytes,
-            g.num_planes, g.num_slots, g.max_tokens, store.vma_budget, store.max_map_count)
+            "tokens; VMA budget %d of vm.max_map_count %d; decode %s, prefill %s, V %s",
+            g.num_pages, g.page_bytes, g.num_planes, g.num_slots, g.max_tokens,
+            store.vma_budget, store.max_map_count, paths["decode_kernel"],
+            paths["prefill_kernel"], paths["v_layout"])
         store.publish(force=True)
 
     def _create_store(self, kv_cache_config: KVCacheConfig) -> XTensorKVStore:
