@@ -650,14 +650,13 @@ worker and paged CPU attention, so xTensor is the only difference.
   on the view. On a CPU a block-table lookup per page costs almost nothing, so the ratio
   measures kernel quality more than memory layout, and it depends on the CPU. Runs of this
   benchmark on other machines and code: on an AVX2-only AMD EPYC (2026-12-05, commit
-  b89a6fa, whose AVX2 and SDPA paths this code keeps) attention 1.59 and end to end 1.009;
-  on Xeons with AMX before the tile kernels, attention 0.51 and end to end 0.77
-  (2026-11-23), then 0.498 and 0.976 (2026-12-05, AVX-512 decode, SDPA prefill). On such
-  a Xeon the tile kernels bring prefill to about parity or better and decode at 2048 tokens
-  near it, but rows of 128-512 tokens stay behind: each row pays a fixed cost (tile setup,
-  repacking V, a kernel call from Python of ~2 µs per layer) that vLLM's kernel amortizes
-  better. With bf16 probabilities on the tile unit, greedy bf16 output follows float32 about
-  as far as stock bf16 does (`--parts fidelity`, the table above).
+  b89a6fa, whose AVX2 kernel code and SDPA prefill this code keeps; the call into the
+  kernel and the KV writes changed since) attention 1.59 and end to end 1.009; on Xeons with
+  AMX before the tile kernels, attention 0.51 and end to end 0.77 (2026-11-23), then 0.498
+  and 0.976 (2026-12-05, AVX-512 decode, SDPA prefill), then 0.962 and 0.992 with the tile
+  kernels but V repacked per step and a ~4.5 µs call per layer (short decode rows
+  0.70-0.92). With bf16 probabilities on the tile unit, greedy bf16 output follows float32
+  about as far as stock bf16 does (`--parts fidelity`, the table above).
 - End to end: attention is a fraction of a SmolLM2 step (projections and MLPs dominate),
   so the end-to-end ratio sits much closer to 1 than the attention ratio. Where the CPU
   has neither AMX nor AVX-512 BF16, vLLM runs the bf16 projections through PyTorch's
