@@ -244,7 +244,8 @@ typedef struct {
    tmm5    16 rows x 64 bytes: P.V's B (16 token pairs x 16 dims) and Q.K's A (16 tokens x
            32 dims);
    tmm6    Q.K's accumulator, 16 tokens x 16 query-head columns;
-   tmm7    Q.K's B, 16 dim pairs x 16 columns (the block-diagonal Q^T). */
+   tmm7    Q.K's B, 16 dim pairs x 16 columns (the block-diagonal Q^T).
+   tmm5-7 have one shape, so P.V over token-pair V also loads its B tiles into 6 and 7. */
 static void decode_tiles(int group) {
     xt_tilecfg cfg;
     memset(&cfg, 0, sizeof cfg);
@@ -254,12 +255,6 @@ static void decode_tiles(int group) {
     _tile_loadconfig(&cfg);
 }
 
-/* Q.K for every full block of 16 tokens on the AMX tile unit. The 16 token rows of K load
-   straight from the token-major view (tile stride = the token stride), 32 dims at a time,
-   against a block-diagonal Q^T (each 32-dim step of one KV head meets only that head's
-   query group; the other columns are zero), so one accumulator holds the scores of up to
-   16 query heads: C[t][col] for a run of whole KV-head groups. Returns how many tokens it
-   scored (a multiple of 16); scores land in scores[hg * len + t], raising mx[hg]. */
 /* 16 x 16 transpose of 32-bit elements in registers: out[j] lane i = r[i] lane j (four
    rounds of in-lane and cross-lane shuffles). */
 static inline void transpose16(const __m512 *r, __m512 *out) {
@@ -298,6 +293,12 @@ static void qk_scatter(const float *ct, int cols, int hg0, int len, int t, float
     }
 }
 
+/* Q.K for every full block of 16 tokens on the AMX tile unit. The 16 token rows of K load
+   straight from the token-major view (tile stride = the token stride), 32 dims at a time,
+   against a block-diagonal Q^T (each 32-dim step of one KV head meets only that head's
+   query group; the other columns are zero), so one accumulator holds the scores of up to
+   16 query heads: C[t][col] for a run of whole KV-head groups. Returns how many tokens it
+   scored (a multiple of 16); scores land in scores[hg * len + t], raising mx[hg]. */
 static int qk_amx(const __m512bh (*qb)[8], const char *k, size_t row_bytes, int len, int hkv,
                   int group, int d, float *scores, float *mx) {
     const int steps = d / 32, full = len & ~15;
@@ -464,9 +465,14 @@ static inline __attribute__((always_inline)) void row_avx512(
             qb[hg][c] = _mm512_cvtne2ps_pbh(qf[hg][2 * c + 1], qf[hg][2 * c]);
         mx[hg] = -INFINITY;
     }
+#ifdef XT_AMX
+    const int amx = bf16 && amx_ready(), tile_row = amx && len >= XT_AMX_MIN_LEN;
+#else
+    const int amx = 0, tile_row = 0;
+#endif
     int t = 0;
 #ifdef XT_AMX
-    if (bf16 && len >= XT_AMX_MIN_LEN && amx_ready())
+    if (tile_row)
         t = qk_amx((const __m512bh (*)[8])qb, (const char *)k, row_bytes, len, hkv, group, d,
                    scores, mx);
 #endif
@@ -499,22 +505,13 @@ static inline __attribute__((always_inline)) void row_avx512(
             if (s > mx[hg]) mx[hg] = s;
         }
     }
-#ifdef XT_AMX
-    const int amx = bf16 && amx_ready(), tile_row = amx && len >= XT_AMX_MIN_LEN;
-#else
-    const int amx = 0, tile_row = 0;
-#endif
     /* P.V in bf16 pairs of tokens, (p[t], p[t+1]) times (v[t][n], v[t+1][n]): where V is
        stored in token pairs (any length), or where the tile unit takes the row. P is rounded
        to bf16 first (as the tile unit needs). Full blocks of 32 tokens go to the tile unit,
        the remaining pairs to vdpbf16ps. Token-major V is interleaved by one unpack per 16
        dims, which permutes dims within 128-bit lanes (undone at the end); token-pair V is
        already in the unit's layout, dims in order. */
-    const int pair_pv = bf16 && (pairs || tile_row);
-    if (!pair_pv)
-        for (int hg = 0; hg < heads; hg++)
-            sum[hg] = exp_and_sum16(scores + (size_t)hg * len, len, mx[hg]);
-    if (pair_pv) {
+    if (bf16 && (pairs || tile_row)) {
         const int half = (len + 1) / 2;
         const size_t pair_bytes = 2 * row_bytes;
         uint32_t *pp = (uint32_t *)(accbuf + (size_t)heads * d);
@@ -593,6 +590,8 @@ static inline __attribute__((always_inline)) void row_avx512(
         }
         return;
     }
+    for (int hg = 0; hg < heads; hg++)
+        sum[hg] = exp_and_sum16(scores + (size_t)hg * len, len, mx[hg]);
     /* P.V: accumulators of 64 output dims of a head's group live in registers for one
        block of tokens, and in accbuf between blocks. */
     const int chunks = d / 64;
@@ -1357,15 +1356,14 @@ class _Rows(ctypes.Structure):
 class DecodeRows:
     """A step's decode rows, packed once and run for every layer.
 
-    ``v_pairs``: V is stored in token pairs (:class:`KVWrites` with ``v_pairs``; bf16 on
-    AVX-512 with a head size multiple of 64), not token-major.
-
     Row ``i`` reads query token ``q_index[i]`` (int32), K/V slot ``slots[i]`` (int64) and
     its first ``lens[i]`` (int32) tokens. At short contexts one layer's kernel takes a few
     µs, so the per-layer call must cost well under that: the rows travel as one C struct,
     and :meth:`run` checks the layout only when it differs from the last call's (each
     layer's query and output are fresh views of one shape, and its K/V slot planes are
-    built once, so after the first layer that is a tuple comparison).
+    built once, so after the first layer that is a tuple comparison). ``v_pairs``: V is
+    stored in token pairs (:class:`KVWrites` with ``v_pairs``; bf16 on AVX-512 with a head
+    size multiple of 64), not token-major.
     """
 
     def __init__(self, lib: ctypes.CDLL, q_index: torch.Tensor, slots: torch.Tensor,
