@@ -67,7 +67,6 @@ def _attention_case(context: int, batch: int, q_len: int, block: int, reps: int,
     from xllm_plugin.kernels.cpu_attention import attend_rows
     from xllm_plugin.memory.cpu_mapper import CpuMapper
     from xllm_plugin.memory.geometry import K, V, KVGeometry
-    from xllm_plugin.memory.vllm_store import copy_pages
     from xllm_plugin.memory.xtensor import XTensor
 
     dtype = getattr(torch, dtype_name)
@@ -145,18 +144,15 @@ def _attention_case(context: int, batch: int, q_len: int, block: int, reps: int,
             return
         attend_rows(query, out, qsl_list, ks, vs, HEAD_SIZE ** -0.5)
 
-    # Decode rows the VMA budget left without a view: their pages copied into a reused
-    # buffer, then the same native call (what the backend does for them).
+    # Decode rows the VMA budget left without a view: the same native call, reading each
+    # row's pages where they lie through its page table (what the backend does for them).
     pages = torch.tensor([xt.pool.pages_of(i) for i in range(batch)], dtype=torch.int64)
     paged_k, paged_v = xt.space.paged_tensor(0, K, dtype), xt.space.paged_tensor(0, V, dtype)
-    buffer_k = torch.empty(pages.numel(), *paged_k.shape[1:], dtype=dtype)
-    buffer_v = torch.empty_like(buffer_k)
-    gathered_rows = None if lib is None else native_decode.DecodeRows(
-        lib, q_index, torch.arange(batch, dtype=torch.int64), seq_lens, pairs)
+    paged_rows = None if lib is None else native_decode.DecodeRows.paged(
+        lib, q_index, pages, seq_lens, block, pairs)
 
     def no_view() -> None:
-        gathered_rows.run(query, out, copy_pages(paged_k, pages, buffer_k),
-                          copy_pages(paged_v, pages, buffer_v), HEAD_SIZE ** -0.5)
+        paged_rows.run(query, out, paged_k, paged_v, HEAD_SIZE ** -0.5)
 
     def timed(fn: Any) -> float:
         fn()
@@ -601,10 +597,10 @@ Target was parity or better on CPU (ratios >= 1).
 
 ## Attention, one layer (µs per call, median of alternated repetitions, 1 thread)
 
-"Without a view": the same decode rows when the VMA budget gave them no view, their pages
-copied into the store's reused buffer and read by the same kernel (ratio: stock time /
+"Without a view": the same decode rows when the VMA budget gave them no view, read by the
+same kernel where their pages lie, through each row's page table (ratio: stock time /
 that time). Median ratio {result.get('attention_no_view_ratio_median')}, lowest
-{result.get('attention_no_view_ratio_min')}: the copy costs most where rows are few and short.
+{result.get('attention_no_view_ratio_min')}.
 
 | case | stock paged | xTensor | ratio | without a view | ratio |
 |---|---|---|---|---|---|
@@ -677,7 +673,7 @@ worker and paged CPU attention, so xTensor is the only difference.
   per run). At 256
   scattered requests, 60% of request-steps still have no view: 60 planes x 2 VMAs per
   run leave room for ~270 scattered blocks (see `xllm_plugin/memory/README.md`), and
-  those requests gather their pages per layer instead.
+  those requests' rows read their pages through a page table instead.
 - Waste: no request ever held more than one page per plane beyond its tokens
   (`wasted_pages_per_plane_max` = 1.0: the block allocated one token ahead at a block
   boundary, exactly one page).

@@ -294,6 +294,75 @@ def _paired(lib, values: torch.Tensor) -> torch.Tensor:
     return planes.view(slots, tokens, heads, size)
 
 
+@pytest.mark.parametrize("force_isa", [None, "avx512", "avx2", "generic"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("page_tokens", [32, 128])
+def test_paged_rows_read_their_pages_where_they_lie(force_isa: str | None, dtype: torch.dtype,
+                                                    tol: float, page_tokens: int) -> None:
+    """Decode rows without a view read token t from page table[t // page_tokens]: pages
+    scattered and shared between rows, lengths ending mid-page and on a page's edge, on
+    every path the kernel has (the tile unit's 16- and 32-token blocks meet page edges at
+    32-token pages); bf16 V in token pairs too."""
+    import random
+
+    from xllm_plugin.kernels import native_decode
+
+    lib = native_decode.load(force_isa)
+    if lib is None:
+        pytest.skip("no C compiler: the native decode kernel falls back to SDPA")
+    if force_isa is not None and native_decode.isa(lib) != force_isa:
+        pytest.skip(f"this CPU cannot run the {force_isa} path")
+    torch.manual_seed(5)
+    rng = random.Random(5)
+    lens = [1, 31, 32, 33, page_tokens, page_tokens + 1, 3 * page_tokens - 5, 5 * page_tokens]
+    width = max(-(-n // page_tokens) for n in lens)
+    for (num_heads, num_kv_heads), head_size in [((9, 3), 64), ((8, 1), 128), ((6, 2), 96)]:
+        keys = torch.randn(12, page_tokens, num_kv_heads, head_size, dtype=dtype)
+        values = torch.randn_like(keys)
+        table = torch.empty(len(lens), width, dtype=torch.int64)
+        for row, length in enumerate(lens):
+            own = rng.sample(range(12), -(-length // page_tokens))
+            table[row] = torch.tensor(own + [own[0]] * (width - len(own)))
+        query = torch.randn(len(lens), num_heads, head_size, dtype=dtype)
+        q_index = torch.arange(len(lens), dtype=torch.int32)
+        planes = [(values, False)]
+        if native_decode.supports_pairs(lib, dtype, head_size):
+            planes.append((_paired(lib, values), True))
+        for v_plane, pairs in planes:
+            out = torch.zeros_like(query)
+            rows = native_decode.DecodeRows.paged(lib, q_index, table,
+                                                  torch.tensor(lens, dtype=torch.int32),
+                                                  page_tokens, v_pairs=pairs)
+            rows.run(query, out, keys, v_plane, 0.11)
+            for row, length in enumerate(lens):
+                pages = table[row, :-(-length // page_tokens)]
+                ref = reference_attention(query[row:row + 1], keys[pages].flatten(0, 1)[:length],
+                                          values[pages].flatten(0, 1)[:length], 0.11)
+                torch.testing.assert_close(out[row:row + 1], ref, atol=tol, rtol=tol,
+                                           msg=f"{num_heads}/{num_kv_heads} x {head_size}, "
+                                               f"{length} tokens, pairs {pairs}")
+
+
+def test_paged_rows_check_their_pages() -> None:
+    from xllm_plugin.kernels import native_decode
+
+    lib = native_decode.load()
+    if lib is None:
+        pytest.skip("no C compiler: the native decode kernel falls back to SDPA")
+    q_index, lens = torch.arange(2, dtype=torch.int32), torch.tensor([40, 70], dtype=torch.int32)
+    table = torch.tensor([[3, 0], [1, 2]], dtype=torch.int64)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        native_decode.DecodeRows.paged(lib, q_index, table, lens, 16)
+    with pytest.raises(ValueError, match="does not fit"):
+        native_decode.DecodeRows.paged(lib, q_index, table[:, :1].contiguous(), lens, 32)
+    rows = native_decode.DecodeRows.paged(lib, q_index, table, lens, 64)
+    query = torch.randn(2, 4, 64)
+    with pytest.raises(ValueError, match="pages of 64 tokens with ids 0..3"):
+        rows.run(query, torch.empty_like(query), *[torch.randn(3, 64, 2, 64)] * 2, 0.1)
+    with pytest.raises(ValueError, match="pages of 64 tokens"):
+        rows.run(query, torch.empty_like(query), *[torch.randn(4, 32, 2, 64)] * 2, 0.1)
+
+
 @pytest.mark.parametrize("force_isa", [None, "avx512"])
 def test_decode_reads_values_stored_in_token_pairs(force_isa: str | None) -> None:
     """V in token pairs (the tile unit's layout, written by KVWrites) gives the same

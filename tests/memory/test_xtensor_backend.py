@@ -29,12 +29,13 @@ class Engine:
     """Just enough of vLLM's block manager and model runner to drive the backend."""
 
     def __init__(self, options: XTensorConfig, seed: int,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, block: int = BLOCK) -> None:
         size = torch.empty((), dtype=dtype).element_size()
-        geometry = store_geometry(num_layers=LAYERS, num_blocks=BLOCKS, block_size=BLOCK,
+        self.block = block
+        geometry = store_geometry(num_layers=LAYERS, num_blocks=BLOCKS, block_size=block,
                                   num_kv_heads=KV_HEADS, head_size=HEAD, dtype_bytes=size,
                                   offset=0,
-                                  layer_stride=2 * BLOCKS * BLOCK * KV_HEADS * HEAD * size,
+                                  layer_stride=2 * BLOCKS * block * KV_HEADS * HEAD * size,
                                   max_model_len=512, max_num_seqs=4,
                                   reusable_views=options.reusable_views)
         self.dtype = dtype
@@ -62,7 +63,7 @@ class Engine:
                         for _ in range(LAYERS)]
         if shared_from:  # a prefix-cache hit: the shared blocks already hold these tokens
             for layer in range(LAYERS):
-                self.kv[rid][layer] = self.kv[shared_from][layer][:shared_blocks * BLOCK].clone()
+                self.kv[rid][layer] = self.kv[shared_from][layer][:shared_blocks * self.block].clone()
 
     def preempt(self, rid: str) -> None:
         self.free.extend(self.blocks.pop(rid))
@@ -84,13 +85,14 @@ class Engine:
                 for layer in range(LAYERS):
                     new_kv.append(None)
                 self.kv[rid] = [self.kv[rid][layer][:0] for layer in range(LAYERS)]
-            need = -(-(start + count + lookahead) // BLOCK)
+            need = -(-(start + count + lookahead) // self.block)
             while len(self.blocks[rid]) < need:
                 self.blocks[rid].append(self.free.pop())
             self.table[row, :len(self.blocks[rid])] = self.blocks[rid]
             self.held[row] = len(self.blocks[rid])
             positions = range(start, start + count)
-            slots += [self.blocks[rid][p // BLOCK] * BLOCK + p % BLOCK for p in positions]
+            slots += [self.blocks[rid][p // self.block] * self.block + p % self.block
+                      for p in positions]
             qsl.append(qsl[-1] + count)
         tokens = qsl[-1]
         seq_lens = torch.tensor([self.kv[r][0].shape[0] + (qsl[i + 1] - qsl[i])
@@ -137,20 +139,7 @@ def test_backend_matches_dense_attention_through_a_request_lifecycle(
     options = XTensorConfig(reusable_views=2, map_budget_fraction=fraction, native_decode=native,
                             native_prefill=native)
     engine = Engine(options, seed=7, dtype=dtype)
-    engine.add("a")
-    engine.add("b")
-    engine.step({"a": 70, "b": 33}, lookahead=1)  # prefill
-    for _ in range(30):
-        engine.step({"a": 1, "b": 1}, lookahead=1)  # decode across block boundaries
-    engine.add("c", shared_from="a", shared_blocks=2)  # prefix hit on a's first two blocks
-    engine.step({"a": 1, "b": 1, "c": 5}, lookahead=1)
-    engine.preempt("b")
-    engine.step({"a": 1, "c": 1}, lookahead=1)
-    engine.step({"a": 1, "b": 1, "c": 1}, lookahead=1)  # b resumes by recomputation
-    engine.finish("a")
-    engine.add("d")
-    for _ in range(3):
-        engine.step({"b": 1, "c": 1, "d": 9}, lookahead=0)
+    _lifecycle(engine)
     snapshot = engine.store.snapshot()
     assert snapshot["rows"] > 0
     if budget == "partial":
@@ -169,3 +158,33 @@ def test_backend_matches_dense_attention_through_a_request_lifecycle(
     # where both kernels are native, V is stored in token pairs (the tile unit's layout)
     assert snapshot["v_layout"] == ("token-pairs" if amx_prefill else "token-major")
     set_current_store(None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pages_of_16_tokens_are_copied_for_rows_without_a_view(dtype: torch.dtype) -> None:
+    """The kernel reads a row without a view in its pages only where pages hold a multiple
+    of 32 tokens; smaller pages (a --block-size of 16) are copied into a buffer first."""
+    options = XTensorConfig(reusable_views=2, map_budget_fraction=1e-6)
+    engine = Engine(options, seed=11, dtype=dtype, block=16)
+    _lifecycle(engine)
+    snapshot = engine.store.snapshot()
+    assert snapshot["rows"] > 0 and snapshot["fallback_rows"] == snapshot["rows"]
+    set_current_store(None)
+
+
+def _lifecycle(engine: Engine) -> None:
+    """Prefill, decode across block edges, a prefix hit, a preemption, a finish."""
+    engine.add("a")
+    engine.add("b")
+    engine.step({"a": 70, "b": 33}, lookahead=1)  # prefill
+    for _ in range(30):
+        engine.step({"a": 1, "b": 1}, lookahead=1)  # decode across block boundaries
+    engine.add("c", shared_from="a", shared_blocks=2)  # prefix hit on a's first two blocks
+    engine.step({"a": 1, "b": 1, "c": 5}, lookahead=1)
+    engine.preempt("b")
+    engine.step({"a": 1, "c": 1}, lookahead=1)
+    engine.step({"a": 1, "b": 1, "c": 1}, lookahead=1)  # b resumes by recomputation
+    engine.finish("a")
+    engine.add("d")
+    for _ in range(3):
+        engine.step({"b": 1, "c": 1, "d": 9}, lookahead=0)

@@ -97,8 +97,28 @@ static float exp_and_sum(float *s, int len, float mx) {
     return total;
 }
 
-/* Portable path: any head size and group, bf16 (bf16 != 0) or fp32. */
-static void head_generic(int bf16, const void *q, const void *k, const void *v, int64_t ts,
+/* Where a row's K (or V) tokens lie: token t at base + pages[t / page_tokens] * page_bytes
+   + (t % page_tokens) * row_bytes. A row with a view is one run (pages {0}, page_bytes 0,
+   page_tokens past any length); a row without one is read where its pages are, which
+   spares copying them first. The kernels step through tokens in blocks of 16 and 32 (and
+   V in pairs), so pages must hold a multiple of 32 tokens: no block straddles two. */
+typedef struct {
+    const char *base;
+    const int64_t *pages;
+    int page_tokens;
+    size_t page_bytes, row_bytes;
+} kv_run;
+
+static inline const char *kv_at(const kv_run *a, int t) {
+    if (a->page_bytes == 0) return a->base + (size_t)t * a->row_bytes;  /* a view: no divide */
+    const unsigned page = (unsigned)t / (unsigned)a->page_tokens;
+    const unsigned within = (unsigned)t % (unsigned)a->page_tokens;
+    return a->base + (size_t)a->pages[page] * a->page_bytes + (size_t)within * a->row_bytes;
+}
+
+/* Portable path: any head size and group, bf16 (bf16 != 0) or fp32. hoff: the KV head's
+   byte offset within a token. */
+static void head_generic(int bf16, const void *q, const kv_run *k, const kv_run *v, size_t hoff,
                          int len, int group, int d, float scale, float *scores, void *out) {
     const size_t es = bf16 ? 2 : 4;
     float qf[XT_MAX_GROUP * 256], row[256], acc[XT_MAX_GROUP * 256], mx[XT_MAX_GROUP];
@@ -108,7 +128,7 @@ static void head_generic(int bf16, const void *q, const void *k, const void *v, 
     }
     for (int g = 0; g < group; g++) mx[g] = -INFINITY;
     for (int t = 0; t < len; t++) {
-        const char *kt = (const char *)k + (size_t)t * ts * es;
+        const char *kt = kv_at(k, t) + hoff;
         for (int i = 0; i < d; i++)
             row[i] = bf16 ? bf16_to_f32(((const uint16_t *)kt)[i]) : ((const float *)kt)[i];
         for (int g = 0; g < group; g++) {
@@ -121,7 +141,7 @@ static void head_generic(int bf16, const void *q, const void *k, const void *v, 
     float sum[XT_MAX_GROUP];
     for (int g = 0; g < group; g++) sum[g] = exp_and_sum(scores + g * len, len, mx[g]);
     for (int t = 0; t < len; t++) {
-        const char *vt = (const char *)v + (size_t)t * ts * es;
+        const char *vt = kv_at(v, t) + hoff;
         for (int i = 0; i < d; i++)
             row[i] = bf16 ? bf16_to_f32(((const uint16_t *)vt)[i]) : ((const float *)vt)[i];
         for (int g = 0; g < group; g++) {
@@ -299,8 +319,9 @@ static void qk_scatter(const float *ct, int cols, int hg0, int len, int t, float
    query group; the other columns are zero), so one accumulator holds the scores of up to
    16 query heads: C[t][col] for a run of whole KV-head groups. Returns how many tokens it
    scored (a multiple of 16); scores land in scores[hg * len + t], raising mx[hg]. */
-static int qk_amx(const __m512bh (*qb)[8], const char *k, size_t row_bytes, int len, int hkv,
+static int qk_amx(const __m512bh (*qb)[8], const kv_run *k, int len, int hkv,
                   int group, int d, float *scores, float *mx) {
+    const size_t row_bytes = k->row_bytes;
     const int steps = d / 32, full = len & ~15;
     const int per_run = 16 / group < 16 / steps ? 16 / group : 16 / steps;  /* cols, steps <= 16 */
     if (full == 0 || per_run == 0) return 0;
@@ -321,7 +342,7 @@ static int qk_amx(const __m512bh (*qb)[8], const char *k, size_t row_bytes, int 
                         qt[(((h - h0) * steps + s) * 16 + i) * 16 + col] = words[s * 16 + i];
             }
         for (int t = 0; t < full; t += 16) {
-            const char *block = k + (size_t)t * row_bytes + (size_t)h0 * d * 2;
+            const char *block = kv_at(k, t) + (size_t)h0 * d * 2;
             _tile_zero(6);
             for (int s = 0; s < nsteps; s++) {
                 _tile_loadd(5, block + 64 * s, (long)row_bytes);
@@ -359,8 +380,9 @@ static inline void repack_pairs(const char *v, size_t row_bytes, uint32_t bt[4][
    columns carry the same in-lane dim permutation, undone by the caller). Writes C to
    cacc[g][j][16] (j = which unpack) if there was a full block; returns how many token
    pairs it consumed. */
-static int pv_amx(const uint32_t *pp, int half, const char *vbase, size_t row_bytes,
-                  int len, float *cacc) {
+static int pv_amx(const uint32_t *pp, int half, const kv_run *v, size_t off, int len,
+                  float *cacc) {
+    const size_t row_bytes = v->row_bytes;
     const int blocks = len / 32;
     if (blocks == 0) return 0;
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
@@ -368,9 +390,9 @@ static int pv_amx(const uint32_t *pp, int half, const char *vbase, size_t row_by
        stored while block b - 1 ran, so they do not wait on the stores of the block just
        repacked (a tile load takes no data forwarded from pending stores). */
     uint32_t bt[2][4][16][16] __attribute__((aligned(64)));
-    repack_pairs(vbase, row_bytes, bt[0]);
+    repack_pairs(kv_at(v, 0) + off, row_bytes, bt[0]);
     for (int b = 0; b < blocks; b++) {
-        if (b + 1 < blocks) repack_pairs(vbase + (size_t)(32 * (b + 1)) * row_bytes, row_bytes,
+        if (b + 1 < blocks) repack_pairs(kv_at(v, 32 * (b + 1)) + off, row_bytes,
                                          bt[(b + 1) & 1]);
         uint32_t (*cur)[16][16] = bt[b & 1];
         _tile_loadd(4, pp + (size_t)b * 16, (long)half * 4);
@@ -388,13 +410,14 @@ static int pv_amx(const uint32_t *pp, int half, const char *vbase, size_t row_by
    pairs (pair_bytes apart), nothing repacked; C's columns are dims in order. The loads
    rotate over tiles 5-7 (Q.K's, idle here): tiles are not renamed, so a load into the tile
    the previous product still reads would wait for it. */
-static int pv_amx_pairs(const uint32_t *pp, int half, const char *vbase, size_t pair_bytes,
-                        int len, float *cacc) {
+static int pv_amx_pairs(const uint32_t *pp, int half, const kv_run *v, size_t off, int len,
+                        float *cacc) {
+    const size_t pair_bytes = 2 * v->row_bytes;
     const int blocks = len / 32;
     if (blocks == 0) return 0;
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int b = 0; b < blocks; b++) {
-        const char *block = vbase + (size_t)(16 * b) * pair_bytes;
+        const char *block = kv_at(v, 32 * b) + off;
         _tile_loadd(4, pp + (size_t)b * 16, (long)half * 4);
         _tile_loadd(5, block, (long)pair_bytes);
         _tile_loadd(6, block + 64, (long)pair_bytes);
@@ -449,11 +472,11 @@ static inline __m512 hsum16(const __m512 *v) {
    prefetched, so K and V stream through memory once. bf16 dot products use AVX512-BF16
    (vdpbf16ps); fp32 uses FMA. scores: [hkv * group * len]. */
 static inline __attribute__((always_inline)) void row_avx512(
-        int bf16, const void *q, const void *k, const void *v, int64_t ts, int len, int hkv,
+        int bf16, const void *q, const kv_run *k, const kv_run *v, int len, int hkv,
         int group, int d, float scale, float *scores, float *accbuf, void *out, int pairs) {
     const size_t es = bf16 ? 2 : 4;
     const int n16 = d / 16, n32 = d / 32, heads = hkv * group;
-    const size_t row_bytes = (size_t)ts * es;
+    const size_t row_bytes = k->row_bytes;
     const __m512 vscale = _mm512_set1_ps(scale);
     float mx[64], sum[64];
     __m512bh qb[64][8];
@@ -473,14 +496,15 @@ static inline __attribute__((always_inline)) void row_avx512(
     int t = 0;
 #ifdef XT_AMX
     if (tile_row)
-        t = qk_amx((const __m512bh (*)[8])qb, (const char *)k, row_bytes, len, hkv, group, d,
-                   scores, mx);
+        t = qk_amx((const __m512bh (*)[8])qb, k, len, hkv, group, d, scores, mx);
 #endif
     for (; t + 16 <= len; t += 16) {
-        const char *block = (const char *)k + (size_t)t * row_bytes;
-        if (t + 32 <= len)
+        const char *block = kv_at(k, t);
+        if (t + 32 <= len) {
+            const char *next = kv_at(k, t + 16);
             for (size_t off = 0; off < 16 * row_bytes; off += 64)
-                _mm_prefetch(block + 16 * row_bytes + off, _MM_HINT_T0);
+                _mm_prefetch(next + off, _MM_HINT_T0);
+        }
         for (int h = 0; h < hkv; h++) {
             for (int g = 0; g < group; g++) {
                 const int hg = h * group + g;
@@ -497,7 +521,7 @@ static inline __attribute__((always_inline)) void row_avx512(
         }
     }
     for (; t < len; t++) {
-        const char *kt = (const char *)k + (size_t)t * row_bytes;
+        const char *kt = kv_at(k, t);
         for (int hg = 0; hg < heads; hg++) {
             const float s = _mm512_reduce_add_ps(
                 dot_partial(bf16, qb[hg], qf[hg], kt + (size_t)(hg / group) * d * es, n16, n32));
@@ -513,7 +537,6 @@ static inline __attribute__((always_inline)) void row_avx512(
        already in the unit's layout, dims in order. */
     if (bf16 && (pairs || tile_row)) {
         const int half = (len + 1) / 2;
-        const size_t pair_bytes = 2 * row_bytes;
         uint32_t *pp = (uint32_t *)(accbuf + (size_t)heads * d);
         for (int hg = 0; hg < heads; hg++)
             sum[hg] = exp_pairs_bf16(scores + (size_t)hg * len, len, mx[hg],
@@ -525,16 +548,15 @@ static inline __attribute__((always_inline)) void row_avx512(
             for (int c = 0; c < d / 64; c++) {
                 /* token-major: dims from h * d + 64c of each token row; token pairs: the same
                    elements are words (4 bytes) of each pair's 2 * row_bytes */
-                const char *base = (const char *)v + ((size_t)h * d + c * 64) * (pairs ? 4 : es);
+                const size_t off = ((size_t)h * d + c * 64) * (pairs ? 4 : es);
                 float cacc[XT_MAX_GROUP * 64] __attribute__((aligned(64)));
                 memset(cacc, 0, sizeof(float) * 64 * (size_t)group);
                 int i0 = 0;
 #ifdef XT_AMX
                 if (amx)
-                    i0 = pairs ? pv_amx_pairs(pp + (size_t)h * group * half, half, base,
-                                              pair_bytes, len, cacc)
-                               : pv_amx(pp + (size_t)h * group * half, half, base, row_bytes,
-                                        len, cacc);
+                    i0 = pairs ? pv_amx_pairs(pp + (size_t)h * group * half, half, v, off, len,
+                                              cacc)
+                               : pv_amx(pp + (size_t)h * group * half, half, v, off, len, cacc);
 #endif
                 __m512 acc[XT_MAX_GROUP][4];
                 for (int g = 0; g < group; g++)
@@ -542,14 +564,14 @@ static inline __attribute__((always_inline)) void row_avx512(
                 for (int i = i0; i < half; i++) {
                     __m512bh x[4];
                     if (pairs) {
-                        const char *vp = base + (size_t)i * pair_bytes;
+                        const char *vp = kv_at(v, 2 * i) + off;
                         const int odd_end = 2 * i + 1 == len;
                         for (int j = 0; j < 4; j++) {
                             const __m512i w = _mm512_loadu_si512(vp + 64 * j);
                             x[j] = (__m512bh)(odd_end ? _mm512_and_si512(w, low_halves) : w);
                         }
                     } else {
-                        const char *va = base + (size_t)(2 * i) * row_bytes;
+                        const char *va = kv_at(v, 2 * i) + off;
                         const __m512i a0 = _mm512_loadu_si512(va), a1 = _mm512_loadu_si512(va + 64);
                         __m512i b0 = zero, b1 = zero;
                         if (2 * i + 1 < len) {
@@ -598,10 +620,12 @@ static inline __attribute__((always_inline)) void row_avx512(
     memset(accbuf, 0, sizeof(float) * (size_t)heads * d);
     for (int t0 = 0; t0 < len; t0 += 16) {
         const int t1 = t0 + 16 < len ? t0 + 16 : len;
-        const char *block = (const char *)v + (size_t)t0 * row_bytes;
-        if (t0 + 32 <= len)
+        const char *block = kv_at(v, t0);
+        if (t0 + 32 <= len) {
+            const char *next = kv_at(v, t0 + 16);
             for (size_t off = 0; off < 16 * row_bytes; off += 64)
-                _mm_prefetch(block + 16 * row_bytes + off, _MM_HINT_T0);
+                _mm_prefetch(next + off, _MM_HINT_T0);
+        }
         for (int h = 0; h < hkv; h++) {
             for (int c = 0; c < chunks; c++) {
                 __m512 acc[XT_MAX_GROUP][4];
@@ -609,7 +633,7 @@ static inline __attribute__((always_inline)) void row_avx512(
                     for (int j = 0; j < 4; j++)
                         acc[g][j] = _mm512_loadu_ps(accbuf + ((size_t)(h * group + g) * d + c * 64 + j * 16));
                 for (int tt = t0; tt < t1; tt++) {
-                    const char *vt = (const char *)v + (size_t)tt * row_bytes + ((size_t)h * d + c * 64) * es;
+                    const char *vt = block + (size_t)(tt - t0) * row_bytes + ((size_t)h * d + c * 64) * es;
                     const __m512 v0 = load16(bf16, vt), v1 = load16(bf16, vt + 16 * es);
                     const __m512 v2 = load16(bf16, vt + 32 * es), v3 = load16(bf16, vt + 48 * es);
                     for (int g = 0; g < group; g++) {
@@ -714,12 +738,12 @@ static inline void store8_bf16(void *dst, __m256 x) {
    block converted to fp32 once, in L1, and shared by the head's group), blocks of 16 for
    P.V with 32 output dims of the group in registers. scores: [hkv * group * len]. */
 static inline __attribute__((always_inline)) void row_avx2(
-        int bf16, const void *q, const void *k, const void *v, int64_t ts, int len, int hkv,
+        int bf16, const void *q, const kv_run *k, const kv_run *v, int len, int hkv,
         int group, int d, float scale, float *scores, float *accbuf, void *out,
         int pairs __attribute__((unused))) {  /* xt_decode takes token pairs on AVX-512 only */
     const size_t es = bf16 ? 2 : 4;
     const int n8 = d / 8, heads = hkv * group;
-    const size_t row_bytes = (size_t)ts * es;
+    const size_t row_bytes = k->row_bytes;
     const __m256 vscale = _mm256_set1_ps(scale);
     float mx[64], sum[64];
     __m256 qv[64][32];
@@ -731,10 +755,12 @@ static inline __attribute__((always_inline)) void row_avx2(
     }
     int t = 0;
     for (; t + 8 <= len; t += 8) {
-        const char *block = (const char *)k + (size_t)t * row_bytes;
-        if (t + 16 <= len)
+        const char *block = kv_at(k, t);
+        if (t + 16 <= len) {
+            const char *next = kv_at(k, t + 8);
             for (size_t off = 0; off < 8 * row_bytes; off += 64)
-                _mm_prefetch(block + 8 * row_bytes + off, _MM_HINT_T0);
+                _mm_prefetch(next + off, _MM_HINT_T0);
+        }
         for (int h = 0; h < hkv; h++) {
             for (int j = 0; j < 8; j++)
                 for (int c = 0; c < n8; c++)
@@ -757,7 +783,7 @@ static inline __attribute__((always_inline)) void row_avx2(
         }
     }
     for (; t < len; t++) {
-        const char *kt = (const char *)k + (size_t)t * row_bytes;
+        const char *kt = kv_at(k, t);
         for (int hg = 0; hg < heads; hg++) {
             const char *kh = kt + (size_t)(hg / group) * d * es;
             __m256 acc = _mm256_setzero_ps();
@@ -773,10 +799,12 @@ static inline __attribute__((always_inline)) void row_avx2(
     memset(accbuf, 0, sizeof(float) * (size_t)heads * d);
     for (int t0 = 0; t0 < len; t0 += 16) {
         const int t1 = t0 + 16 < len ? t0 + 16 : len;
-        const char *block = (const char *)v + (size_t)t0 * row_bytes;
-        if (t0 + 32 <= len)
+        const char *block = kv_at(v, t0);
+        if (t0 + 32 <= len) {
+            const char *next = kv_at(v, t0 + 16);
             for (size_t off = 0; off < 16 * row_bytes; off += 64)
-                _mm_prefetch(block + 16 * row_bytes + off, _MM_HINT_T0);
+                _mm_prefetch(next + off, _MM_HINT_T0);
+        }
         for (int h = 0; h < hkv; h++) {
             for (int c = 0; c < chunks; c++) {
                 __m256 acc[XT_MAX_GROUP][4];
@@ -784,7 +812,7 @@ static inline __attribute__((always_inline)) void row_avx2(
                 for (int g = 0; g < group; g++)
                     for (int j = 0; j < 4; j++) acc[g][j] = _mm256_loadu_ps(base + g * d + j * 8);
                 for (int tt = t0; tt < t1; tt++) {
-                    const char *vt = (const char *)v + (size_t)tt * row_bytes + ((size_t)h * d + c * 32) * es;
+                    const char *vt = block + (size_t)(tt - t0) * row_bytes + ((size_t)h * d + c * 32) * es;
                     const __m256 v0 = load8(bf16, vt), v1 = load8(bf16, vt + 8 * es);
                     const __m256 v2 = load8(bf16, vt + 16 * es), v3 = load8(bf16, vt + 24 * es);
                     for (int g = 0; g < group; g++) {
@@ -821,17 +849,17 @@ static inline __attribute__((always_inline)) void row_avx2(
 /* Compile-time copies for common shapes, so that loops over group and dims unroll and
    accumulators stay in registers. */
 #define XT_SPECIAL(B, G, D) \
-    static void row_##B##_##G##_##D(const void *q, const void *k, const void *v, int64_t ts, \
+    static void row_##B##_##G##_##D(const void *q, const kv_run *k, const kv_run *v, \
                                     int len, int hkv, float scale, float *scores, \
                                     float *accbuf, void *out, int pairs) { \
-        XT_ROW_SIMD(B, q, k, v, ts, len, hkv, G, D, scale, scores, accbuf, out, pairs); \
+        XT_ROW_SIMD(B, q, k, v, len, hkv, G, D, scale, scores, accbuf, out, pairs); \
     }
 #define XT_SPECIAL_G(B, D) XT_SPECIAL(B, 1, D) XT_SPECIAL(B, 2, D) XT_SPECIAL(B, 3, D) \
     XT_SPECIAL(B, 4, D) XT_SPECIAL(B, 5, D) XT_SPECIAL(B, 6, D) XT_SPECIAL(B, 7, D) \
     XT_SPECIAL(B, 8, D)
 XT_SPECIAL_G(0, 64) XT_SPECIAL_G(1, 64) XT_SPECIAL_G(0, 128) XT_SPECIAL_G(1, 128)
 
-typedef void (*row_fn)(const void *, const void *, const void *, int64_t, int, int, float,
+typedef void (*row_fn)(const void *, const kv_run *, const kv_run *, int, int, float,
                        float *, float *, void *, int);
 #define XT_ROW(B, D) { row_##B##_1_##D, row_##B##_2_##D, row_##B##_3_##D, row_##B##_4_##D, \
                        row_##B##_5_##D, row_##B##_6_##D, row_##B##_7_##D, row_##B##_8_##D }
@@ -1156,6 +1184,9 @@ const char *xt_isa(void) {
  * output out + q_index[r] * out_stride. Strides in elements. With pairs set, V is stored in
  * token pairs (see xt_store_kv): same bytes per pair of tokens, element n of tokens 2i and
  * 2i + 1 side by side in one 32-bit word, which is the tile unit's B layout.
+ * With page_table set (rows read where their pages are: page_tokens a multiple of 32), the
+ * planes hold pages of page_tokens tokens, slot_stride apart, and token t of row r lies in
+ * page page_table[r * table_width + t / page_tokens]; slots is not read.
  */
 typedef struct {
     int32_t bf16, rows, hq, hkv, d, pairs;
@@ -1164,7 +1195,12 @@ typedef struct {
     const int32_t *q_index;
     const int64_t *slots;
     const int32_t *lens;
+    const int64_t *page_table;
+    int64_t table_width;
+    int32_t page_tokens;
 } xt_rows;
+
+static const int64_t xt_one_run = 0;  /* the page list of a row with a view */
 
 /* Returns 0; -1 if the shape is unsupported (group > 8, head size > 256, over 64 query
    heads; token pairs other than bf16 on AVX-512 with a head size multiple of 64), -2 if
@@ -1175,6 +1211,7 @@ int xt_decode(const xt_rows *b, const void *q, const void *k_plane, const void *
     const int pairs = b->pairs;
     const size_t es = bf16 ? 2 : 4;
     if (group > XT_MAX_GROUP || d > 256 || hq > 64) return -1;
+    if (b->page_table != NULL && (b->page_tokens <= 0 || b->page_tokens % 32 != 0)) return -1;
 #ifdef XT_AVX512
     if (pairs && (!bf16 || d % 64 != 0)) return -1;
 #else
@@ -1196,24 +1233,31 @@ int xt_decode(const xt_rows *b, const void *q, const void *k_plane, const void *
                                              + (size_t)hq * d + (size_t)hq * ((size_t)len / 2 + 1)));
             if (scores == NULL) { failed = 1; continue; }
             const char *qr = (const char *)q + (int64_t)b->q_index[r] * b->q_stride * es;
-            const char *kr = (const char *)k_plane + b->slots[r] * b->slot_stride * es;
-            const char *vr = (const char *)v_plane + b->slots[r] * b->slot_stride * es;
             char *orow = (char *)out + (int64_t)b->q_index[r] * b->out_stride * es;
-            const int64_t ts = b->tok_stride;
+            kv_run kr = {k_plane, &xt_one_run, INT32_MAX, 0, (size_t)b->tok_stride * es};
+            if (b->page_table != NULL) {
+                kr.pages = b->page_table + (int64_t)r * b->table_width;
+                kr.page_tokens = b->page_tokens;
+                kr.page_bytes = (size_t)b->slot_stride * es;
+            } else {
+                kr.base += b->slots[r] * b->slot_stride * es;
+            }
+            kv_run vr = kr;
+            vr.base = (const char *)v_plane + (kr.base - (const char *)k_plane);
 #if defined(XT_AVX512) || defined(XT_AVX2)
             if (d == 64 || d == 128) {
-                special[bf16 != 0][d == 128][group - 1](qr, kr, vr, ts, len, hkv, b->scale,
+                special[bf16 != 0][d == 128][group - 1](qr, &kr, &vr, len, hkv, b->scale,
                                                         scores, scores + (size_t)hq * len, orow,
                                                         pairs);
             } else if (d % XT_DIM_MULTIPLE == 0) {
-                XT_ROW_SIMD(bf16, qr, kr, vr, ts, len, hkv, group, d, b->scale, scores,
+                XT_ROW_SIMD(bf16, qr, &kr, &vr, len, hkv, group, d, b->scale, scores,
                             scores + (size_t)hq * len, orow, pairs);
             } else
 #endif
             {
                 for (int h = 0; h < hkv; h++)
-                    head_generic(bf16, qr + (size_t)h * group * d * es, kr + (size_t)h * d * es,
-                                 vr + (size_t)h * d * es, ts, len, group, d, b->scale, scores,
+                    head_generic(bf16, qr + (size_t)h * group * d * es, &kr, &vr,
+                                 (size_t)h * d * es, len, group, d, b->scale, scores,
                                  orow + (size_t)h * group * d * es);
             }
         }
@@ -1350,7 +1394,8 @@ class _Rows(ctypes.Structure):
                 ("q_stride", ctypes.c_int64), ("out_stride", ctypes.c_int64),
                 ("slot_stride", ctypes.c_int64), ("tok_stride", ctypes.c_int64),
                 ("q_index", ctypes.c_void_p), ("slots", ctypes.c_void_p),
-                ("lens", ctypes.c_void_p)]
+                ("lens", ctypes.c_void_p), ("page_table", ctypes.c_void_p),
+                ("table_width", ctypes.c_int64), ("page_tokens", ctypes.c_int32)]
 
 
 class DecodeRows:
@@ -1364,13 +1409,17 @@ class DecodeRows:
     built once, so after the first layer that is a tuple comparison). ``v_pairs``: V is
     stored in token pairs (:class:`KVWrites` with ``v_pairs``; bf16 on AVX-512 with a head
     size multiple of 64), not token-major.
+
+    :meth:`paged` builds rows read where their pages lie (a request the VMA budget left
+    without a view): copying a long row's pages into a buffer first cost 3-5x the attention
+    itself.
     """
 
     def __init__(self, lib: ctypes.CDLL, q_index: torch.Tensor, slots: torch.Tensor,
                  lens: torch.Tensor, v_pairs: bool = False) -> None:
         if not (q_index.dtype == lens.dtype == torch.int32 and slots.dtype == torch.int64
                 and q_index.is_contiguous() and slots.is_contiguous() and lens.is_contiguous()
-                and q_index.numel() == slots.numel() == lens.numel()):
+                and slots.dim() == 1 and q_index.numel() == slots.numel() == lens.numel()):
             raise ValueError("decode rows need contiguous int32 q_index and lens and int64 "
                              "slots of one length")
         self._lib = lib
@@ -1379,6 +1428,33 @@ class DecodeRows:
                            slots=slots.data_ptr(), lens=lens.data_ptr())
         self._address = ctypes.addressof(self._rows)
         self._layout: tuple | None = None
+        self._pages: tuple[int, int, int] | None = None  # page tokens, lowest/highest id
+
+    @classmethod
+    def paged(cls, lib: ctypes.CDLL, q_index: torch.Tensor, page_table: torch.Tensor,
+              lens: torch.Tensor, page_tokens: int, v_pairs: bool = False) -> DecodeRows:
+        """Rows whose K/V :meth:`run` reads from page planes ``[pages, page_tokens, Hkv, D]``:
+        row ``i``'s token ``t`` in page ``page_table[i, t // page_tokens]`` (int64
+        ``[rows, width]``, padding past a row's length never read). ``page_tokens`` must be
+        a multiple of 32 (the kernel's token blocks never straddle two pages)."""
+        if page_tokens <= 0 or page_tokens % 32:
+            raise ValueError(f"paged decode rows need pages of a multiple of 32 tokens, "
+                             f"not {page_tokens}")
+        if page_table.dim() != 2 or not page_table.is_contiguous():
+            raise ValueError("the page table must be a contiguous [rows, width] tensor")
+        if lens.numel() and int(lens.max()) > page_table.shape[1] * page_tokens:
+            raise ValueError(f"a row of {int(lens.max())} tokens does not fit "
+                             f"{page_table.shape[1]} pages of {page_tokens}")
+        if page_table.dtype != torch.int64 or page_table.shape[0] != q_index.numel():
+            raise ValueError("the page table needs one int64 row per decode row")
+        rows = cls(lib, q_index, torch.zeros(q_index.numel(), dtype=torch.int64), lens, v_pairs)
+        rows._index += (page_table,)
+        rows._rows.page_table = page_table.data_ptr()
+        rows._rows.table_width = page_table.shape[1]
+        rows._rows.page_tokens = page_tokens
+        ids = (int(page_table.min()), int(page_table.max())) if page_table.numel() else (0, 0)
+        rows._pages = (page_tokens, *ids)
+        return rows
 
     def __len__(self) -> int:
         return self._rows.rows
@@ -1413,6 +1489,12 @@ class DecodeRows:
             raise ValueError("native decode needs [tokens, heads, head_size] query/out and "
                              "[slots, tokens, kv_heads, head_size] K/V with contiguous heads, "
                              "one dtype (bfloat16 or float32)")
+        if self._pages is not None:
+            page_tokens, lowest, highest = self._pages
+            if kv_shape[1] != page_tokens or lowest < 0 or highest >= kv_shape[0]:
+                raise ValueError(f"paged decode rows read pages of {page_tokens} tokens with "
+                                 f"ids {lowest}..{highest}; the planes hold {kv_shape[0]} "
+                                 f"pages of {kv_shape[1]}")
         if self._rows.pairs and not supports_pairs(self._lib, dtype, head_size):
             raise ValueError("V in token pairs needs bf16, a head size multiple of 64 and the "
                              f"AVX-512 path (this kernel: {isa(self._lib)}, {dtype}, {head_size})")

@@ -146,9 +146,12 @@ class XTensorAttentionImpl(AttentionImpl):
         if rows.decode is not None:  # all decode rows with a view: one native call
             rows.decode.run(query, output, slot_k, slot_v, self.scale)
         paged_k, paged_v = store.paged_k[index], store.paged_v[index]
-        if rows.gathered is not None:  # decode rows without a view: one copy
-            gathered_k, gathered_v = store.gather_pages(index, rows.gathered_pages)
-            rows.gathered.run(query, output, gathered_k, gathered_v, self.scale)
+        if rows.paged is not None:  # decode rows without a view: read in their pages
+            if rows.gathered_pages is None:
+                rows.paged.run(query, output, paged_k, paged_v, self.scale)
+            else:  # pages the kernel cannot step through: copied first
+                gathered_k, gathered_v = store.gather_pages(index, rows.gathered_pages)
+                rows.paged.run(query, output, gathered_k, gathered_v, self.scale)
         qsl = rows.query_start_loc
         prefill_lib = store.native_prefill
         for row in (range(len(rows.slots)) if rows.other_rows is None else rows.other_rows):

@@ -65,11 +65,12 @@ class StepRows:
     """What every layer's attention needs per request row, built once per step.
 
     Decode rows with a view go to one batched kernel call per layer (``decode``). Decode
-    rows without one (the VMA budget refused it) go to a second call over their pages
-    copied into one reused buffer (``gathered``, ``gathered_pages``,
-    :meth:`XTensorKVStore.gather_pages`): one copy and one call per layer instead of a copy
-    and an SDPA call per row. Both are packed once here for every layer's call. Prefill
-    chunks are attended one by one (``other_rows``).
+    rows without one (the VMA budget refused it) go to a second call (``paged``) that reads
+    their pages where they lie, through a page table. Where pages hold a number of tokens
+    the kernel cannot step through (not a multiple of 32), their pages are copied into one
+    reused buffer first (``gathered_pages``, :meth:`XTensorKVStore.gather_pages`). Both
+    calls are packed once here for every layer. Prefill chunks are attended one by one
+    (``other_rows``).
     """
 
     query_start_loc: list[int]
@@ -77,11 +78,11 @@ class StepRows:
     slots: list[int | None]
     fallback_pages: list[torch.Tensor | None]  # page ids of rows read through the page list
     decode: native_decode.DecodeRows | None = None  # decode rows with a view
-    gathered: native_decode.DecodeRows | None = None  # decode rows without one (buffer row i)
-    gathered_pages: torch.Tensor | None = None  # int64 [rows, most pages], padded
+    paged: native_decode.DecodeRows | None = None  # decode rows without one
+    gathered_pages: torch.Tensor | None = None  # their pages to copy first (odd page sizes)
     other_rows: list[int] | None = None
 
-    def split_decodes(self, lib: ctypes.CDLL, v_pairs: bool) -> None:
+    def split_decodes(self, lib: ctypes.CDLL, v_pairs: bool, page_tokens: int) -> None:
         """Sort rows into the batched decode calls and the one-by-one rest."""
         qsl = self.query_start_loc
         one_token = [r for r in range(len(self.slots)) if qsl[r + 1] - qsl[r] == 1]
@@ -100,10 +101,16 @@ class StepRows:
                 own = self.fallback_pages[r].numpy()
                 pages[i, :own.size] = own
                 pages[i, own.size:] = own[0]  # padding past the row's length, never read
-            self.gathered_pages = torch.from_numpy(pages)
+            table = torch.from_numpy(pages)
             q_index, lens = self._query_and_lens(gathered)
-            self.gathered = native_decode.DecodeRows(
-                lib, q_index, torch.arange(len(gathered), dtype=torch.int64), lens, v_pairs)
+            if page_tokens % 32 == 0:
+                self.paged = native_decode.DecodeRows.paged(lib, q_index, table, lens,
+                                                            page_tokens, v_pairs)
+            else:
+                self.gathered_pages = table
+                self.paged = native_decode.DecodeRows(
+                    lib, q_index, torch.arange(len(gathered), dtype=torch.int64), lens,
+                    v_pairs)
 
     def _query_and_lens(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """int32 query token and sequence length of each row (through numpy: torch.tensor()
@@ -156,9 +163,10 @@ class XTensorKVStore:
         self.token_k = [p.view(shape) for p in self.paged_k]
         self.token_v = [p.view(shape) for p in self.paged_v]
         self._batch_source: BatchSource | None = None
-        # Where decode rows without a view get their pages copied, reused by every layer
-        # and step: a fresh buffer per layer was slower than no batching at all (page
-        # faults of the new memory, we think; not traced).
+        # Where decode rows without a view get their pages copied if the kernel cannot read
+        # them in place (pages not a multiple of 32 tokens), reused by every layer and step:
+        # a fresh buffer per layer was slower than no batching at all (page faults of the
+        # new memory, we think; not traced).
         self._gather_k = self._gather_v = torch.empty(0, geometry.page_tokens,
                                                       geometry.num_kv_heads,
                                                       geometry.head_size, dtype=dtype)
@@ -229,7 +237,7 @@ class XTensorKVStore:
         self._writer.publish(self.snapshot)
         rows = StepRows(qsl, lens, slots, fallback)
         if self.native_decode is not None:
-            rows.split_decodes(self.native_decode, self.v_pairs)
+            rows.split_decodes(self.native_decode, self.v_pairs, g.page_tokens)
         return rows
 
     def kv_writes(self, slot_mapping: torch.Tensor) -> native_decode.KVWrites | None:
