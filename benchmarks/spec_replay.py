@@ -57,7 +57,7 @@ STATIC = {"none": 0, "k2": 2, "k4": 4, "k8": 8}
 # this AMD EPYC host (2 cores, AVX2, float32, ShareGPT cells c=1..32, each step's shape and
 # time logged by an instrumented run on 2026-12-05; median absolute error 4.8%; the fit's
 # negative speculative-step term set to 0). "xeon-bf16": what the controller itself had
-# learned at the end of the bf16 run of results/spec_adaptive.json on the Xeon host.
+# learned at the end of the 2026-12-03 bf16 run of results/spec_adaptive.json (Xeon host).
 COSTS = {
     "epyc-fp32": {"fixed_ms": 54.0, "per_request_ms": 5.5, "per_draft_token_ms": 5.1,
                   "per_prefill_token_ms": 3.47, "spec_step_ms": 0.0},
@@ -144,9 +144,19 @@ def cells(traces: dict[str, list[Recorded]]) -> list[tuple[str, int, list[Record
     return out
 
 
-def policy_for(config: str, max_k: int, table: list[list[int]]) -> tuple[LengthPolicy, int]:
+def static_k(config: str) -> int | None:
+    """K of a static configuration (``none`` or ``kN``, any N), None for the others."""
     if config in STATIC:
-        return StaticLength(STATIC[config]), STATIC[config]
+        return STATIC[config]
+    if config.startswith("k") and config[1:].isdigit():
+        return int(config[1:])
+    return None
+
+
+def policy_for(config: str, max_k: int, table: list[list[int]]) -> tuple[LengthPolicy, int]:
+    k = static_k(config)
+    if k is not None:
+        return StaticLength(k), k
     if config == "table":  # K=8 with vLLM's own per-batch-size lookup, as spec_adaptive.py
         from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
 
@@ -180,7 +190,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
                               seed=seed * 1000 + index, prefix=f"{index}-")
             if name != "warm-up":
                 tps.setdefault((cost_name, name, c, config), []).append(got.tokens_per_s)
-    static = [c for c in args.configs if c in STATIC]
+    static = [c for c in args.configs if static_k(c) is not None]
     for cost_name in args.costs:
         out[f"cost_{cost_name}_ms"] = json.dumps(COSTS[cost_name])
         for name in bench.PROMPT_SETS:
@@ -240,7 +250,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> str:
     lines += [
         "Costs: `epyc-fp32` is a least-squares fit of 1,462 logged steps of an adaptive engine "
         "on the 2-core AMD EPYC host (float32, median absolute error 4.8%); `xeon-bf16` is what "
-        "the controller had learned at the end of the bf16 run of `spec_adaptive.md` on the "
+        "the controller had learned at the end of the 2026-12-03 bf16 run of `spec_adaptive.md` on the "
         "Xeon host. Engines on the EPYC host, ShareGPT prompts, the same cells (2026-12-05, "
         "two runs each, tok/s): k2 at c=1 25.3 / 23.9 (replay 24.2), k8 at c=1 30.9 / 27.7 "
         "(26.9), k2 at c=32 79.5 / 77.9 (74.4), k8 at c=32 64.4 / 66.9 (62.0); the adaptive "
@@ -271,7 +281,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--configs", nargs="+",
                         default=[*STATIC, "table", "adaptive", "adaptive:previous_outcome=false"],
-                        help="none, kN from " + ", ".join(STATIC) + ", table, adaptive and "
+                        help="none, kN (any N; default " + ", ".join(STATIC) + "), table, adaptive and "
                              "adaptive:KEY=VALUE variants (fields of xllm.speculative)")
     parser.add_argument("--table", type=json.loads, default=bench.DEFAULT_TABLE,
                         help="num_speculative_tokens_per_batch_size of the table peer (JSON)")
