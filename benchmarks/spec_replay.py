@@ -250,8 +250,9 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> str:
     lines += [
         "Costs: `epyc-fp32` is a least-squares fit of 1,462 logged steps of an adaptive engine "
         "on the 2-core AMD EPYC host (float32, median absolute error 4.8%); `xeon-bf16` is what "
-        "the controller had learned at the end of the 2026-12-03 bf16 run of `spec_adaptive.md` on the "
-        "Xeon host. Engines on the EPYC host, ShareGPT prompts, the same cells (2026-12-05, "
+        "the controller had learned at the end of the 2026-12-03 bf16 run of "
+        "`spec_adaptive.md` on the Xeon host. Engines on the EPYC host, ShareGPT prompts, "
+        "the same cells (2026-12-05, "
         "two runs each, tok/s): k2 at c=1 25.3 / 23.9 (replay 24.2), k8 at c=1 30.9 / 27.7 "
         "(26.9), k2 at c=32 79.5 / 77.9 (74.4), k8 at c=32 64.4 / 66.9 (62.0); the adaptive "
         "engine at c=32 ran at 74.3-80.7 tok/s over six runs of the same code (replay 76.3): "
@@ -281,8 +282,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--configs", nargs="+",
                         default=[*STATIC, "table", "adaptive", "adaptive:previous_outcome=false"],
-                        help="none, kN (any N; default " + ", ".join(STATIC) + "), table, adaptive and "
-                             "adaptive:KEY=VALUE variants (fields of xllm.speculative)")
+                        help="none, kN (any N; default " + ", ".join(STATIC) + "), table, "
+                             "adaptive and adaptive:KEY=VALUE variants (fields of "
+                             "xllm.speculative)")
     parser.add_argument("--table", type=json.loads, default=bench.DEFAULT_TABLE,
                         help="num_speculative_tokens_per_batch_size of the table peer (JSON)")
     parser.add_argument("--max-k", type=int, default=bench.MAX_K,
