@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -14,6 +15,19 @@ from xllm_plugin.kernels.cpu_attention import attend_rows, reference_attention
 
 # (query tokens, KV tokens) per request: decode, full prefill, chunked prefill / prefix hit.
 ROWS = [(1, 1), (1, 77), (9, 9), (7, 40), (64, 64), (33, 130)]
+
+
+def _kernel_or_skip(force_isa: str | None) -> ctypes.CDLL:
+    """The native decode kernel built for ``force_isa`` (None: this CPU's best), or a skip
+    where there is no compiler or the CPU cannot run that path."""
+    from xllm_plugin.kernels import native_decode
+
+    lib = native_decode.load(force_isa)
+    if lib is None:
+        pytest.skip("no C compiler: the native decode kernel falls back to SDPA")
+    if force_isa is not None and native_decode.isa(lib) != force_isa:
+        pytest.skip(f"this CPU cannot run the {force_isa} path")
+    return lib
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -174,11 +188,7 @@ def test_native_decode_matches_reference(dtype: torch.dtype, tol: float,
     """Every path the kernel has, each capped below the CPU's best where the CPU has it."""
     from xllm_plugin.kernels import native_decode
 
-    lib = native_decode.load(force_isa)
-    if lib is None:
-        pytest.skip("no C compiler: the native decode kernel falls back to SDPA")
-    if force_isa is not None and native_decode.isa(lib) != force_isa:
-        pytest.skip(f"this CPU cannot run the {force_isa} path")
+    lib = _kernel_or_skip(force_isa)
     torch.manual_seed(1)
     num_heads, num_kv_heads = heads
     # Around the tile unit's blocks (16 tokens for Q.K, 32 for P.V, rows from 64 tokens)
@@ -307,11 +317,7 @@ def test_paged_rows_read_their_pages_where_they_lie(force_isa: str | None, dtype
 
     from xllm_plugin.kernels import native_decode
 
-    lib = native_decode.load(force_isa)
-    if lib is None:
-        pytest.skip("no C compiler: the native decode kernel falls back to SDPA")
-    if force_isa is not None and native_decode.isa(lib) != force_isa:
-        pytest.skip(f"this CPU cannot run the {force_isa} path")
+    lib = _kernel_or_skip(force_isa)
     torch.manual_seed(5)
     rng = random.Random(5)
     lens = [1, 31, 32, 33, page_tokens, page_tokens + 1, 3 * page_tokens - 5, 5 * page_tokens]
