@@ -1234,16 +1234,17 @@ int xt_decode(const xt_rows *b, const void *q, const void *k_plane, const void *
             if (scores == NULL) { failed = 1; continue; }
             const char *qr = (const char *)q + (int64_t)b->q_index[r] * b->q_stride * es;
             char *orow = (char *)out + (int64_t)b->q_index[r] * b->out_stride * es;
-            kv_run kr = {k_plane, &xt_one_run, INT32_MAX, 0, (size_t)b->tok_stride * es};
-            if (b->page_table != NULL) {
+            const int paged = b->page_table != NULL;
+            const size_t row_off = paged ? 0 : (size_t)b->slots[r] * b->slot_stride * es;
+            kv_run kr = {(const char *)k_plane + row_off, &xt_one_run, INT32_MAX, 0,
+                         (size_t)b->tok_stride * es};
+            if (paged) {
                 kr.pages = b->page_table + (int64_t)r * b->table_width;
                 kr.page_tokens = b->page_tokens;
                 kr.page_bytes = (size_t)b->slot_stride * es;
-            } else {
-                kr.base += b->slots[r] * b->slot_stride * es;
             }
             kv_run vr = kr;
-            vr.base = (const char *)v_plane + (kr.base - (const char *)k_plane);
+            vr.base = (const char *)v_plane + row_off;
 #if defined(XT_AVX512) || defined(XT_AVX2)
             if (d == 64 || d == 128) {
                 special[bf16 != 0][d == 128][group - 1](qr, &kr, &vr, len, hkv, b->scale,
