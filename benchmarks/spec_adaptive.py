@@ -13,8 +13,13 @@ SmolLM2-135M on the CPU, greedy decoding, one engine per configuration
 Pilot runs (``--configs``, ``--concurrency``, ``--sets``: printed only) may add any static
 ``kN`` and adaptive variants ``adaptive:KEY=VALUE[:KEY=VALUE]`` that override fields of
 ``xllm.speculative`` (e.g. ``adaptive:margin=0.01``).
-``--dtype float32`` is for CPUs without BF16 instructions (an AVX2 EPYC decodes bf16
-SmolLM2 at 9 tok/s with K=8, float32 at 23).
+Engines run in float32 by default: there every configuration writes the same greedy
+texts (``same_texts_as_none_*`` in the result counts them), so a cell compares the same
+work. In bf16 the batch shapes that differ between configurations flip near-ties, and a
+cell then compares different texts of different lengths (``--dtype bfloat16``; on the
+Xeon host 6-7 of 16 texts were the same between two configurations, see
+results/spec_adaptive_bf16.md). An AVX2 EPYC without BF16 instructions decodes bf16
+SmolLM2 at 9 tok/s with K=8, float32 at 23.
 
 Each engine serves two prompt sets, repetitive (copying lists, code, text, tables)
 and ShareGPT first turns, at concurrency 1, 4, 16 and 32: a closed loop of ``c``
@@ -192,16 +197,19 @@ def spec_counters(url: str) -> dict[str, float]:
 
 
 async def _complete(session: aiohttp.ClientSession, url: str, prompt: str,
-                    max_tokens: int, extra: dict[str, Any] | None = None) -> int:
+                    max_tokens: int, extra: dict[str, Any] | None = None) -> tuple[int, str]:
+    """One greedy request: (output tokens, output text)."""
     body = {"model": "smollm2", "messages": [{"role": "user", "content": prompt}],
             "max_tokens": max_tokens, "temperature": 0.0, **(extra or {})}
     async with session.post(url + "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
-        return int((await response.json())["usage"]["completion_tokens"])
+        answer = await response.json()
+    return int(answer["usage"]["completion_tokens"]), answer["choices"][0]["message"]["content"]
 
 
 async def measure(url: str, prompts: list[str], concurrency: int, requests: int,
-                  max_tokens: int, extra: dict[str, Any] | None = None) -> float:
+                  max_tokens: int, extra: dict[str, Any] | None = None,
+                  texts: dict[int, str] | None = None) -> float:
     """Output tokens/s of ``concurrency`` closed-loop clients over a fixed list of requests.
 
     Fixed work (the same prompts in the same order for every configuration) pairs the
@@ -210,7 +218,8 @@ async def measure(url: str, prompts: list[str], concurrency: int, requests: int,
     by which prompts they were. ``ignore_eos`` is not used: it would make every request
     decode past its answer, text the prompt sets were not chosen for. bf16 batch effects
     may still change a greedy text, and so its length, between configurations.
-    ``extra``: more fields for every request's body (e.g. ``vllm_xargs``).
+    ``extra``: more fields for every request's body (e.g. ``vllm_xargs``); ``texts``, if
+    given, receives each request's output text by its index in the list.
     """
     queue = iter(range(requests))
     produced = 0
@@ -218,9 +227,11 @@ async def measure(url: str, prompts: list[str], concurrency: int, requests: int,
     async def client(session: aiohttp.ClientSession) -> None:
         nonlocal produced
         for index in queue:
-            tokens = await _complete(session, url, prompts[index % len(prompts)], max_tokens,
-                                     extra)
+            tokens, text = await _complete(session, url, prompts[index % len(prompts)],
+                                           max_tokens, extra)
             produced += tokens  # not ``produced += await``: that reads ``produced`` first
+            if texts is not None:
+                texts[index] = text
 
     timeout = aiohttp.ClientTimeout(total=None)
     async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -242,10 +253,13 @@ def run_engine(config: str, rep: int, model: Path, sets: dict[str, list[str]],
             for concurrency in args.concurrency:
                 offset = cell_offset(concurrency, args.requests)
                 cell_prompts = sets[prompt_set][offset:] + sets[prompt_set][:offset]
+                texts: dict[int, str] = {}
                 tps = asyncio.run(measure(engine.url, cell_prompts, concurrency,
-                                          args.requests[concurrency], args.max_tokens))
+                                          args.requests[concurrency], args.max_tokens,
+                                          texts=texts))
                 rows.append({"config": config, "rep": rep, "set": prompt_set,
-                             "c": concurrency, "tps": tps})
+                             "c": concurrency, "tps": tps,
+                             "texts": [texts[i] for i in sorted(texts)]})
                 print(f"rep {rep} {config:9s} {prompt_set:10s} c={concurrency:2d}: "
                       f"{tps:6.1f} tok/s", flush=True)
         evidence: dict[str, Any] = {"counters": spec_counters(engine.url)}
@@ -256,6 +270,7 @@ def run_engine(config: str, rep: int, model: Path, sets: dict[str, list[str]],
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.perf_counter()
     model = build_model("smollm2")
     sets = prompt_sets()
     rows: list[dict[str, Any]] = []
@@ -266,7 +281,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             got, proof = run_engine(config, rep, model, sets, args)
             rows += got
             evidence[config].append(proof)
-    return summarize(rows, evidence, args)
+    result = summarize(rows, evidence, args)
+    result["wall_minutes"] = (time.perf_counter() - started) / 60
+    return result
 
 
 # -- summary ------------------------------------------------------------------------------
@@ -274,6 +291,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
+
+
+def same_texts(rows: list[dict[str, Any]], config: str, reference: str = "none") -> float:
+    """Fraction of ``config``'s requests whose output text equals ``reference``'s first
+    repetition's for the same prompt in the same cell.
+
+    Greedy speculation should not change a text, but batch shapes that differ between
+    configurations can flip a near-tie in low precision; a throughput ratio between two
+    configurations that wrote different texts compares different work (different lengths,
+    different copyable spans).
+    """
+    first = {(r["set"], r["c"]): r["texts"] for r in rows
+             if r["config"] == reference and r["rep"] == 0}
+    same = total = 0
+    for row in rows:
+        if row["config"] != config or (row["set"], row["c"]) not in first:
+            continue
+        ref = first[(row["set"], row["c"])]
+        same += sum(a == b for a, b in zip(row["texts"], ref))
+        total += len(row["texts"])
+    return same / total if total else float("nan")
 
 
 def derive_ratios(out: dict[str, Any]) -> None:
@@ -339,6 +377,8 @@ def summarize(rows: list[dict[str, Any]], evidence: dict[str, list[dict[str, Any
                 out[f"spread_{prompt_set}_c{c}_{config}"] = (
                     (max(values) - min(values)) / med if values and med else float("nan"))
     derive_ratios(out)
+    for config in CONFIGS:
+        out[f"same_texts_as_none_{config}"] = same_texts(rows, config)
     for config in CONFIGS[1:]:
         counters = [e["counters"] for e in evidence[config]]
         drafts = sum(c.get("num_draft_tokens", 0.0) for c in counters)
@@ -354,7 +394,8 @@ def summarize(rows: list[dict[str, Any]], evidence: dict[str, list[dict[str, Any
     return out
 
 
-def write_report(result: dict[str, Any]) -> None:
+def write_report(result: dict[str, Any], name: str = NAME) -> None:
+    """``results/{name}.md`` and its plot, from ``result``."""
     lines = []
     for prompt_set in PROMPT_SETS:
         lines.append(f"\n**{prompt_set}** (output tok/s, median of {result['repetitions']}; "
@@ -379,16 +420,27 @@ def write_report(result: dict[str, Any]) -> None:
         [f"ratio_vs_{config}_min" for config in STATIC[1:]]
     headline = "\n".join(f"| {k} | {result[k]:.3f} |" for k in keys)
     accept = "\n".join(f"| {c} | {result.get(f'draft_tokens_{c}', 0):.0f} | "
-                       f"{result.get(f'acceptance_{c}', 0):.2f} |" for c in CONFIGS[1:])
-    plot = _plot(result)
+                       f"{result.get(f'acceptance_{c}', 0):.2f} | "
+                       f"{_percent(result.get(f'same_texts_as_none_{c}'))} |"
+                       for c in CONFIGS[1:])
+    minutes = result.get("wall_minutes")
+    duration = (f"{minutes / result['repetitions']:.0f} minutes per repetition"
+                if minutes else "about 21 minutes per repetition in bf16")
+    plot = _plot(result, name)
+    above = [f"{prompt_set} c={c}" for prompt_set in PROMPT_SETS for c in CONCURRENCY
+             if result[f"tps_{prompt_set}_c{c}_table"] > max(
+                 result[f"tps_{prompt_set}_c{c}_{k}"] for k in STATIC)]
+    table_note = (f"; in this run the table measured above every static K in {', '.join(above)}"
+                  if above else "")
     text = f"""# Adaptive speculation length (n-gram drafts, SmolLM2-135M, CPU)
 
 Configurations: `none` (stock vLLM), `k2`/`k4`/`k8` (stock vLLM, n-gram drafts with fixed
 K), `table` (stock vLLM, K=8 with `num_speculative_tokens_per_batch_size` =
 `{result['table']}`, tuned from an earlier pilot of the static configurations on this
 machine that counted tokens in time windows, a noisier method than this run's; a table
-picks one K per concurrency, so in every cell a table tuned on these numbers would be at
-most the best static K of that cell: "adaptive / best static" bounds "adaptive / any table"),
+picks one K per range of running requests, so in a cell it verifies what one static K
+does, except in the cell's ramp and drain: a table tuned on these numbers would be at
+most the best static K of each cell, up to the scatter between engine starts{table_note}),
 `adaptive` (XLLMScheduler with `xllm.speculative.adaptive`, K <= 8). Fixed work per cell:
 a closed loop of `c` clients works through the same list of requests for every
 configuration (requests per concurrency: `{result['requests_per_cell']}`), greedy, up to
@@ -406,10 +458,12 @@ K in its worst cell, what a deployment that sets one K gets):
 {headline}
 
 Drafts verified and accepted over the whole run (vLLM's own `vllm:spec_decode_*` counters;
-they prove each peer's speculation engaged):
+they prove each peer's speculation engaged), and how many of each configuration's output
+texts equal `none`'s for the same prompt in the same cell (its first repetition; where they
+differ, a cell compares different work):
 
-| config | draft tokens verified | acceptance |
-|---|---|---|
+| config | draft tokens verified | acceptance | same texts as none |
+|---|---|---|---|
 {accept}
 
 Adaptive controller at the end of its last run: lengths chosen (length: requests x steps)
@@ -419,8 +473,8 @@ Adaptive controller at the end of its last run: lengths chosen (length: requests
 ![throughput by configuration]({plot})
 
 Measured on: {result['machine']}; {result['date']}.
-Rerun: `{result['command']}` (about 21 minutes per repetition; holds the engine lock).
-Rewrite this page from the JSON: `python benchmarks/spec_adaptive.py --report-only`.
+Rerun: `{result['command']}` ({duration}; holds the engine lock).
+Rewrite this page from the JSON: `python benchmarks/spec_adaptive.py --report-only{"" if name == NAME else f" --out {name}"}`.
 
 {reading(result)}
 
@@ -434,7 +488,7 @@ expensive once batch x K makes the step compute-bound; the learned per-draft cos
 there, and the same rule shortens drafts, first for the requests whose drafts are least
 likely to be accepted.
 """
-    (RESULTS / f"{NAME}.md").write_text(text)
+    (RESULTS / f"{name}.md").write_text(text)
 
 
 def reading(result: dict[str, Any]) -> str:
@@ -473,6 +527,15 @@ def reading(result: dict[str, Any]) -> str:
                 "cells; against a single K for every cell, adaptive's worst cell is "
                 f"{single} (x the fixed K's throughput), while each fixed K's worst cell is "
                 f"{worst_fixed} (x adaptive's).")
+    same = {config: result.get(f"same_texts_as_none_{config}") for config in CONFIGS[1:]}
+    if all(v is not None and v == v for v in same.values()):
+        if min(same.values()) == 1.0:
+            text.append(" Every configuration wrote the same texts as none, request for "
+                        "request: each cell compares the same work.")
+        else:
+            differing = ", ".join(f"{c} {100 * (1 - v):.0f}%" for c, v in same.items() if v < 1)
+            text.append(f" Texts that differ from none's ({differing} of requests) make those "
+                        "configurations' cells compare different work.")
     if cost:
         text.append(f" The controller's learned step cost at the end of its last run: "
                     f"{cost['fixed_ms']:.0f} ms fixed, {cost['per_request_ms']:.1f} ms per "
@@ -481,7 +544,14 @@ def reading(result: dict[str, Any]) -> str:
     return "".join(text)
 
 
-def _plot(result: dict[str, Any]) -> str:
+def _percent(fraction: float | None) -> str:
+    """A fraction as a percentage; "n/a" for results from before texts were compared."""
+    if fraction is None or fraction != fraction:
+        return "n/a"
+    return f"{100 * fraction:.1f}%"
+
+
+def _plot(result: dict[str, Any], name: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -501,7 +571,7 @@ def _plot(result: dict[str, Any]) -> str:
                  title=prompt_set)
     axes[0].legend()
     fig.tight_layout()
-    png = f"{NAME}.png"
+    png = f"{name}.png"
     fig.savefig(RESULTS / png, dpi=110)
     plt.close(fig)
     return png
@@ -518,9 +588,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY),
                         choices=CONCURRENCY,
                         help="subset to run (pilot runs, e.g. a slow host); the summary needs all")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
-                        help="vLLM --dtype for every engine (float32 on CPUs without BF16 "
-                             "instructions, where bf16 runs several times slower)")
+    parser.add_argument("--dtype", default="float32", choices=("auto", "bfloat16", "float32"),
+                        help="vLLM --dtype for every engine (float32: every configuration "
+                             "writes the same greedy texts; bf16 flips some between "
+                             "configurations, and runs several times slower on CPUs without "
+                             "BF16 instructions)")
     parser.add_argument("--adaptive-max-k", type=int, default=MAX_K,
                         help="num_speculative_tokens of the adaptive engine: the longest draft "
                              "the controller may verify (static peers: kN configs, any N)")
@@ -541,7 +613,7 @@ def main() -> None:
         result = json.loads(path.read_text())
         derive_ratios(result)
         path.write_text(json.dumps(result, indent=1))
-        write_report(result)
+        write_report(result, args.out)
         return
     args.requests = requests_per_cell(args.quick)
     if args.pin:
@@ -551,18 +623,23 @@ def main() -> None:
              or tuple(args.sets) != PROMPT_SETS)
     if pilot:  # printed only
         model, sets = build_model("smollm2"), prompt_sets()
+        pilot_rows: list[dict[str, Any]] = []
         for rep in range(args.reps):
             for config in (wanted if rep % 2 == 0 else tuple(reversed(wanted))):
-                _, proof = run_engine(config, rep, model, sets, args)
+                got, proof = run_engine(config, rep, model, sets, args)
+                pilot_rows += got
                 controller = proof.get("controller", {})
                 print(f"rep {rep} {config}: {json.dumps(proof['counters'])} "
                       f"lengths {json.dumps(controller.get('chosen_lengths'))} "
                       f"cost {json.dumps(controller.get('cost_model_ms'))}", flush=True)
+        for config in wanted[1:]:
+            print(f"{config}: same texts as {wanted[0]}'s first repetition: "
+                  f"{same_texts(pilot_rows, config, wanted[0]):.0%}")
         return
     result = run(args)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
-    write_report(result)
+    write_report(result, args.out)
     print(json.dumps({k: v for k, v in result.items() if k.startswith("ratio")}, indent=1))
 
 
