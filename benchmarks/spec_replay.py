@@ -58,11 +58,17 @@ STATIC = {"none": 0, "k2": 2, "k4": 4, "k8": 8}
 # time logged by an instrumented run on 2026-12-05; median absolute error 4.8%; the fit's
 # negative speculative-step term set to 0). "xeon-bf16": what the controller itself had
 # learned at the end of the 2026-12-03 bf16 run of results/spec_adaptive.json (Xeon host).
+# "xeon-bf16-by-batch": the same, with a draft's price by the step's decoding requests
+# (1, 2-3, 4-8, 9+) from pure decode steps logged inside a bf16 adaptive engine on the Xeon
+# host (2026-12-05, ShareGPT; medians of the steps with and without drafts per batch size).
 COSTS = {
     "epyc-fp32": {"fixed_ms": 54.0, "per_request_ms": 5.5, "per_draft_token_ms": 5.1,
                   "per_prefill_token_ms": 3.47, "spec_step_ms": 0.0},
     "xeon-bf16": {"fixed_ms": 42.3, "per_request_ms": 1.35, "per_draft_token_ms": 0.84,
                   "per_prefill_token_ms": 0.43, "spec_step_ms": 1.48},
+    "xeon-bf16-by-batch": {"fixed_ms": 42.3, "per_request_ms": 1.35, "per_draft_token_ms": 0.84,
+                           "per_prefill_token_ms": 0.43, "spec_step_ms": 1.48,
+                           "draft_ms_by_batch": {"1": 0.33, "2": 0.55, "4": 0.7, "9": 0.85}},
 }
 
 
@@ -251,7 +257,11 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> str:
         "Costs: `epyc-fp32` is a least-squares fit of 1,462 logged steps of an adaptive engine "
         "on the 2-core AMD EPYC host (float32, median absolute error 4.8%); `xeon-bf16` is what "
         "the controller had learned at the end of the 2026-12-03 bf16 run of "
-        "`spec_adaptive.md` on the Xeon host. Engines on the EPYC host, ShareGPT prompts, "
+        "`spec_adaptive.md` on the Xeon host; `xeon-bf16-by-batch` is the same with a draft's "
+        "price by the step's decoding requests, as step times logged from a bf16 adaptive "
+        "engine on the Xeon host showed it (~0.3 ms at one, ~0.7 at four, ~0.8 at sixteen; "
+        "README, #12), against which the controller's one fitted slope is wrong at small "
+        "batches. Engines on the EPYC host, ShareGPT prompts, "
         "the same cells (2026-12-05, "
         "two runs each, tok/s): k2 at c=1 25.3 / 23.9 (replay 24.2), k8 at c=1 30.9 / 27.7 "
         "(26.9), k2 at c=32 79.5 / 77.9 (74.4), k8 at c=32 64.4 / 66.9 (62.0); the adaptive "

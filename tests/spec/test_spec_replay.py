@@ -97,3 +97,14 @@ def test_a_batch_size_table_picks_the_next_k_from_the_step_just_scheduled() -> N
     assert table.output_tokens == k2.output_tokens
     # K=2 while three or four requests run, K=8 once two are left.
     assert k2.drafts_verified < table.drafts_verified < k8.drafts_verified
+
+
+def test_a_draft_can_cost_less_in_a_step_of_few_requests() -> None:
+    cost = StepCost.from_dict({"fixed_ms": 40.0, "per_request_ms": 2.0,
+                               "per_draft_token_ms": 1.0, "per_prefill_token_ms": 0.5,
+                               "draft_ms_by_batch": {"1": 0.25, "4": 0.75}})
+    assert cost.ms(StepShape(1, 8)) == 40.0 + 2.0 + 8 * 0.25
+    assert cost.ms(StepShape(3, 8)) == 40.0 + 6.0 + 8 * 0.25
+    assert cost.ms(StepShape(4, 8)) == 40.0 + 8.0 + 8 * 0.75
+    assert cost.ms(StepShape(0, 0, 10)) == 40.0 + 5.0  # no drafts: the prices do not matter
+    assert COST.draft_ms(32) == 1.0  # without the table, one price
