@@ -1,9 +1,9 @@
 """Adaptive speculation against static K inside one engine, configurations interleaved.
 
 ``spec_adaptive.py`` starts one engine per configuration. On the 2-core hosts here the
-same static configuration moved up to 13% between engine starts (k8, ShareGPT c=4: 46.5
-and 40.5 tok/s with the same drafts and acceptances), more than the differences in
-question. This benchmark takes the engine start out: one plugin engine (n-gram drafts,
+same static configuration moved up to 13% between engine starts on the EPYC host (k8,
+ShareGPT c=4: 46.5 and 40.5 tok/s with the same drafts and acceptances) and up to 18% on
+the Xeon host (float32), more than the differences in question. This benchmark takes the engine start out: one plugin engine (n-gram drafts,
 K <= 8, the controller on) serves every configuration, which each request selects:
 
 - ``adaptive``: the controller chooses (no request field);
@@ -19,6 +19,8 @@ later ones.
 What it does not show: a static engine's own configuration (vLLM proposes N drafts
 where this engine proposes 8 and keeps N; an n-gram proposal's first N tokens are the
 same) and the controller's bookkeeping, which here runs for every configuration alike.
+
+Engines run in float32 by default, where every configuration writes the same greedy texts.
 
 Run: python benchmarks/spec_interleaved.py [--rounds 3] [--concurrency 1 4] [--pin]
 """
@@ -170,7 +172,7 @@ step, vLLM's static K; `none` = 0). Per round each cell runs every configuration
 the same requests as `spec_adaptive.md` (closed loop of `c` clients, greedy, up to
 {result['max_tokens']} tokens, requests per concurrency `{result['requests_per_cell']}`),
 the order rotating between cells and rounds. This takes the engine start, which moved the
-same static configuration by up to 13% between runs of `spec_adaptive.py` here, out of
+same static configuration by up to 13-18% between runs of `spec_adaptive.py` here, out of
 the comparison.
 {chr(10).join(lines)}
 
@@ -211,8 +213,10 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=list(bench.PROMPT_SETS),
                         choices=bench.PROMPT_SETS)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
-                        help="auto: float32 on a CPU without native bf16, else the model's")
+    parser.add_argument("--dtype", default="float32", choices=("auto", "bfloat16", "float32"),
+                        help="float32: every configuration writes the same greedy texts (bf16 "
+                             "flips some between draft lengths, see spec_adaptive.py); auto: "
+                             "float32 on a CPU without native bf16, else the model's")
     parser.add_argument("--pin", action="store_true",
                         help="engine on core 0, this client on the other cores")
     parser.add_argument("--quick", action="store_true", help="fewer requests (smoke test)")
