@@ -424,9 +424,9 @@ def write_report(result: dict[str, Any], name: str = NAME) -> None:
                        f"{_percent(result.get(f'same_texts_as_none_{c}'))} |"
                        for c in CONFIGS[1:])
     minutes = result.get("wall_minutes")
-    duration = (f"{minutes / result['repetitions']:.0f} minutes per repetition"
-                if minutes else "about 21 minutes per repetition in bf16")
+    duration = f"{minutes / result['repetitions']:.0f} minutes per repetition; " if minutes else ""
     plot = _plot(result, name)
+    out_flag = "" if name == NAME else f" --out {name}"
     above = [f"{prompt_set} c={c}" for prompt_set in PROMPT_SETS for c in CONCURRENCY
              if result[f"tps_{prompt_set}_c{c}_table"] > max(
                  result[f"tps_{prompt_set}_c{c}_{k}"] for k in STATIC)]
@@ -473,8 +473,8 @@ Adaptive controller at the end of its last run: lengths chosen (length: requests
 ![throughput by configuration]({plot})
 
 Measured on: {result['machine']}; {result['date']}.
-Rerun: `{result['command']}` ({duration}; holds the engine lock).
-Rewrite this page from the JSON: `python benchmarks/spec_adaptive.py --report-only{"" if name == NAME else f" --out {name}"}`.
+Rerun: `{result['command']}` ({duration}holds the engine lock).
+Rewrite this page from the JSON: `python benchmarks/spec_adaptive.py --report-only{out_flag}`.
 
 {reading(result)}
 

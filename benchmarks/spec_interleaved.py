@@ -3,8 +3,9 @@
 ``spec_adaptive.py`` starts one engine per configuration. On the 2-core hosts here the
 same static configuration moved up to 13% between engine starts on the EPYC host (k8,
 ShareGPT c=4: 46.5 and 40.5 tok/s with the same drafts and acceptances) and up to 18% on
-the Xeon host (float32), more than the differences in question. This benchmark takes the engine start out: one plugin engine (n-gram drafts,
-K <= 8, the controller on) serves every configuration, which each request selects:
+the Xeon host (float32), more than the differences in question. This benchmark takes the
+engine start out: one plugin engine (n-gram drafts, K <= 8, the controller on) serves every
+configuration, which each request selects:
 
 - ``adaptive``: the controller chooses (no request field);
 - ``kN``: ``vllm_xargs.spec_k = N``, the request verifies up to N drafts every step, as
@@ -172,7 +173,7 @@ step, vLLM's static K; `none` = 0). Per round each cell runs every configuration
 the same requests as `spec_adaptive.md` (closed loop of `c` clients, greedy, up to
 {result['max_tokens']} tokens, requests per concurrency `{result['requests_per_cell']}`),
 the order rotating between cells and rounds. This takes the engine start, which moved the
-same static configuration by up to 13-18% between runs of `spec_adaptive.py` here, out of
+same static configuration by up to 18% between runs of `spec_adaptive.py` here, out of
 the comparison.
 {chr(10).join(lines)}
 
