@@ -33,6 +33,7 @@ import asyncio
 import json
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from xllm_plugin.cpu_features import cpu_model, has_native_bf16, vllm_is_cpu_bui
 from xllm_plugin.launcher.cli import choose_dtype  # noqa: E402
 from xllm_plugin.launcher.engine import EngineProcess, http_get_json  # noqa: E402
 from xllm_plugin.models import build_model  # noqa: E402
+from xllm_plugin.spec.step_log import priced_ms, read_step_log, split_step_log  # noqa: E402
 
 NAME = "spec_interleaved"
 CONFIGS = ("none", "k2", "k4", "k8", "adaptive")
@@ -67,6 +69,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     spec = bench.spec_for("adaptive", model, bench.DEFAULT_TABLE, max(bench.CONCURRENCY),
                           args.dtype, bench.MAX_K, "0" if args.pin else None)
     spec.extra_args = [*spec.extra_args, "--no-enable-prefix-caching"]
+    spec.xllm_config["speculative"].update(bench.adaptive_overrides(args.controller))
+    spec.xllm_config["speculative"]["step_log"] = str(args.step_log.resolve())
     rows: list[dict[str, Any]] = []
     cells = [(s, c) for s in args.sets for c in args.concurrency]
     with EngineProcess(spec) as engine:
@@ -77,6 +81,9 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
                 offset = bench.cell_offset(c, args.requests)
                 prompts = sets[prompt_set][offset:] + sets[prompt_set][:offset]
                 for config in rotated(CONFIGS, round_index + cell_index):
+                    with args.step_log.open("a") as log:  # which steps are whose
+                        log.write(json.dumps({"round": round_index, "set": prompt_set, "c": c,
+                                              "config": config}) + "\n")
                     tps = asyncio.run(bench.measure(engine.url, prompts, c, args.requests[c],
                                                     args.max_tokens, request_fields(config)))
                     rows.append({"round": round_index, "set": prompt_set, "c": c,
@@ -94,6 +101,7 @@ def summarize(rows: list[dict[str, Any]], evidence: dict[str, Any],
     out: dict[str, Any] = {
         **bench.run_header(args, cpu_model(), ", K <= 8, prefix caching off, one engine"),
         "rounds": args.rounds,
+        "controller": args.controller,
         "max_tokens": args.max_tokens,
         "requests_per_cell": json.dumps({c: args.requests[c] for c in args.concurrency}),
     }
@@ -135,6 +143,37 @@ def summarize(rows: list[dict[str, Any]], evidence: dict[str, Any],
     return out
 
 
+def priced_keys(step_log: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Adaptive against each static K by step time with the host's drift taken out.
+
+    Fitted per cell (``step_log.priced_ms``): a shape's work depends on the prompts."""
+    segments = split_step_log(read_step_log(step_log))  # (round, set, c, config) -> steps
+    static = [c for c in CONFIGS if c != "adaptive"]
+    out: dict[str, Any] = {}
+    worst: dict[int, float] = {}
+    for prompt_set in args.sets:
+        for c in args.concurrency:
+            cell = f"{prompt_set}_c{c}"
+            by_run = priced_ms({(key[0], key[3]): steps for key, steps in segments.items()
+                                if key[1:3] == (prompt_set, c)})
+            rounds = sorted({round_index for round_index, _ in by_run})
+            median = {config: statistics.median(by_run[(i, config)] for i in rounds)
+                      for config in CONFIGS}
+            best = min(static, key=lambda k: median[k])
+            out[f"priced_best_static_{cell}"] = best
+            for peer, key in ((best, "best_static"), ("none", "none")):
+                paired = [by_run[(i, peer)] / by_run[(i, "adaptive")] for i in rounds]
+                out[f"priced_ratio_vs_{key}_{cell}"] = median[peer] / median["adaptive"]
+                out[f"priced_ratio_vs_{key}_{cell}_paired_min"] = min(paired)
+                out[f"priced_ratio_vs_{key}_{cell}_paired_max"] = max(paired)
+            worst[c] = min(worst.get(c, float("inf")), out[f"priced_ratio_vs_best_static_{cell}"])
+    for c, ratio in worst.items():
+        out[f"priced_ratio_vs_best_static_c{c}"] = ratio
+    out["priced_ratio_vs_none_min"] = min(out[f"priced_ratio_vs_none_{s}_c{c}"]
+                                          for s in args.sets for c in args.concurrency)
+    return out
+
+
 def write_report(result: dict[str, Any], args: argparse.Namespace) -> None:
     lines = []
     for prompt_set in args.sets:
@@ -161,9 +200,15 @@ def write_report(result: dict[str, Any], args: argparse.Namespace) -> None:
             side = ("above it in every round" if low >= 1.0 else
                     "below it in every round" if high < 1.0 else "on both sides of it")
             verdicts.append(f"{prompt_set} c={c} {side} ({low:.3f}-{high:.3f})")
-    headline = "\n".join(f"| ratio_vs_best_static_c{c} | "
-                         f"{result[f'ratio_vs_best_static_c{c}']:.3f} |"
-                         for c in args.concurrency)
+    headline = "\n".join(f"| {prefix}ratio_vs_best_static_c{c} | "
+                         f"{result[f'{prefix}ratio_vs_best_static_c{c}']:.3f} |"
+                         for prefix in ("", "priced_") for c in args.concurrency)
+    priced = "; ".join(
+        f"{s} c={c} {result[f'priced_ratio_vs_best_static_{s}_c{c}']:.3f} "
+        f"({result[f'priced_best_static_{s}_c{c}']}; rounds "
+        f"{result[f'priced_ratio_vs_best_static_{s}_c{c}_paired_min']:.3f}-"
+        f"{result[f'priced_ratio_vs_best_static_{s}_c{c}_paired_max']:.3f})"
+        for s in args.sets for c in args.concurrency)
     text = f"""# Adaptive speculation against static K inside one engine
 
 One plugin engine (n-gram drafts, K <= 8, `xllm.speculative.adaptive` on, prefix caching
@@ -183,10 +228,23 @@ per-round ratio (a round's adaptive run over the same round's run of that K).
 Against that K, adaptive was {"; ".join(verdicts)}. Where the rounds fall on both sides,
 this run does not tell the two apart.
 
+**Step time with the host's drift taken out.** Every configuration writes the same greedy
+tokens here (float32), so a configuration's throughput is set by its steps. The engine
+logged every step (`xllm.speculative.step_log`). Per cell, each step's time is fitted as
+a drift factor of its configuration's run times a price of its shape (decoding requests,
+drafts verified, prefill tokens; `step_log.priced_ms`), and a run is priced as the sum of
+its steps' prices. That keeps what the policies decide (how many steps, of which shapes)
+and drops the host's speed, which moved every step of a run by up to 20% between rounds
+here. Adaptive / best static K by priced step time (the best static K by the same
+measure; then the lowest and highest per-round ratio): {priced}. Time outside the steps
+(HTTP, detokenizing, scheduling) is not in it: 1.6-2.9% of a run's wall time, about the
+same for every configuration, in one round of the 2026-12-06 run.
+
 | key | value |
 |---|---|
 {headline}
 | ratio_vs_none_min | {result['ratio_vs_none_min']:.3f} |
+| priced_ratio_vs_none_min | {result['priced_ratio_vs_none_min']:.3f} |
 
 Over the whole run: {result['draft_tokens']:.0f} draft tokens verified (vLLM's counter),
 acceptance {result['acceptance']:.2f}; {result['fixed_length_request_steps']} request-steps
@@ -200,7 +258,8 @@ controller's bookkeeping, which here runs for every configuration alike (py-spy 
 XLLMScheduler's own work under 1% of the engine core's time). The engine-per-configuration
 comparison, with vLLM's per-batch-size table, is `spec_adaptive.md`.
 
-Measured on: {result['machine']}; {result['date']}.
+Measured on: {result['machine']}; controller settings `{result.get('controller', 'adaptive')}`;
+{result['date']}.
 Rerun: `{result['command']}`.
 """
     (bench.RESULTS / f"{args.out}.md").write_text(text)
@@ -221,12 +280,25 @@ def main() -> None:
     parser.add_argument("--pin", action="store_true",
                         help="engine on core 0, this client on the other cores")
     parser.add_argument("--quick", action="store_true", help="fewer requests (smoke test)")
+    parser.add_argument("--controller", default="adaptive",
+                        help="the controller's settings, as spec_adaptive's configurations: "
+                             "'adaptive:long_run_rate=false' (its requests still show as "
+                             "'adaptive')")
+    parser.add_argument("--step-log", type=Path,
+                        help="keep the engine's per-step log (xllm.speculative.step_log, with a "
+                             "line before each configuration's requests) here; default: a "
+                             "temporary file")
     parser.add_argument("--out", default=NAME)
     parser.add_argument("--report-only", action="store_true",
-                        help="rewrite the page from the JSON (same --sets and --concurrency)")
+                        help="rewrite the page from the JSON (same --sets and --concurrency); "
+                             "with --step-log, recompute its priced_* keys from that log")
     args = parser.parse_args()
     if args.report_only:
-        write_report(json.loads((bench.RESULTS / f"{args.out}.json").read_text()), args)
+        result = json.loads((bench.RESULTS / f"{args.out}.json").read_text())
+        if args.step_log:
+            result.update(priced_keys(args.step_log, args))
+            (bench.RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
+        write_report(result, args)
         return
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -235,12 +307,17 @@ def main() -> None:
     args.requests = bench.requests_per_cell(args.quick)
     if args.pin:
         bench.pin_client(parser)
-    rows, evidence = run(args)
-    result = summarize(rows, evidence, args)
+    with tempfile.TemporaryDirectory() as scratch:
+        args.step_log = args.step_log or Path(scratch) / "steps.jsonl"
+        args.step_log.unlink(missing_ok=True)
+        rows, evidence = run(args)
+        priced = priced_keys(args.step_log, args)
+    result = {**summarize(rows, evidence, args), **priced}
     bench.RESULTS.mkdir(exist_ok=True)
     (bench.RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
     write_report(result, args)
-    print(json.dumps({k: v for k, v in result.items() if k.startswith("ratio")}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k.endswith("none_min") or k.startswith(
+        ("ratio_vs_best_static_c", "priced_ratio_vs_best_static_c"))}, indent=1))
 
 
 if __name__ == "__main__":

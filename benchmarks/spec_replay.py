@@ -61,9 +61,15 @@ STATIC = {"none": 0, "k2": 2, "k4": 4, "k8": 8}
 # "xeon-bf16-by-batch": the same, with a draft's price by the step's decoding requests
 # (1, 2-3, 4-8, 9+) from pure decode steps logged inside a bf16 adaptive engine on the Xeon
 # host (2026-12-05, ShareGPT; medians of the steps with and without drafts per batch size).
+# "xeon-fp32": least-squares fit of 10,179 steps logged by a float32 adaptive engine on the
+# Xeon host (``xllm.speculative.step_log``; 2026-12-06, both prompt sets, c=1/2/4/8, fixed
+# K 0-8 and adaptive; median absolute error 2.8%). There a draft's price barely moves with
+# the batch: medians 2.3 ms at one decoding request, 2.4-2.8 at four, 2.3 at eight.
 COSTS = {
     "epyc-fp32": {"fixed_ms": 54.0, "per_request_ms": 5.5, "per_draft_token_ms": 5.1,
                   "per_prefill_token_ms": 3.47, "spec_step_ms": 0.0},
+    "xeon-fp32": {"fixed_ms": 53.0, "per_request_ms": 4.6, "per_draft_token_ms": 2.43,
+                  "per_prefill_token_ms": 1.69, "spec_step_ms": 0.82},
     "xeon-bf16": {"fixed_ms": 42.3, "per_request_ms": 1.35, "per_draft_token_ms": 0.84,
                   "per_prefill_token_ms": 0.43, "spec_step_ms": 1.48},
     "xeon-bf16-by-batch": {"fixed_ms": 42.3, "per_request_ms": 1.35, "per_draft_token_ms": 0.84,
@@ -291,7 +297,7 @@ def main() -> None:
                         help="--record: vLLM --dtype of the recording engine")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--configs", nargs="+",
-                        default=[*STATIC, "table", "adaptive", "adaptive:previous_outcome=false"],
+                        default=[*STATIC, "table", "adaptive", "adaptive:long_run_rate=false"],
                         help="none, kN (any N; default " + ", ".join(STATIC) + "), table, "
                              "adaptive and adaptive:KEY=VALUE variants (fields of "
                              "xllm.speculative)")

@@ -119,6 +119,12 @@ class SpeculativeConfig(_Section):
                                   "proposal fared (matched so far, broke, none).")
     probe_interval: int = Field(
         default=16, ge=0, description="Async scheduling only: force one draft every N steps.")
+    long_run_rate: bool = Field(
+        default=True, description="Judge a draft against the engine's recent output rate at this "
+                                  "batch size (the throughput optimum) rather than the step's own.")
+    step_log: str | None = Field(
+        default=None, description="Append one JSON line per step (shape, verified lengths, "
+                                  "measured ms) to this file, to fit or check step costs.")
 
 
 class MoEConfig(_Section):

@@ -16,6 +16,7 @@ import pytest
 
 from xllm_plugin.launcher.engine import EngineProcess, EngineSpec, free_port, http_get_json
 from xllm_plugin.models import build_model
+from xllm_plugin.spec.step_log import read_step_log
 
 pytestmark = pytest.mark.engine
 
@@ -54,26 +55,29 @@ def _draft_tokens(url: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def reference_and_adaptive() -> dict[str, Any]:
+def reference_and_adaptive(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Outputs of stock vLLM without speculation, then of the adaptive engine (one at a time)."""
+    step_log = tmp_path_factory.mktemp("spec") / "steps.jsonl"
     model = build_model("smollm2")
     stock = EngineSpec(model=model, port=free_port(), served_model_name="smollm2",
                        plugin=False, extra_args=ARGS)
     with EngineProcess(stock) as engine:
         reference = _all(engine.url)
     adaptive = EngineSpec(model=model, port=free_port(), served_model_name="smollm2",
-                          plugin=True, xllm_config={"speculative": {"adaptive": True}},
+                          plugin=True, xllm_config={"speculative": {
+                              "adaptive": True, "step_log": str(step_log)}},
                           extra_args=[*ARGS, "--speculative-config", json.dumps(NGRAM)])
     with EngineProcess(adaptive) as engine:
         outputs = _all(engine.url)
         status = http_get_json(engine.url + "/xllm/status")["engine"]["speculative"]
+        steps = read_step_log(step_log)
         before = _draft_tokens(engine.url)
         capped = _complete(engine.url, PROMPTS[0], {"vllm_xargs": {"spec_max_k": 0}})
         after = _draft_tokens(engine.url)
         fixed = _complete(engine.url, PROMPTS[0], {"vllm_xargs": {"spec_k": 8}})
         fixed_after = _draft_tokens(engine.url)
         fixed_status = http_get_json(engine.url + "/xllm/status")["engine"]["speculative"]
-    return {"reference": reference, "outputs": outputs, "status": status,
+    return {"reference": reference, "outputs": outputs, "status": status, "steps": steps,
             "capped": capped, "capped_drafts": after - before,
             "fixed": fixed, "fixed_drafts": fixed_after - after,
             "fixed_steps": fixed_status["fixed_length_request_steps"]}
@@ -91,6 +95,17 @@ def test_adaptive_speculation_verified_drafts_and_chose_varying_lengths(
     assert status["judged_proposals"] > 0
     assert len(status["chosen_lengths"]) >= 2  # not one fixed K
     assert status["cost_model_samples"] > 0
+
+
+def test_the_step_log_holds_every_step_with_its_accepted_drafts(
+        reference_and_adaptive: dict[str, Any]) -> None:
+    steps, status = reference_and_adaptive["steps"], reference_and_adaptive["status"]
+    assert sum(step["drafts"] for step in steps) == status["drafts_verified"]
+    pairs = [pair for step in steps for pair in step["verified"]]
+    assert pairs and all(0 <= accepted <= verified for verified, accepted in pairs)
+    assert any(accepted > 0 for _, accepted in pairs)
+    assert all(step["ms"] > 0 for step in steps)
+    assert status["output_rate_tokens_per_ms"]  # learned from the tokens the steps produced
 
 
 def test_a_request_can_switch_speculation_off_for_itself(

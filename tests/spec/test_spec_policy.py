@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -22,6 +23,8 @@ from xllm_plugin.spec.acceptance import (
 from xllm_plugin.spec.adaptive import AdaptiveSpeculation
 from xllm_plugin.spec.cost import StepShape, VerifyCostModel
 from xllm_plugin.spec.policy import choose_lengths, probe_lengths
+from xllm_plugin.spec.rate import OutputRate
+from xllm_plugin.spec.step_log import StepLog, priced_ms, read_step_log, split_step_log
 
 
 def test_judging_a_proposal_stops_at_the_first_wrong_draft() -> None:
@@ -305,3 +308,80 @@ def test_a_fixed_length_stays_within_the_engines_k_and_the_requests_cap() -> Non
     controller.before_schedule([long, capped])
     assert long.spec_token_ids == [4, 5, 6, 7]
     assert capped.spec_token_ids == [4]
+
+
+def test_a_draft_is_judged_against_the_long_run_rate_not_its_steps_own() -> None:
+    """One request copying: a step whose drafts all look right yields several times the
+    average rate, and its own rate would cut late drafts that the average keeps."""
+    gains = {"a": [0.95, 0.9, 0.85, 0.8, 0.7, 0.5, 0.3, 0.15]}
+    costs = {"decoding_requests": 1, "base_step_ms": 60.0, "per_draft_token_ms": 2.3,
+             "spec_step_ms": 1.0}
+    own = choose_lengths(gains, **costs)
+    # 36 tok/s over the cell: 0.036 tokens per ms, so a draft must be worth 0.08 tokens.
+    long_run = choose_lengths(gains, rate=0.036, **costs)
+    assert own.lengths == {"a": 7}  # its own rate: 5.7 tokens in 74.8 ms, a bar of 0.18
+    assert long_run.lengths == {"a": 8}
+
+
+def test_drafts_that_do_not_beat_the_long_run_rate_are_dropped_with_their_fixed_cost() -> None:
+    costs = {"decoding_requests": 1, "base_step_ms": 60.0, "per_draft_token_ms": 2.0,
+             "spec_step_ms": 10.0}
+    # Worth 0.1 tokens against 12 ms at 0.03 tokens per ms (0.36 tokens): not paid for.
+    assert choose_lengths({"a": [0.1]}, rate=0.03, **costs).lengths == {}
+    assert choose_lengths({"a": [0.9, 0.8]}, rate=0.03, **costs).lengths == {"a": 2}
+
+
+def test_the_output_rate_is_kept_per_batch_size_once_steps_have_measured_it() -> None:
+    rate = OutputRate(window_steps=64, min_steps=3.5)
+    for _ in range(3):
+        rate.observe(1, 3, 75.0)
+    assert rate.tokens_per_ms(1) is None  # too few steps yet
+    rate.observe(1, 1, 60.0)
+    rate.observe(4, 4, 70.0)
+    assert rate.tokens_per_ms(1) == pytest.approx(10 / 285, rel=0.02)
+    assert rate.tokens_per_ms(4) is None and rate.tokens_per_ms(2) is None
+    rate.observe(0, 1, 300.0)  # a prefill-only step is not a decode rate
+    assert rate.as_dict().keys() == {"1", "4"}
+
+
+def test_the_controller_learns_the_rate_from_the_tokens_its_steps_produce() -> None:
+    controller = AdaptiveSpeculation(max_drafts=4, method="ngram")
+    for step in range(12):  # one request, two tokens per step (one draft accepted), 80 ms
+        request = _request("r", [1, 2, 3] + [7] * 2 * step, [7, 7, 9])
+        controller.before_schedule([request])
+        output = SimpleNamespace(num_scheduled_tokens={"r": 1 + len(request.spec_token_ids)},
+                                 scheduled_spec_decode_tokens={"r": request.spec_token_ids})
+        controller.after_schedule(output)
+        runner = SimpleNamespace(sampled_token_ids=[[7, 7]], req_id_to_index={"r": 0})
+        controller.after_update(output, runner, 80.0, {"r": request})
+    assert controller.rate.tokens_per_ms(1) == pytest.approx(2 / 80.0)
+    assert controller.rate.tokens_per_ms(2) is None
+    assert controller.status()["output_rate_tokens_per_ms"] == {"1": 0.025}
+
+
+def test_a_step_log_prices_steps_by_shape_with_the_hosts_drift_taken_out(tmp_path) -> None:
+    path = tmp_path / "steps.jsonl"
+    log = StepLog(path)
+
+    def segment(marker: dict, slowdown: float, drafts: list[int]) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps(marker) + "\n")
+        for _ in range(5):  # decode steps without drafts, which every segment has
+            log.write(StepShape(1), [], 60.0 * slowdown)
+        log.write(StepShape(1, 0, 50), [], 300.0 * slowdown)  # a prefill step
+        for k in drafts:
+            log.write(StepShape(1, k), [(k, None)], (62.0 + 2.0 * k) * slowdown)
+
+    segment({"round": 0, "config": "k8"}, 1.0, [8, 8])
+    segment({"round": 1, "config": "k8"}, 1.2, [8, 8])  # the host ran 20% slower
+    segment({"round": 1, "config": "k4"}, 1.2, [4, 4, 4])
+    rows = read_step_log(path)
+    assert rows[1] == {"decode": 1, "drafts": 0, "prefill": 0, "verified": [], "ms": 60.0}
+    segments = split_step_log(rows)
+    assert list(segments) == [(0, "k8"), (1, "k8"), (1, "k4")]
+    priced = priced_ms(segments)
+    # One speed for all: the drift of the fit is normalised, so prices sit between the two.
+    assert priced[(0, "k8")] == pytest.approx(priced[(1, "k8")])
+    speed = priced[(0, "k8")] / (5 * 60.0 + 300.0 + 2 * 78.0)
+    assert 1.0 < speed < 1.2
+    assert priced[(1, "k4")] == pytest.approx(speed * (5 * 60.0 + 300.0 + 3 * 70.0))

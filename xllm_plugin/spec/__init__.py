@@ -33,7 +33,8 @@ def adaptive_speculation_for(vllm_config: Any, settings: SpeculativeConfig) -> A
         max_drafts=int(spec.num_speculative_tokens), method=str(spec.method),
         window_steps=settings.window_steps, prior_weight=settings.prior_weight,
         cost_window_steps=settings.cost_window_steps, margin=settings.margin,
-        probe_interval=settings.probe_interval, previous_outcome=settings.previous_outcome)
+        probe_interval=settings.probe_interval, previous_outcome=settings.previous_outcome,
+        long_run_rate=settings.long_run_rate, step_log=settings.step_log)
 
 
 def check_command_line(argv: list[str], settings: SpeculativeConfig) -> None:

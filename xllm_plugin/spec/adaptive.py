@@ -47,6 +47,8 @@ from xllm_plugin.spec.acceptance import (
 )
 from xllm_plugin.spec.cost import StepShape, VerifyCostModel
 from xllm_plugin.spec.policy import LengthDecision, choose_lengths, probe_lengths
+from xllm_plugin.spec.rate import OutputRate
+from xllm_plugin.spec.step_log import StepLog
 
 # Proposers whose drafting is cheap CPU work (string matching): always ask for
 # the full length, since the extra drafts cost nothing and feed the estimates.
@@ -84,6 +86,31 @@ def _request_count(request: Any, key: str) -> int | None:
     return None
 
 
+def _verified_and_accepted(verified: Mapping[str, int],
+                           runner_output: Any) -> list[tuple[int, int | None]]:
+    """(drafts verified, drafts accepted) per request; accepted is None where the runner
+    output does not say (async scheduling)."""
+    sampled = getattr(runner_output, "sampled_token_ids", None) or []
+    index = getattr(runner_output, "req_id_to_index", None) or {}
+    out = []
+    for request_id, drafts in verified.items():
+        row = index.get(request_id)
+        generated = len(sampled[row]) if row is not None and row < len(sampled) else 0
+        out.append((drafts, generated - 1 if generated else None))
+    return out
+
+
+def _produced_tokens(runner_output: Any, tokens_before: Mapping[str, int],
+                     requests: Mapping[str, Any]) -> int:
+    """Tokens the step produced: the runner's sampled tokens where it reports them, else
+    the growth of the requests it scheduled (the replay; misses requests already freed)."""
+    sampled = getattr(runner_output, "sampled_token_ids", None)
+    if sampled:
+        return sum(len(row) for row in sampled)
+    return sum(requests[request_id].num_tokens - before
+               for request_id, before in tokens_before.items() if request_id in requests)
+
+
 def request_cap(request: Any, default: int) -> int:
     """The request's own cap from ``vllm_xargs.spec_max_k``, else ``default``."""
     value = _request_count(request, REQUEST_CAP_KEY)
@@ -105,18 +132,24 @@ class AdaptiveSpeculation:
     def __init__(self, *, max_drafts: int, method: str, window_steps: int = 32,
                  prior_weight: float = 4.0, cost_window_steps: int = 256,
                  margin: float = 1.0, probe_interval: int = 16,
-                 previous_outcome: bool = True) -> None:
+                 previous_outcome: bool = True, long_run_rate: bool = True,
+                 step_log: str | None = None) -> None:
         self.max_drafts = max_drafts
+        self.long_run_rate = long_run_rate
         self.previous_outcome = previous_outcome
         self.cheap_proposer = method in CHEAP_PROPOSERS
         self.margin = margin
         self.probe_interval = probe_interval
         self.acceptance = AcceptanceEstimator(max_drafts, window_steps, prior_weight)
         self.cost = VerifyCostModel(cost_window_steps)
+        self.rate = OutputRate(cost_window_steps)
+        self._tokens_before: dict[str, int] = {}  # running requests' lengths at schedule time
         self._pending: dict[str, deque[_Pending]] = {}
         self._latest: dict[str, _Pending] = {}  # each request's newest real proposal
         self._shadowed: set[str] = set()
         self._shape: StepShape | None = None
+        self._verified_lengths: dict[str, int] = {}  # this step's drafts per request
+        self._step_log = StepLog(step_log) if step_log else None
         self._steps = 0
         self._timed_steps = 0
         self._spec_steps = 0
@@ -138,7 +171,9 @@ class AdaptiveSpeculation:
         gains: dict[str, list[float]] = {}
         drafted: list[Any] = []
         decoding = 0
+        self._tokens_before = {}
         for request in running:
+            self._tokens_before[request.request_id] = request.num_tokens
             if not is_decoding(request):
                 continue
             decoding += 1
@@ -165,15 +200,17 @@ class AdaptiveSpeculation:
                 continue
             drafted.append(request)
             gains[request.request_id] = self.acceptance.gains(request.request_id, length, context)
-        # The bar a draft must clear is the decode work's own token rate: prefill chunks in
-        # the step are the same fixed work whatever is verified, and counting them would make
-        # tokens look dear and drafts cheap in every step that admits a request (replayed at
-        # concurrency 32: about 2% of throughput lost to drafts of 15-35% acceptance).
+        # The bar a draft must clear is a rate of decode work, the recent one (rate.py) or,
+        # until that is known, the step's own: prefill chunks are the same fixed work
+        # whatever is verified, and counting them would make tokens look dear and drafts
+        # cheap in every step that admits a request (replayed at concurrency 32: about 2%
+        # of throughput lost to drafts of 15-35% acceptance).
         costs = {"decoding_requests": decoding,
                  "base_step_ms": self.cost.predict_ms(StepShape(decoding)),
                  "per_draft_token_ms": self.cost.per_draft_token_ms,
                  "spec_step_ms": self.cost.spec_step_ms}
-        decision = choose_lengths(gains, margin=self.margin, **costs)
+        rate = self.rate.tokens_per_ms(decoding) if self.long_run_rate else None
+        decision = choose_lengths(gains, margin=self.margin, rate=rate, **costs)
         if not decision.lengths and gains and self._needs_cost_probe():
             decision = probe_lengths(gains, half=self._cost_probes % 2 == 1, **costs)
             self._cost_probes += 1
@@ -202,11 +239,14 @@ class AdaptiveSpeculation:
         """Record the step's shape; size the next proposal for costly proposers."""
         spec = output.scheduled_spec_decode_tokens
         decode = prefill = verified = 0
+        self._verified_lengths = {}
         for request_id, tokens in output.num_scheduled_tokens.items():
             drafts = len(spec.get(request_id, ()))
             if drafts or tokens == 1:
                 decode += 1
                 verified += drafts
+                if drafts:
+                    self._verified_lengths[request_id] = drafts
             else:
                 prefill += tokens
         self._drafts_verified += verified
@@ -223,6 +263,13 @@ class AdaptiveSpeculation:
             self._timed_steps += 1
             if self._timed_steps > WARMUP_STEPS:
                 self.cost.observe(self._shape, step_ms)
+            if not self._shape.prefill_tokens:  # see rate.py: drafts save decode time only
+                self.rate.observe(self._shape.decode_requests,
+                                  _produced_tokens(runner_output, self._tokens_before,
+                                                   requests), step_ms)
+            if self._step_log is not None:
+                self._step_log.write(self._shape, _verified_and_accepted(
+                    self._verified_lengths, runner_output), step_ms)
         self._shape = None
         self._observe_verified(scheduler_output, runner_output)
         self._judge_pending(requests)
@@ -307,5 +354,6 @@ class AdaptiveSpeculation:
             "judged_proposals": self.acceptance.observations,
             "cost_model_ms": self.cost.as_dict(),
             "cost_model_samples": self.cost.samples,
+            "output_rate_tokens_per_ms": self.rate.as_dict(),
             "updated_at": time.time(),
         }

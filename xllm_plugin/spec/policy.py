@@ -13,9 +13,12 @@ see ``cost.py``). Maximising tokens per ms:
    ``N / T``), then ``N += g``, ``T += b``; stop at the first that does not;
 3. keep the drafts only if ``N / T > B / T0`` (they beat the fixed cost ``s``).
 
-For a linear cost this is exact: the optimum is a prefix of the sorted list.
-Large batches raise ``N / T`` towards ``1 / b`` per token and so raise the bar
-a draft must clear; low acceptance lowers ``g``; both turn speculation down.
+For a linear cost this is exact for one step: the optimum is a prefix of the
+sorted list. Over a run of steps the bar is the run's rate, not each step's
+(``rate``, see ``rate.py``): with ``λ`` the engine's recent tokens per ms, take
+every draft with ``g > margin * b * λ`` and keep them if ``sum g > λ * (s + b * k)``.
+Large batches raise the rate and so the bar a draft must clear; low acceptance
+lowers ``g``; both turn speculation down.
 """
 
 from __future__ import annotations
@@ -42,13 +45,16 @@ class LengthDecision:
 
 def choose_lengths(gains: Mapping[str, Sequence[float]], *, decoding_requests: int,
                    base_step_ms: float, per_draft_token_ms: float, spec_step_ms: float = 0.0,
-                   margin: float = 1.0) -> LengthDecision:
+                   margin: float = 1.0, rate: float | None = None) -> LengthDecision:
     """Drafts to verify per request.
 
     ``gains[r]`` lists ``g_r(1..D_r)`` for the ``D_r`` drafts available to
     request ``r`` (already cut to its own cap); ``decoding_requests`` is ``B``
     (requests in ``gains`` plus decoding requests without drafts);
-    ``base_step_ms`` is ``T0``.
+    ``base_step_ms`` is ``T0``. ``rate``: the engine's long-run tokens per ms
+    (``rate.py``); given, a draft is taken while ``g > margin * b * rate`` and the
+    drafts are kept if their tokens beat ``rate`` times their milliseconds
+    (``s`` included), instead of comparing with the step's own ``N / T``.
     """
     batch = max(decoding_requests, len(gains))
     base_ms = max(base_step_ms, 1e-6)
@@ -58,12 +64,15 @@ def choose_lengths(gains: Mapping[str, Sequence[float]], *, decoding_requests: i
     lengths: dict[str, int] = {}
     tokens, ms = float(batch), base_ms + max(spec_step_ms, 0.0)
     for gain, request_id in candidates:
-        if gain <= 0.0 or gain * ms <= margin * cost * tokens:
+        bar = margin * cost * (rate if rate is not None else tokens / ms)
+        if gain <= 0.0 or gain <= bar:
             break
         lengths[request_id] = lengths.get(request_id, 0) + 1
         tokens += gain
         ms += cost
-    if not lengths or tokens / ms <= batch / base_ms:
+    pays = (tokens - batch > rate * (ms - base_ms) if rate is not None
+            else tokens / ms > batch / base_ms)
+    if not lengths or not pays:
         return _no_drafts(batch, base_ms)
     return LengthDecision(lengths, tokens, ms, float(batch), base_ms)
 
