@@ -105,8 +105,6 @@ def summarize(rows: list[dict[str, Any]], evidence: dict[str, Any],
         "max_tokens": args.max_tokens,
         "requests_per_cell": json.dumps({c: args.requests[c] for c in args.concurrency}),
     }
-    static = [c for c in CONFIGS if c != "adaptive"]
-    worst: dict[int, float] = {}
     for prompt_set in args.sets:
         for c in args.concurrency:
             cell = f"{prompt_set}_c{c}"
@@ -117,20 +115,8 @@ def summarize(rows: list[dict[str, Any]], evidence: dict[str, Any],
                 median = statistics.median(values)
                 out[f"tps_{cell}_{config}"] = median
                 out[f"spread_{cell}_{config}"] = (max(values) - min(values)) / median
-            best = max(static, key=lambda k: out[f"tps_{cell}_{k}"])
-            out[f"best_static_{cell}"] = best
-            for peer, key in ((best, "best_static"), ("none", "none")):
-                paired = [by_round[(i, "adaptive")] / by_round[(i, peer)]
-                          for i in range(args.rounds)]
-                out[f"ratio_vs_{key}_{cell}"] = out[f"tps_{cell}_adaptive"] / out[
-                    f"tps_{cell}_{peer}"]
-                out[f"ratio_vs_{key}_{cell}_paired_min"] = min(paired)
-                out[f"ratio_vs_{key}_{cell}_paired_max"] = max(paired)
-            worst[c] = min(worst.get(c, float("inf")), out[f"ratio_vs_best_static_{cell}"])
-    for c, ratio in worst.items():
-        out[f"ratio_vs_best_static_c{c}"] = ratio
-    out["ratio_vs_none_min"] = min(out[f"ratio_vs_none_{s}_c{c}"]
-                                   for s in args.sets for c in args.concurrency)
+            out.update(compare(by_round, list(range(args.rounds)), cell))
+    out.update(worst_cells(out, args))
     counters = evidence["counters"]
     drafts = counters.get("num_draft_tokens", 0.0)
     out["draft_tokens"] = drafts
@@ -148,30 +134,45 @@ def priced_keys(step_log: Path, args: argparse.Namespace) -> dict[str, Any]:
 
     Fitted per cell (``step_log.priced_ms``): a shape's work depends on the prompts."""
     segments = split_step_log(read_step_log(step_log))  # (round, set, c, config) -> steps
-    static = [c for c in CONFIGS if c != "adaptive"]
     out: dict[str, Any] = {}
-    worst: dict[int, float] = {}
     for prompt_set in args.sets:
         for c in args.concurrency:
-            cell = f"{prompt_set}_c{c}"
             by_run = priced_ms({(key[0], key[3]): steps for key, steps in segments.items()
                                 if key[1:3] == (prompt_set, c)})
-            rounds = sorted({round_index for round_index, _ in by_run})
-            median = {config: statistics.median(by_run[(i, config)] for i in rounds)
-                      for config in CONFIGS}
-            best = min(static, key=lambda k: median[k])
-            out[f"priced_best_static_{cell}"] = best
-            for peer, key in ((best, "best_static"), ("none", "none")):
-                paired = [by_run[(i, peer)] / by_run[(i, "adaptive")] for i in rounds]
-                out[f"priced_ratio_vs_{key}_{cell}"] = median[peer] / median["adaptive"]
-                out[f"priced_ratio_vs_{key}_{cell}_paired_min"] = min(paired)
-                out[f"priced_ratio_vs_{key}_{cell}_paired_max"] = max(paired)
-            worst[c] = min(worst.get(c, float("inf")), out[f"priced_ratio_vs_best_static_{cell}"])
-    for c, ratio in worst.items():
-        out[f"priced_ratio_vs_best_static_c{c}"] = ratio
-    out["priced_ratio_vs_none_min"] = min(out[f"priced_ratio_vs_none_{s}_c{c}"]
-                                          for s in args.sets for c in args.concurrency)
+            speed = {run: 1.0 / ms for run, ms in by_run.items()}  # higher is better
+            out.update(compare(speed, sorted({i for i, _ in by_run}), f"{prompt_set}_c{c}",
+                               "priced_"))
+    return {**out, **worst_cells(out, args, "priced_")}
+
+
+def compare(values: dict[tuple[int, str], float], rounds: list[int], cell: str,
+            prefix: str = "") -> dict[str, Any]:
+    """Adaptive against the best static configuration and none, from ``(round, config)``
+    values where higher is better: ratio of medians and the per-round range."""
+    median = {config: statistics.median(values[(i, config)] for i in rounds)
+              for config in CONFIGS}
+    best = max((c for c in CONFIGS if c != "adaptive"), key=lambda k: median[k])
+    out: dict[str, Any] = {f"{prefix}best_static_{cell}": best}
+    for peer, key in ((best, "best_static"), ("none", "none")):
+        paired = [values[(i, "adaptive")] / values[(i, peer)] for i in rounds]
+        name = f"{prefix}ratio_vs_{key}_{cell}"
+        out[name] = median["adaptive"] / median[peer]
+        out[f"{name}_paired_min"] = min(paired)
+        out[f"{name}_paired_max"] = max(paired)
     return out
+
+
+def worst_cells(out: dict[str, Any], args: argparse.Namespace,
+                prefix: str = "") -> dict[str, float]:
+    """The headline keys: worst cell per concurrency against the best static K, and
+    the lowest ratio to none."""
+    cells = [(s, c) for s in args.sets for c in args.concurrency]
+    worst = {f"{prefix}ratio_vs_best_static_c{c}": min(
+        out[f"{prefix}ratio_vs_best_static_{s}_c{c}"] for s in args.sets)
+        for c in args.concurrency}
+    worst[f"{prefix}ratio_vs_none_min"] = min(out[f"{prefix}ratio_vs_none_{s}_c{c}"]
+                                              for s, c in cells)
+    return worst
 
 
 def write_report(result: dict[str, Any], args: argparse.Namespace) -> None:
