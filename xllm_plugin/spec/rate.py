@@ -10,10 +10,11 @@ its own rate cuts the late ones that the average would keep.
 
 Kept per decoding-request count, because the rate a step is compared with should be that
 of steps like it: when requests arrive or finish, a single average would lag behind the
-batch size for as long as its window. Measured (produced tokens over measured step time,
-prefill chunks included: their time is part of what the average rate pays for), and
-exponentially decayed like the other estimates; the estimate is used once its decayed
-mass reaches ``min_steps``.
+batch size for as long as its window. Measured as produced tokens over measured step time,
+from decode-only steps: the caller leaves out steps with prefill work, since a token
+produced now saves later decode steps, not prefill (counted in, prefill time lowered the
+bar and replayed about 2% worse at concurrency 32). Exponentially decayed like the other
+estimates; the estimate is used once its decayed mass reaches ``min_steps``.
 """
 
 from __future__ import annotations
