@@ -235,8 +235,8 @@ logged every step (`xllm.speculative.step_log`). Per cell, each step's time is f
 a drift factor of its configuration's run times a price of its shape (decoding requests,
 drafts verified, prefill tokens; `step_log.priced_ms`), and a run is priced as the sum of
 its steps' prices. That keeps what the policies decide (how many steps, of which shapes)
-and drops the host's speed, which moved every step of a run by up to 20% between rounds
-here. Adaptive / best static K by priced step time (the best static K by the same
+and drops the host's speed, which moved every step of a run by up to 27% between the
+rounds of one run here (2026-12-06). Adaptive / best static K by priced step time (the best static K by the same
 measure; then the lowest and highest per-round ratio): {priced}. Time outside the steps
 (HTTP, detokenizing, scheduling) is not in it: 1.6-2.9% of a run's wall time, about the
 same for every configuration, in one round of the 2026-12-06 run.

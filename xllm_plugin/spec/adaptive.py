@@ -100,15 +100,10 @@ def _verified_and_accepted(verified: Mapping[str, int],
     return out
 
 
-def _produced_tokens(runner_output: Any, tokens_before: Mapping[str, int],
-                     requests: Mapping[str, Any]) -> int:
-    """Tokens the step produced: the runner's sampled tokens where it reports them, else
-    the growth of the requests it scheduled (the replay; misses requests already freed)."""
-    sampled = getattr(runner_output, "sampled_token_ids", None)
-    if sampled:
-        return sum(len(row) for row in sampled)
-    return sum(requests[request_id].num_tokens - before
-               for request_id, before in tokens_before.items() if request_id in requests)
+def _produced_tokens(runner_output: Any) -> int:
+    """Tokens the step produced, as the runner reports them (0 where it does not)."""
+    sampled = getattr(runner_output, "sampled_token_ids", None) or []
+    return sum(len(row) for row in sampled)
 
 
 def request_cap(request: Any, default: int) -> int:
@@ -143,7 +138,6 @@ class AdaptiveSpeculation:
         self.acceptance = AcceptanceEstimator(max_drafts, window_steps, prior_weight)
         self.cost = VerifyCostModel(cost_window_steps)
         self.rate = OutputRate(cost_window_steps)
-        self._tokens_before: dict[str, int] = {}  # running requests' lengths at schedule time
         self._pending: dict[str, deque[_Pending]] = {}
         self._latest: dict[str, _Pending] = {}  # each request's newest real proposal
         self._shadowed: set[str] = set()
@@ -171,9 +165,7 @@ class AdaptiveSpeculation:
         gains: dict[str, list[float]] = {}
         drafted: list[Any] = []
         decoding = 0
-        self._tokens_before = {}
         for request in running:
-            self._tokens_before[request.request_id] = request.num_tokens
             if not is_decoding(request):
                 continue
             decoding += 1
@@ -265,8 +257,7 @@ class AdaptiveSpeculation:
                 self.cost.observe(self._shape, step_ms)
             if not self._shape.prefill_tokens:  # see rate.py: drafts save decode time only
                 self.rate.observe(self._shape.decode_requests,
-                                  _produced_tokens(runner_output, self._tokens_before,
-                                                   requests), step_ms)
+                                  _produced_tokens(runner_output), step_ms)
             if self._step_log is not None:
                 self._step_log.write(self._shape, _verified_and_accepted(
                     self._verified_lengths, runner_output), step_ms)

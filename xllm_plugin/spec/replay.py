@@ -92,7 +92,7 @@ class LengthPolicy(Protocol):
     def choose(self, live: list[LiveRequest]) -> None:
         """Cut each decoding request's ``spec_token_ids`` to the drafts it verifies."""
 
-    def learn(self, scheduled: ScheduledStep, step_ms: float,
+    def learn(self, scheduled: ScheduledStep, runner: RunnerOutput, step_ms: float,
               requests: dict[str, LiveRequest]) -> None:
         """See the finished step."""
 
@@ -130,6 +130,15 @@ class ScheduledStep:
     num_spec_tokens_to_schedule: int | None = None
 
 
+@dataclass
+class RunnerOutput:
+    """The fields of vLLM's ``ModelRunnerOutput`` the controller reads: the tokens each
+    scheduled request produced this step."""
+
+    req_id_to_index: dict[str, int] = field(default_factory=dict)
+    sampled_token_ids: list[list[int]] = field(default_factory=list)
+
+
 class StaticLength:
     """vLLM with a fixed ``num_speculative_tokens``: verify every draft up to ``k``."""
 
@@ -140,7 +149,7 @@ class StaticLength:
         for request in live:
             request.spec_token_ids = request.spec_token_ids[: self.k]
 
-    def learn(self, scheduled: ScheduledStep, step_ms: float,
+    def learn(self, scheduled: ScheduledStep, runner: RunnerOutput, step_ms: float,
               requests: dict[str, LiveRequest]) -> None:
         return None
 
@@ -153,7 +162,7 @@ class BatchSizeTable(StaticLength):
         super().__init__(k)
         self.lookup = list(lookup)
 
-    def learn(self, scheduled: ScheduledStep, step_ms: float,
+    def learn(self, scheduled: ScheduledStep, runner: RunnerOutput, step_ms: float,
               requests: dict[str, LiveRequest]) -> None:
         batch = len(scheduled.num_scheduled_tokens)
         if batch:
@@ -169,10 +178,10 @@ class AdaptiveLength:
     def choose(self, live: list[LiveRequest]) -> None:
         self.controller.before_schedule(live)
 
-    def learn(self, scheduled: ScheduledStep, step_ms: float,
+    def learn(self, scheduled: ScheduledStep, runner: RunnerOutput, step_ms: float,
               requests: dict[str, LiveRequest]) -> None:
         self.controller.after_schedule(scheduled)
-        self.controller.after_update(scheduled, None, step_ms, requests)
+        self.controller.after_update(scheduled, runner, step_ms, requests)
 
 
 @dataclass
@@ -233,16 +242,19 @@ def replay_cell(requests: Sequence[Recorded], concurrency: int, policy: LengthPo
         result.elapsed_ms += step_ms
         result.steps += 1
         result.drafts_verified += verified
+        runner = RunnerOutput()
         for request in live.values():
             drafting = request.num_computed_tokens > 0 and bool(request.spec_token_ids)
             new = _advance(request)
+            runner.req_id_to_index[request.request_id] = len(runner.sampled_token_ids)
+            runner.sampled_token_ids.append(request.all_token_ids[-new:] if new else [])
             result.output_tokens += new
             if drafting:
                 result.drafts_accepted += max(0, new - 1)
         observed = step_ms * math.exp(rng.gauss(0.0, noise)) if noise > 0 else step_ms
         for request in live.values():
             request.finished = request.remaining <= 0
-        policy.learn(scheduled, observed, live)
+        policy.learn(scheduled, runner, observed, live)
         for request_id in [r.request_id for r in live.values() if r.finished]:
             del live[request_id]
         admit()

@@ -30,8 +30,9 @@ class StepLog:
             self._file = self.path.open("a", buffering=1)
         self._file.write(json.dumps({
             "decode": shape.decode_requests, "drafts": shape.draft_tokens,
-            "prefill": shape.prefill_tokens, "verified": sorted(verified, key=lambda pair: -pair[0]),
-            "ms": round(step_ms, 3)}) + "\n")
+            "prefill": shape.prefill_tokens,
+            "verified": sorted(verified, key=lambda pair: -pair[0]), "ms": round(step_ms, 3)})
+            + "\n")
 
 
 def read_step_log(path: str | Path) -> list[dict]:
@@ -57,7 +58,7 @@ def priced_ms(segments: dict[tuple, list[dict]], sweeps: int = 20) -> dict[tuple
 
     Steps of one shape (decoding requests, drafts, prefill tokens) take the same work, so
     what moves their time between segments of one engine run is the host: on the 2-core
-    hosts here every step of a configuration ran up to 20% slower in one round than in the
+    hosts here every step of a configuration ran up to 27% slower in one round than in the
     next. Fitted as ``ms = drift[segment] * price[shape]`` by alternating medians (robust
     to the odd slow step; shapes common to all segments, such as decode steps without
     drafts, tie the drifts together), each segment's time is then the sum of its steps'
