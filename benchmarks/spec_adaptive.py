@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from host_probe import probe_ms
 
 from router.bench.prompts import load_prompts
 from xllm_plugin.launcher.engine import EngineProcess, EngineSpec, free_port, http_get_json
@@ -249,6 +250,7 @@ def run_engine(config: str, rep: int, model: Path, sets: dict[str, list[str]],
     with EngineProcess(spec) as engine:
         asyncio.run(measure(engine.url, sets["sharegpt"][-8:], 4, 8,
                             args.max_tokens))  # warm-up, discarded
+        probe_before = idle_probe_ms(model)
         for prompt_set in args.sets:
             for concurrency in args.concurrency:
                 offset = cell_offset(concurrency, args.requests)
@@ -257,16 +259,26 @@ def run_engine(config: str, rep: int, model: Path, sets: dict[str, list[str]],
                 tps = asyncio.run(measure(engine.url, cell_prompts, concurrency,
                                           args.requests[concurrency], args.max_tokens,
                                           texts=texts))
+                probe_after = idle_probe_ms(model)
+                probe = (probe_before + probe_after) / 2
                 rows.append({"config": config, "rep": rep, "set": prompt_set,
-                             "c": concurrency, "tps": tps,
+                             "c": concurrency, "tps": tps, "probe_ms": probe,
                              "texts": [texts[i] for i in sorted(texts)]})
                 print(f"rep {rep} {config:9s} {prompt_set:10s} c={concurrency:2d}: "
-                      f"{tps:6.1f} tok/s", flush=True)
+                      f"{tps:6.1f} tok/s (host probe {probe:.1f} ms)", flush=True)
+                probe_before = probe_after
         evidence: dict[str, Any] = {"counters": spec_counters(engine.url)}
         if is_adaptive(config):
             evidence["controller"] = http_get_json(engine.url + "/xllm/status")["engine"][
                 "speculative"]
     return rows, evidence
+
+
+def idle_probe_ms(model: Path) -> float:
+    """The host probe (``host_probe.py``) while the engine idles: vLLM's shared-memory
+    readers spin for a second after their last message, so wait that out first."""
+    time.sleep(1.5)
+    return probe_ms(model)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -314,27 +326,63 @@ def same_texts(rows: list[dict[str, Any]], config: str, reference: str = "none")
     return same / total if total else float("nan")
 
 
-def derive_ratios(out: dict[str, Any]) -> None:
-    """Every ratio key, from the per-cell medians ``tps_{set}_c{c}_{config}`` in ``out``."""
+def derive_ratios(out: dict[str, Any], prefix: str = "") -> None:
+    """Every ratio key, from the per-cell medians ``{prefix}tps_{set}_c{c}_{config}`` in
+    ``out`` (``prefix``: "" for measured throughput, "corrected_" for throughput at the
+    run's median host speed); each key written carries the same prefix."""
     cells = [(s, c) for s in PROMPT_SETS for c in CONCURRENCY]
     for prompt_set, c in cells:
-        tps = {config: out[f"tps_{prompt_set}_c{c}_{config}"] for config in CONFIGS}
+        tps = {config: out[f"{prefix}tps_{prompt_set}_c{c}_{config}"] for config in CONFIGS}
         best = max(STATIC, key=lambda s: tps[s])
-        out[f"best_static_{prompt_set}_c{c}"] = best
-        out[f"ratio_vs_best_static_{prompt_set}_c{c}"] = tps["adaptive"] / tps[best]
-        out[f"ratio_vs_table_{prompt_set}_c{c}"] = tps["adaptive"] / tps["table"]
-        out[f"ratio_vs_none_{prompt_set}_c{c}"] = tps["adaptive"] / tps["none"]
+        out[f"{prefix}best_static_{prompt_set}_c{c}"] = best
+        out[f"{prefix}ratio_vs_best_static_{prompt_set}_c{c}"] = tps["adaptive"] / tps[best]
+        out[f"{prefix}ratio_vs_table_{prompt_set}_c{c}"] = tps["adaptive"] / tps["table"]
+        out[f"{prefix}ratio_vs_none_{prompt_set}_c{c}"] = tps["adaptive"] / tps["none"]
     for c in CONCURRENCY:
         # Headline per concurrency: the worse of the two prompt sets.
-        out[f"ratio_vs_best_static_c{c}"] = min(
-            out[f"ratio_vs_best_static_{s}_c{c}"] for s in PROMPT_SETS)
-        out[f"ratio_vs_table_c{c}"] = min(out[f"ratio_vs_table_{s}_c{c}"] for s in PROMPT_SETS)
-    out["ratio_vs_none_min"] = min(out[f"ratio_vs_none_{s}_c{c}"] for s, c in cells)
+        out[f"{prefix}ratio_vs_best_static_c{c}"] = min(
+            out[f"{prefix}ratio_vs_best_static_{s}_c{c}"] for s in PROMPT_SETS)
+        out[f"{prefix}ratio_vs_table_c{c}"] = min(
+            out[f"{prefix}ratio_vs_table_{s}_c{c}"] for s in PROMPT_SETS)
+    out[f"{prefix}ratio_vs_none_min"] = min(
+        out[f"{prefix}ratio_vs_none_{s}_c{c}"] for s, c in cells)
     # What a deployment gets: one K for every cell. Adaptive against each: worst and best cell.
     for config in STATIC[1:]:
-        ratios = [out[f"tps_{s}_c{c}_adaptive"] / out[f"tps_{s}_c{c}_{config}"] for s, c in cells]
-        out[f"ratio_vs_{config}_min"] = min(ratios)
-        out[f"ratio_vs_{config}_max"] = max(ratios)
+        ratios = [out[f"{prefix}tps_{s}_c{c}_adaptive"] / out[f"{prefix}tps_{s}_c{c}_{config}"]
+                  for s, c in cells]
+        out[f"{prefix}ratio_vs_{config}_min"] = min(ratios)
+        out[f"{prefix}ratio_vs_{config}_max"] = max(ratios)
+
+
+def _spread(values: list[float]) -> float:
+    """(max - min) / median of the repetitions."""
+    med = _median(values)
+    return (max(values) - min(values)) / med if values and med else float("nan")
+
+
+def cell_medians(rows: list[dict[str, Any]], out: dict[str, Any]) -> None:
+    """``tps_*`` and ``spread_*`` per cell and configuration; where the rows carry host probes,
+    the same at the run's median host speed (``corrected_*``: a row's throughput times its
+    probe time over the median probe time) and each kind's median spread."""
+    probes = [r["probe_ms"] for r in rows if "probe_ms" in r]
+    reference = _median(probes)
+    kinds = {"": lambda r: r["tps"]}
+    if probes and len(probes) == len(rows):
+        out["probe_ms_median"] = reference
+        out["probe_ms_spread"] = _spread(probes)
+        kinds["corrected_"] = lambda r: r["tps"] * r["probe_ms"] / reference
+    for prefix, value in kinds.items():
+        spreads = []
+        for prompt_set in PROMPT_SETS:
+            for c in CONCURRENCY:
+                for config in CONFIGS:
+                    values = [value(r) for r in rows if r["config"] == config
+                              and r["set"] == prompt_set and r["c"] == c]
+                    out[f"{prefix}tps_{prompt_set}_c{c}_{config}"] = _median(values)
+                    out[f"{prefix}spread_{prompt_set}_c{c}_{config}"] = _spread(values)
+                    spreads.append(_spread(values))
+        out[f"{prefix}spread_median"] = _median(spreads)
+        derive_ratios(out, prefix)
 
 
 def run_header(args: argparse.Namespace, cpu: str = "", setup: str = "") -> dict[str, str]:
@@ -367,16 +415,7 @@ def summarize(rows: list[dict[str, Any]], evidence: dict[str, list[dict[str, Any
         "requests_per_cell": json.dumps(args.requests),
         "table": json.dumps(args.table),
     }
-    for prompt_set in PROMPT_SETS:
-        for c in CONCURRENCY:
-            cell = {config: [r["tps"] for r in rows if r["config"] == config
-                             and r["set"] == prompt_set and r["c"] == c] for config in CONFIGS}
-            for config, values in cell.items():
-                med = _median(values)
-                out[f"tps_{prompt_set}_c{c}_{config}"] = med
-                out[f"spread_{prompt_set}_c{c}_{config}"] = (
-                    (max(values) - min(values)) / med if values and med else float("nan"))
-    derive_ratios(out)
+    cell_medians(rows, out)
     for config in CONFIGS:
         out[f"same_texts_as_none_{config}"] = same_texts(rows, config)
     for config in CONFIGS[1:]:
@@ -457,6 +496,8 @@ K in its worst cell, what a deployment that sets one K gets):
 |---|---|
 {headline}
 
+{corrected_section(result)}
+
 Drafts verified and accepted over the whole run (vLLM's own `vllm:spec_decode_*` counters;
 they prove each peer's speculation engaged), and how many of each configuration's output
 texts equal `none`'s for the same prompt in the same cell (its first repetition; where they
@@ -489,6 +530,37 @@ there, and the same rule shortens drafts, first for the requests whose drafts ar
 likely to be accepted.
 """
     (RESULTS / f"{name}.md").write_text(text)
+
+
+def corrected_section(result: dict[str, Any]) -> str:
+    """The ratios at the run's median host speed, and whether the probe earned its place."""
+    if "corrected_spread_median" not in result:
+        return "(This run timed no host probe; see `host_probe.py`.)"
+    rows = []
+    for prompt_set in PROMPT_SETS:
+        for c in CONCURRENCY:
+            key = f"{prompt_set}_c{c}"
+            rows.append(f"| {prompt_set} | {c} | "
+                        f"{result[f'corrected_ratio_vs_best_static_{key}']:.3f} "
+                        f"({result[f'corrected_best_static_{key}']}) | "
+                        f"{result[f'corrected_ratio_vs_table_{key}']:.3f} | "
+                        f"{result[f'corrected_ratio_vs_none_{key}']:.3f} | "
+                        f"{result[f'ratio_vs_best_static_{key}']:.3f} |")
+    narrower = result["corrected_spread_median"] < result["spread_median"]
+    verdict = ("narrower, so the correction removes part of the host's drift" if narrower else
+               "not narrower, so the probe does not track the engine and the measured ratios "
+               "stand")
+    return f"""At one host speed: a fixed float32 workload shaped like the model's linear layers
+(`host_probe.py`, about 0.7 s) was timed with the engine idle before and after every cell;
+each cell's throughput is scaled by its probe time (mean of the two) over the run's median
+probe ({result['probe_ms_median']:.1f} ms; the probes ranged over
+{100 * result['probe_ms_spread']:.0f}% of it). The median spread between repetitions of a
+configuration's cell is {100 * result['corrected_spread_median']:.1f}% corrected against
+{100 * result['spread_median']:.1f}% measured: {verdict}.
+
+| set | c | corrected adaptive / best static | / table | / none | measured / best static |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}"""
 
 
 def reading(result: dict[str, Any]) -> str:
@@ -612,6 +684,8 @@ def main() -> None:
         path = RESULTS / f"{args.out}.json"
         result = json.loads(path.read_text())
         derive_ratios(result)
+        if "corrected_spread_median" in result:
+            derive_ratios(result, "corrected_")
         path.write_text(json.dumps(result, indent=1))
         write_report(result, args.out)
         return
