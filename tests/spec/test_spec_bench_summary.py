@@ -17,9 +17,10 @@ import spec_adaptive as bench  # noqa: E402
 TRUE_TPS = {"none": 10.0, "k2": 12.0, "k4": 13.0, "k8": 13.5, "table": 13.2, "adaptive": 13.6}
 
 
-def drifting_rows(with_probe: bool = True) -> list[dict]:
+def drifting_rows(elasticity: float = 1.0, with_probe: bool = True) -> list[dict]:
     """Three repetitions; each engine (one per configuration and repetition) runs on a host
-    slowed by its own factor, which the probe sees as a longer time."""
+    slowed by its own factor, which the probe sees in full and the engine's throughput
+    follows to the power ``elasticity``."""
     rng = random.Random(1)
     rows = []
     for rep in range(3):
@@ -28,43 +29,48 @@ def drifting_rows(with_probe: bool = True) -> list[dict]:
             for prompt_set in bench.PROMPT_SETS:
                 for c in bench.CONCURRENCY:
                     row = {"config": config, "rep": rep, "set": prompt_set, "c": c,
-                           "tps": TRUE_TPS[config] * c / slowdown}
+                           "tps": TRUE_TPS[config] * c / slowdown ** elasticity}
                     if with_probe:
                         row["probe_ms"] = 90.0 * slowdown
                     rows.append(row)
     return rows
 
 
-def test_probe_correction_recovers_the_ratios_at_one_host_speed() -> None:
+@pytest.mark.parametrize("elasticity", [1.0, 0.6])
+def test_probe_correction_recovers_the_ratios_at_one_host_speed(elasticity: float) -> None:
+    rows = drifting_rows(elasticity)
+    assert bench.probe_elasticity(rows) == pytest.approx(elasticity)
     out: dict = {}
-    bench.cell_medians(drifting_rows(), out)
+    bench.cell_medians(rows, out)
+    bench.probe_corrected(rows, out)
     truth = TRUE_TPS["adaptive"] / TRUE_TPS["k8"]
     for c in bench.CONCURRENCY:
         assert out[f"corrected_ratio_vs_best_static_c{c}"] == pytest.approx(truth)
         assert out[f"corrected_ratio_vs_table_c{c}"] == pytest.approx(
             TRUE_TPS["adaptive"] / TRUE_TPS["table"])
-    assert out["corrected_spread_median"] == pytest.approx(0.0, abs=1e-12)
-    assert out["spread_median"] > 0.1
+    assert out["corrected_log_sd_within_cells"] == pytest.approx(0.0, abs=1e-9)
+    assert out["log_sd_within_cells"] > 0.05
     # The measured ratios still carry the drift: some cell is off by more than 1%.
     assert any(abs(out[f"ratio_vs_best_static_c{c}"] - truth) > 0.01
                for c in bench.CONCURRENCY)
+    assert "takes out part of the host's drift" in bench.corrected_section(out)
+
+
+def test_a_probe_unrelated_to_throughput_corrects_nothing() -> None:
+    rows = drifting_rows(elasticity=0.0)  # the engine ignores what the probe sees
+    assert bench.probe_elasticity(rows) == pytest.approx(0.0, abs=1e-9)
+    out: dict = {}
+    bench.cell_medians(rows, out)
+    bench.probe_corrected(rows, out)
+    assert out["corrected_ratio_vs_best_static_c1"] == pytest.approx(
+        out["ratio_vs_best_static_c1"])
 
 
 def test_rows_without_probes_give_measured_keys_only() -> None:
     out: dict = {}
-    bench.cell_medians(drifting_rows(with_probe=False), out)
+    rows = drifting_rows(with_probe=False)
+    bench.cell_medians(rows, out)
+    bench.probe_corrected(rows, out)
     assert "ratio_vs_best_static_c1" in out and "ratio_vs_none_min" in out
     assert not any(key.startswith("corrected_") or key.startswith("probe_") for key in out)
     assert "(This run timed no host probe" in bench.corrected_section(out)
-
-
-def test_report_only_recomputes_both_kinds_of_ratio() -> None:
-    out: dict = {}
-    bench.cell_medians(drifting_rows(), out)
-    for key in [k for k in out if "ratio" in k]:
-        del out[key]
-    bench.derive_ratios(out)
-    bench.derive_ratios(out, "corrected_")
-    assert out["corrected_ratio_vs_none_min"] == pytest.approx(
-        TRUE_TPS["adaptive"] / TRUE_TPS["none"])
-    assert "corrected adaptive / best static" in bench.corrected_section(out)
