@@ -95,6 +95,10 @@ def test_adaptive_speculation_verified_drafts_and_chose_varying_lengths(
     assert status["judged_proposals"] > 0
     assert len(status["chosen_lengths"]) >= 2  # not one fixed K
     assert status["cost_model_samples"] > 0
+    # Judged proposals were compared with the g(i) the rule saw for them.
+    rows = [row for context in status["calibration"].values() for row in context]
+    assert rows and all(0.0 <= predicted <= 1.0 and 0.0 <= realized <= 1.0
+                        for predicted, realized, _ in rows)
 
 
 def test_the_step_log_holds_every_step_with_its_accepted_drafts(

@@ -45,6 +45,7 @@ from xllm_plugin.spec.acceptance import (
     judge_proposal,
     proposal_context,
 )
+from xllm_plugin.spec.calibration import Calibration
 from xllm_plugin.spec.cost import StepShape, VerifyCostModel
 from xllm_plugin.spec.policy import LengthDecision, choose_lengths, probe_lengths
 from xllm_plugin.spec.rate import OutputRate
@@ -74,6 +75,7 @@ class _Pending:
     position: int  # index in the request's tokens of the first draft
     drafts: tuple[int, ...]
     context: str = NO_PROPOSAL  # what the request's proposal before this one showed
+    predicted: tuple[float, ...] = ()  # g(i) the length rule saw for it (calibration.py)
 
 
 def _request_count(request: Any, key: str) -> int | None:
@@ -138,6 +140,7 @@ class AdaptiveSpeculation:
         self.acceptance = AcceptanceEstimator(max_drafts, window_steps, prior_weight)
         self.cost = VerifyCostModel(cost_window_steps)
         self.rate = OutputRate(cost_window_steps)
+        self.calibration = Calibration()
         self._pending: dict[str, deque[_Pending]] = {}
         self._latest: dict[str, _Pending] = {}  # each request's newest real proposal
         self._shadowed: set[str] = set()
@@ -174,8 +177,9 @@ class AdaptiveSpeculation:
                 self._latest.pop(request.request_id, None)
                 continue
             context = self._context_of(request)
+            remembered = None
             if all(t >= 0 for t in drafts):
-                self._remember(request, drafts, context)
+                remembered = self._remember(request, drafts, context)
             else:  # placeholders (async scheduling): nothing to judge a next proposal by
                 self._latest.pop(request.request_id, None)
             cap = request_cap(request, self.max_drafts)
@@ -192,6 +196,8 @@ class AdaptiveSpeculation:
                 continue
             drafted.append(request)
             gains[request.request_id] = self.acceptance.gains(request.request_id, length, context)
+            if remembered is not None:
+                remembered.predicted = tuple(gains[request.request_id])
         # The bar a draft must clear is a rate of decode work, the recent one (rate.py) or,
         # until that is known, the step's own: prefill chunks are the same fixed work
         # whatever is verified, and counting them would make tokens look dear and drafts
@@ -281,12 +287,13 @@ class AdaptiveSpeculation:
         end = latest.position + len(latest.drafts)
         return proposal_context(latest.drafts, request.all_token_ids[latest.position:end])
 
-    def _remember(self, request: Any, drafts: list[int], context: str) -> None:
+    def _remember(self, request: Any, drafts: list[int], context: str) -> _Pending:
         self._shadowed.add(request.request_id)
         queue = self._pending.setdefault(request.request_id, deque(maxlen=64))
         pending = _Pending(request.num_tokens, tuple(drafts), context)
         queue.append(pending)
         self._latest[request.request_id] = pending
+        return pending
 
     def _observe_verified(self, scheduler_output: Any, runner_output: Any) -> None:
         """Placeholder drafts (async scheduling): learn from the verified ones."""
@@ -318,6 +325,8 @@ class AdaptiveSpeculation:
                     break
                 queue.popleft()
                 self.acceptance.observe(request_id, *verdict, item.context)
+                if item.predicted:
+                    self.calibration.add(item.predicted, *verdict, item.context)
             if not queue:
                 del self._pending[request_id]
             if complete:
@@ -346,5 +355,6 @@ class AdaptiveSpeculation:
             "cost_model_ms": self.cost.as_dict(),
             "cost_model_samples": self.cost.samples,
             "output_rate_tokens_per_ms": self.rate.as_dict(),
+            "calibration": self.calibration.as_dict(),
             "updated_at": time.time(),
         }
