@@ -11,8 +11,10 @@ SmolLM2-135M on the CPU, greedy decoding, one engine per configuration
   ``xllm.speculative.adaptive`` on.
 
 Pilot runs (``--configs``, ``--concurrency``, ``--sets``: printed only) may add any static
-``kN`` and adaptive variants ``adaptive:KEY=VALUE[:KEY=VALUE]`` that override fields of
-``xllm.speculative`` (e.g. ``adaptive:margin=0.01``).
+``kN``, adaptive variants ``adaptive:KEY=VALUE[:KEY=VALUE]`` that override fields of
+``xllm.speculative`` (e.g. ``adaptive:margin=0.01``), and ``plugin-kN``: the adaptive
+engine with every request fixing K=N (``vllm_xargs.spec_k``), which against stock ``kN``
+measures what the plugin's scheduler costs beside the length choice.
 Engines run in float32 by default: there every configuration writes the same greedy
 texts (``same_texts_as_none_*`` in the result counts them), so a cell compares the same
 work. In bf16 the batch shapes that differ between configurations flip near-ties, and a
@@ -158,19 +160,25 @@ def spec_for(config: str, model: Path, table: list[list[int]], max_num_seqs: int
     elif config == "table":
         speculative = {**NGRAM, "num_speculative_tokens": MAX_K,
                        "num_speculative_tokens_per_batch_size": table}
-    elif is_adaptive(config):
+    elif is_adaptive(config) or plugin_fixed_k(config) is not None:
         speculative = {**NGRAM, "num_speculative_tokens": adaptive_max_k}
     if speculative is not None:
         extra += ["--speculative-config", json.dumps(speculative)]
-    adaptive = is_adaptive(config)
-    xllm = {"speculative": {"adaptive": True, **adaptive_overrides(config)}} if adaptive else None
-    return EngineSpec(model=model, port=free_port(), served_model_name="smollm2", plugin=adaptive,
+    plugin = is_adaptive(config) or plugin_fixed_k(config) is not None
+    xllm = {"speculative": {"adaptive": True, **adaptive_overrides(config)}} if plugin else None
+    return EngineSpec(model=model, port=free_port(), served_model_name="smollm2", plugin=plugin,
                       xllm_config=xllm, extra_args=extra, env={SHM_POLL_ENV: ""},
                       cpu_bind=engine_cores, pin_process=engine_cores is not None)
 
 
 def is_adaptive(config: str) -> bool:
     return config == "adaptive" or config.startswith("adaptive:")
+
+
+def plugin_fixed_k(config: str) -> int | None:
+    """N of a ``plugin-kN`` pilot configuration, None for the others."""
+    suffix = config.removeprefix("plugin-k")
+    return int(suffix) if config.startswith("plugin-k") and suffix.isdigit() else None
 
 
 def adaptive_overrides(config: str) -> dict[str, Any]:
@@ -249,9 +257,11 @@ def run_engine(config: str, rep: int, model: Path, sets: dict[str, list[str]],
     rows: list[dict[str, Any]] = []
     spec = spec_for(config, model, args.table, max(CONCURRENCY), args.dtype,
                     args.adaptive_max_k, "0" if args.pin else None)
+    fixed = plugin_fixed_k(config)
+    body = {"vllm_xargs": {"spec_k": fixed}} if fixed is not None else None
     with EngineProcess(spec) as engine:
         asyncio.run(measure(engine.url, sets["sharegpt"][-8:], 4, 8,
-                            args.max_tokens))  # warm-up, discarded
+                            args.max_tokens, body))  # warm-up, discarded
         probe_before = idle_probe_ms(model)
         for prompt_set in args.sets:
             for concurrency in args.concurrency:
@@ -260,7 +270,7 @@ def run_engine(config: str, rep: int, model: Path, sets: dict[str, list[str]],
                 texts: dict[int, str] = {}
                 tps = asyncio.run(measure(engine.url, cell_prompts, concurrency,
                                           args.requests[concurrency], args.max_tokens,
-                                          texts=texts))
+                                          body, texts=texts))
                 probe_after = idle_probe_ms(model)
                 probe = (probe_before + probe_after) / 2
                 rows.append({"config": config, "rep": rep, "set": prompt_set,
@@ -270,7 +280,7 @@ def run_engine(config: str, rep: int, model: Path, sets: dict[str, list[str]],
                       f"{tps:6.1f} tok/s (host probe {probe:.1f} ms)", flush=True)
                 probe_before = probe_after
         evidence: dict[str, Any] = {"counters": spec_counters(engine.url)}
-        if is_adaptive(config):
+        if spec.plugin:
             evidence["controller"] = http_get_json(engine.url + "/xllm/status")["engine"][
                 "speculative"]
     return rows, evidence
@@ -775,6 +785,7 @@ def main() -> None:
                 controller = proof.get("controller", {})
                 print(f"rep {rep} {config}: {json.dumps(proof['counters'])} "
                       f"lengths {json.dumps(controller.get('chosen_lengths'))} "
+                      f"fixed-K request steps {controller.get('fixed_length_request_steps')} "
                       f"cost {json.dumps(controller.get('cost_model_ms'))}", flush=True)
         for config in wanted[1:]:
             print(f"{config}: same texts as {wanted[0]}'s first repetition: "
