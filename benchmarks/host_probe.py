@@ -3,10 +3,10 @@
 On the shared 2-core hosts these benchmarks run on, every step of an engine moved by up to
 27% between rounds of one run (results/spec_interleaved.md), far more than the differences
 between the configurations compared. Timing the same workload between an engine's cells
-(engine idle) gives a speed factor per cell; a cell's throughput times its probe time over
-the run's median probe time is the throughput at the run's median host speed. Whether the
-factor tracks the engine's drift is checked by the result itself: corrected throughputs of
-one configuration should scatter less between repetitions than raw ones.
+(engine idle) gives a speed factor per cell. ``spec_adaptive.py`` fits on each run how far
+throughput follows it (an elasticity, 0.54 in the run of 2026-12-06) and reports every cell
+at the run's median host speed; whether that helps is checked by the result itself:
+corrected throughputs of one cell should scatter less between repetitions than raw ones.
 
 The workload: every linear layer of the model (shapes from its ``config.json``) applied to
 one row and to 32 rows (a decode step at batch 1 reads all weights once, memory-bound; at

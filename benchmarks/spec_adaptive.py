@@ -758,7 +758,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer requests (smoke test)")
     parser.add_argument("--out", default=NAME)
     parser.add_argument("--report-only", action="store_true",
-                        help="recompute the ratios from the JSON's medians, rewrite the page")
+                        help="recompute the ratios from the JSON's medians (and the corrected_* "
+                             "keys from NAME_rows.json, if present), rewrite the page")
     args = parser.parse_args()
     if args.report_only:
         path = RESULTS / f"{args.out}.json"

@@ -12,7 +12,8 @@ diagnosis for ``/xllm/status``, not an input to the rule.
 Replayed on SmolLM2 outputs recorded for the benchmark's prompts (xeon-fp32 costs), the
 estimates were biased in a consistent way: late positions (5-8) predicted above what was
 found in most contexts (0.25 against 0.12 after a missed proposal on ShareGPT at c=4), first
-drafts without a previous proposal below it (0.55 against 0.62-0.81). Scaling each ``g(i)``
+drafts without a previous proposal below it on repetitive prompts (0.55-0.66 against
+0.62-0.81). Scaling each ``g(i)``
 by its context's realized-over-predicted ratio was tried (2026-12-06): over 4 cost
 functions x 8 cells x 3 seeds it moved adaptive / best static K by -1.1% to +0.7%, worst
 cells 0.991-0.996 against 0.993-0.997 without it, so the rule does not use it.
