@@ -177,12 +177,13 @@ def is_adaptive(config: str) -> bool:
 
 def plugin_fixed_k(config: str) -> int | None:
     """N of a ``plugin-kN`` pilot configuration, None for the others."""
-    suffix = config.removeprefix("plugin-k")
+    suffix = config.split(":")[0].removeprefix("plugin-k")
     return int(suffix) if config.startswith("plugin-k") and suffix.isdigit() else None
 
 
 def adaptive_overrides(config: str) -> dict[str, Any]:
-    """``adaptive:margin=0.5:probe_interval=0`` -> {"margin": 0.5, "probe_interval": 0}."""
+    """``adaptive:margin=0.5:probe_interval=0`` -> {"margin": 0.5, "probe_interval": 0}
+    (``plugin-kN:...`` too, e.g. to give it a ``step_log``)."""
     out: dict[str, Any] = {}
     for item in config.split(":")[1:]:
         key, _, value = item.partition("=")
