@@ -117,6 +117,10 @@ class SpeculativeConfig(_Section):
     previous_outcome: bool = Field(
         default=True, description="Estimate acceptance separately by how the request's previous "
                                   "proposal fared (matched so far, broke, none).")
+    source_agreement: bool = Field(
+        default=True, description="Copying proposers (ngram, suffix): estimate acceptance also "
+                                  "by how many tokens before the drafts' source agree with the "
+                                  "tokens before them (spec/source.py).")
     probe_interval: int = Field(
         default=16, ge=0, description="Async scheduling only: force one draft every N steps.")
     long_run_rate: bool = Field(

@@ -28,7 +28,7 @@ def test_a_wrong_draft_settles_every_later_position_and_an_ended_request_does_no
 
 def test_the_controller_reports_calibration_for_the_drafts_it_priced() -> None:
     rng = random.Random(3)
-    controller = AdaptiveSpeculation(max_drafts=8, method="ngram")
+    controller = AdaptiveSpeculation(max_drafts=8, method="ngram", source_agreement=False)
     requests = [copying(rng) for _ in range(4)] + [chatter(rng) for _ in range(4)]
     replay_cell(requests, 2, AdaptiveLength(controller), last_token_lookup, 8, COST)
     calibration = controller.status()["calibration"]

@@ -169,7 +169,7 @@ def test_acceptance_is_estimated_separately_after_a_match_and_after_a_miss() -> 
 
 
 def test_a_proposal_is_filed_under_how_the_one_before_it_fared() -> None:
-    controller = AdaptiveSpeculation(max_drafts=2, method="ngram")
+    controller = AdaptiveSpeculation(max_drafts=2, method="ngram", source_agreement=False)
     tokens = [1, 2, 3]
     request = _request("r", tokens, [4, 5])
     controller.before_schedule([request])  # first proposal: no previous one
@@ -183,7 +183,8 @@ def test_a_proposal_is_filed_under_how_the_one_before_it_fared() -> None:
     request.spec_token_ids = [10, 11]
     controller.before_schedule([request])
     assert controller._pending["r"][-1].context == BROKE_FIRST
-    off = AdaptiveSpeculation(max_drafts=2, method="ngram", previous_outcome=False)
+    off = AdaptiveSpeculation(max_drafts=2, method="ngram", previous_outcome=False,
+                              source_agreement=False)
     request.spec_token_ids = [10, 11]
     off.before_schedule([request])
     off.before_schedule([request])

@@ -34,7 +34,8 @@ def adaptive_speculation_for(vllm_config: Any, settings: SpeculativeConfig) -> A
         window_steps=settings.window_steps, prior_weight=settings.prior_weight,
         cost_window_steps=settings.cost_window_steps, margin=settings.margin,
         probe_interval=settings.probe_interval, previous_outcome=settings.previous_outcome,
-        long_run_rate=settings.long_run_rate, step_log=settings.step_log)
+        long_run_rate=settings.long_run_rate, source_agreement=settings.source_agreement,
+        step_log=settings.step_log)
 
 
 def check_command_line(argv: list[str], settings: SpeculativeConfig) -> None:

@@ -49,6 +49,7 @@ from xllm_plugin.spec.calibration import Calibration
 from xllm_plugin.spec.cost import StepShape, VerifyCostModel
 from xllm_plugin.spec.policy import LengthDecision, choose_lengths, probe_lengths
 from xllm_plugin.spec.rate import OutputRate
+from xllm_plugin.spec.source import agreement_bucket, source_agreement
 from xllm_plugin.spec.step_log import StepLog
 
 # Proposers whose drafting is cheap CPU work (string matching): always ask for
@@ -130,11 +131,13 @@ class AdaptiveSpeculation:
                  prior_weight: float = 4.0, cost_window_steps: int = 256,
                  margin: float = 1.0, probe_interval: int = 16,
                  previous_outcome: bool = True, long_run_rate: bool = True,
-                 step_log: str | None = None) -> None:
+                 source_agreement: bool = True, step_log: str | None = None) -> None:
         self.max_drafts = max_drafts
         self.long_run_rate = long_run_rate
         self.previous_outcome = previous_outcome
         self.cheap_proposer = method in CHEAP_PROPOSERS
+        # Only a copying proposer's drafts have a source in the text (source.py).
+        self.by_source = source_agreement and self.cheap_proposer
         self.margin = margin
         self.probe_interval = probe_interval
         self.acceptance = AcceptanceEstimator(max_drafts, window_steps, prior_weight)
@@ -176,7 +179,7 @@ class AdaptiveSpeculation:
             if not drafts:
                 self._latest.pop(request.request_id, None)
                 continue
-            context = self._context_of(request)
+            context = self._context_of(request, drafts[0])
             remembered = None
             if all(t >= 0 for t in drafts):
                 remembered = self._remember(request, drafts, context)
@@ -279,13 +282,19 @@ class AdaptiveSpeculation:
 
     # -- acceptance bookkeeping ---------------------------------------------------------
 
-    def _context_of(self, request: Any) -> str:
-        """How the request's previous proposal fares against the tokens generated since."""
+    def _context_of(self, request: Any, first_draft: int) -> str:
+        """How the request's previous proposal fares against the tokens generated since,
+        and (copying proposers) how far the new drafts' source agrees with the text."""
         latest = self._latest.get(request.request_id)
         if latest is None or not self.previous_outcome:
-            return NO_PROPOSAL
-        end = latest.position + len(latest.drafts)
-        return proposal_context(latest.drafts, request.all_token_ids[latest.position:end])
+            outcome = NO_PROPOSAL
+        else:
+            end = latest.position + len(latest.drafts)
+            outcome = proposal_context(latest.drafts, request.all_token_ids[latest.position:end])
+        if not self.by_source or first_draft < 0:
+            return outcome
+        tokens = request.all_token_ids
+        return f"{outcome}/{agreement_bucket(source_agreement(tokens, first_draft))}"
 
     def _remember(self, request: Any, drafts: list[int], context: str) -> _Pending:
         self._shadowed.add(request.request_id)

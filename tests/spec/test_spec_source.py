@@ -1,0 +1,59 @@
+"""Source agreement: how far the text before a copying proposal's source matches."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+from xllm_plugin.spec.adaptive import AdaptiveSpeculation
+from xllm_plugin.spec.source import agreement_bucket, source_agreement
+
+
+def _reference(tokens: list[int], first_draft: int, cap: int) -> int:
+    """The definition, position by position."""
+    n, best = len(tokens), 0
+    for start in range(2, n):
+        if tokens[start - 2: start] != tokens[n - 2:] or tokens[start] != first_draft:
+            continue
+        run = 0
+        while run < cap and start - 1 - run >= 0 and tokens[start - 1 - run] == tokens[n - 1 - run]:
+            run += 1
+        best = max(best, run)
+    return best
+
+
+def test_agreement_matches_its_definition_on_random_text() -> None:
+    rng = random.Random(7)
+    for _ in range(400):
+        tokens = [rng.randrange(3) for _ in range(rng.randrange(1, 60))]
+        first = rng.randrange(3)
+        assert source_agreement(tokens, first, cap=16) == _reference(tokens, first, 16)
+
+
+def test_a_copied_passage_agrees_long_and_a_common_pair_short() -> None:
+    passage = list(range(100, 130))
+    copying = [1, 2] + passage + [3, 4] + passage[:20]  # writing the passage out again
+    assert source_agreement(copying, passage[20]) == 16  # capped
+    assert agreement_bucket(source_agreement(copying, passage[20])) == "16+"
+    chatter = [5, 7, 8, 9, 6, 7, 8]  # "7 8" seen once before, after something else
+    assert source_agreement(chatter, 9) == 2
+    assert agreement_bucket(2) == "2"
+    assert source_agreement(chatter, 42) == 0  # the draft does not follow that pair
+
+
+def test_copying_proposals_are_filed_by_outcome_and_source_agreement() -> None:
+    passage = list(range(100, 130))
+    tokens = [1, 2] + passage + [3, 4] + passage[:20]
+    request = SimpleNamespace(request_id="r", all_token_ids=tokens, num_tokens=len(tokens),
+                              num_computed_tokens=len(tokens) - 1,
+                              spec_token_ids=passage[20:24],
+                              sampling_params=SimpleNamespace(extra_args=None),
+                              is_finished=lambda: False)
+    ngram = AdaptiveSpeculation(max_drafts=4, method="ngram")
+    ngram.before_schedule([request])
+    assert ngram._pending["r"][-1].context == "none/16+"
+    # A draft model's drafts have no source in the text: filed by outcome alone.
+    request.spec_token_ids = passage[20:24]
+    eagle = AdaptiveSpeculation(max_drafts=4, method="eagle")
+    eagle.before_schedule([request])
+    assert eagle._pending["r"][-1].context == "none"
