@@ -44,6 +44,7 @@ from xllm_plugin.spec.replay import (  # noqa: E402
     AdaptiveLength,
     BatchSizeTable,
     LengthPolicy,
+    OracleLength,
     Recorded,
     StaticLength,
     StepCost,
@@ -169,6 +170,8 @@ def policy_for(config: str, max_k: int, table: list[list[int]]) -> tuple[LengthP
     k = static_k(config)
     if k is not None:
         return StaticLength(k), k
+    if config == "oracle":  # an upper bound: verifies only the drafts that will be right
+        return OracleLength(), max_k
     if config == "table":  # K=8 with vLLM's own per-batch-size lookup, as spec_adaptive.py
         from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
 
@@ -259,6 +262,10 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> str:
             worst += "; adaptive / table: " + ", ".join(
                 f"{a} {result[f'ratio_{a}_vs_table_{cost_name}_min']:.3f}" for a in adaptive)
         lines += ["", worst, ""]
+    if "oracle" in configs:
+        lines += ["`oracle` verifies exactly the drafts that will be right (it reads the "
+                  "recorded output): no controller can, so it bounds what better acceptance "
+                  "estimates could still win under each cost.", ""]
     lines += [
         "Costs: `epyc-fp32` is a least-squares fit of 1,462 logged steps of an adaptive engine "
         "on the 2-core AMD EPYC host (float32, median absolute error 4.8%); `xeon-bf16` is what "
@@ -297,10 +304,12 @@ def main() -> None:
                         help="--record: vLLM --dtype of the recording engine")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--configs", nargs="+",
-                        default=[*STATIC, "table", "adaptive", "adaptive:long_run_rate=false"],
+                        default=[*STATIC, "table", "adaptive", "adaptive:long_run_rate=false",
+                                 "oracle"],
                         help="none, kN (any N; default " + ", ".join(STATIC) + "), table, "
                              "adaptive and adaptive:KEY=VALUE variants (fields of "
-                             "xllm.speculative)")
+                             "xllm.speculative), oracle (verifies exactly the drafts that "
+                             "will be right: an upper bound, not a runnable policy)")
     parser.add_argument("--table", type=json.loads, default=bench.DEFAULT_TABLE,
                         help="num_speculative_tokens_per_batch_size of the table peer (JSON)")
     parser.add_argument("--max-k", type=int, default=bench.MAX_K,

@@ -9,6 +9,7 @@ from xllm_plugin.spec.cost import StepShape
 from xllm_plugin.spec.replay import (
     AdaptiveLength,
     BatchSizeTable,
+    OracleLength,
     Recorded,
     StaticLength,
     StepCost,
@@ -108,3 +109,15 @@ def test_a_draft_can_cost_less_in_a_step_of_few_requests() -> None:
     assert cost.ms(StepShape(4, 8)) == 40.0 + 8.0 + 8 * 0.75
     assert cost.ms(StepShape(0, 0, 10)) == 40.0 + 5.0  # no drafts: the prices do not matter
     assert COST.draft_ms(32) == 1.0  # without the table, one price
+
+
+def test_the_oracle_verifies_only_right_drafts_and_bounds_every_policy() -> None:
+    rng = random.Random(4)
+    requests = [copying(rng) for _ in range(3)] + [chatter(rng) for _ in range(3)]
+    oracle = replay_cell(requests, 2, OracleLength(), last_token_lookup, 8, COST)
+    assert oracle.output_tokens == sum(len(r.output_ids) for r in requests)
+    assert oracle.drafts_verified == oracle.drafts_accepted > 0
+    for policy in (StaticLength(0), StaticLength(4), StaticLength(8),
+                   AdaptiveLength(AdaptiveSpeculation(max_drafts=8, method="ngram"))):
+        got = replay_cell(requests, 2, policy, last_token_lookup, 8, COST)
+        assert got.tokens_per_s <= oracle.tokens_per_s

@@ -169,6 +169,26 @@ class BatchSizeTable(StaticLength):
             self.k = self.lookup[min(batch, len(self.lookup) - 1)]
 
 
+class OracleLength:
+    """Verify exactly the drafts that will be accepted: no controller can know this, so it
+    bounds what better acceptance estimates could still win (the rule and costs aside)."""
+
+    def choose(self, live: list[LiveRequest]) -> None:
+        for request in live:
+            if request.num_computed_tokens == 0 or not request.spec_token_ids:
+                continue
+            offset = request.num_tokens - len(request.recorded.prompt_ids)
+            drafts = request.spec_token_ids
+            right, _ = judge_proposal(drafts, request.recorded.output_ids[
+                offset: offset + len(drafts)], True)
+            # The step adds a token of its own: drafts past the request's end are wasted.
+            request.spec_token_ids = drafts[:max(0, min(right, request.remaining - 1))]
+
+    def learn(self, scheduled: ScheduledStep, runner: RunnerOutput, step_ms: float,
+              requests: dict[str, LiveRequest]) -> None:
+        return None
+
+
 class AdaptiveLength:
     """The plugin's controller, driven through the three hooks XLLMScheduler calls."""
 
