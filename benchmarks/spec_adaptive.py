@@ -788,7 +788,9 @@ def main() -> None:
                 print(f"rep {rep} {config}: {json.dumps(proof['counters'])} "
                       f"lengths {json.dumps(controller.get('chosen_lengths'))} "
                       f"fixed-K request steps {controller.get('fixed_length_request_steps')} "
-                      f"cost {json.dumps(controller.get('cost_model_ms'))}", flush=True)
+                      f"cost {json.dumps(controller.get('cost_model_ms'))} "
+                      f"rate {json.dumps(controller.get('output_rate_tokens_per_ms'))} "
+                      f"calibration {json.dumps(controller.get('calibration'))}", flush=True)
         for config in wanted[1:]:
             print(f"{config}: same texts as {wanted[0]}'s first repetition: "
                   f"{same_texts(pilot_rows, config, wanted[0]):.0%}")
