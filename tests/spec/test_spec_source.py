@@ -6,7 +6,9 @@ import random
 from types import SimpleNamespace
 
 from xllm_plugin.spec.adaptive import AdaptiveSpeculation
-from xllm_plugin.spec.source import agreement_bucket, source_agreement
+import numpy as np
+
+from xllm_plugin.spec.source import TokenHistory, agreement_bucket, source_agreement
 
 
 def _reference(tokens: list[int], first_draft: int, cap: int) -> int:
@@ -52,8 +54,20 @@ def test_copying_proposals_are_filed_by_outcome_and_source_agreement() -> None:
     ngram = AdaptiveSpeculation(max_drafts=4, method="ngram")
     ngram.before_schedule([request])
     assert ngram._pending["r"][-1].context == "none/16+"
+    ngram.forget("r")  # a finished request's token array goes with it
+    assert not ngram._histories
     # A draft model's drafts have no source in the text: filed by outcome alone.
     request.spec_token_ids = passage[20:24]
     eagle = AdaptiveSpeculation(max_drafts=4, method="eagle")
     eagle.before_schedule([request])
     assert eagle._pending["r"][-1].context == "none"
+
+
+def test_a_token_history_copies_only_new_tokens_and_rebuilds_when_tokens_shrink() -> None:
+    rng = random.Random(11)
+    history, tokens = TokenHistory(), []
+    for _ in range(60):  # grows past its first buffer several times
+        tokens += [rng.randrange(50) for _ in range(rng.randrange(1, 40))]
+        assert np.array_equal(history.view(tokens), np.asarray(tokens))
+    tokens = [7, 8, 9]  # started over
+    assert np.array_equal(history.view(tokens), np.asarray(tokens))

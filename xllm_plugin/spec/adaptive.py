@@ -49,7 +49,7 @@ from xllm_plugin.spec.calibration import Calibration
 from xllm_plugin.spec.cost import StepShape, VerifyCostModel
 from xllm_plugin.spec.policy import LengthDecision, choose_lengths, probe_lengths
 from xllm_plugin.spec.rate import OutputRate
-from xllm_plugin.spec.source import agreement_bucket, source_agreement
+from xllm_plugin.spec.source import TokenHistory, agreement_bucket, source_agreement
 from xllm_plugin.spec.step_log import StepLog
 
 # Proposers whose drafting is cheap CPU work (string matching): always ask for
@@ -146,6 +146,7 @@ class AdaptiveSpeculation:
         self.calibration = Calibration()
         self._pending: dict[str, deque[_Pending]] = {}
         self._latest: dict[str, _Pending] = {}  # each request's newest real proposal
+        self._histories: dict[str, TokenHistory] = {}  # copying proposers' token arrays
         self._shadowed: set[str] = set()
         self._shape: StepShape | None = None
         self._verified_lengths: dict[str, int] = {}  # this step's drafts per request
@@ -277,6 +278,7 @@ class AdaptiveSpeculation:
     def forget(self, request_id: str) -> None:
         self._pending.pop(request_id, None)
         self._latest.pop(request_id, None)
+        self._histories.pop(request_id, None)
         self._shadowed.discard(request_id)
         self.acceptance.forget(request_id)
 
@@ -293,8 +295,9 @@ class AdaptiveSpeculation:
             outcome = proposal_context(latest.drafts, request.all_token_ids[latest.position:end])
         if not self.by_source or first_draft < 0:
             return outcome
-        tokens = request.all_token_ids
-        return f"{outcome}/{agreement_bucket(source_agreement(tokens, first_draft))}"
+        history = self._histories.setdefault(request.request_id, TokenHistory())
+        agreement = source_agreement(history.view(request.all_token_ids), first_draft)
+        return f"{outcome}/{agreement_bucket(agreement)}"
 
     def _remember(self, request: Any, drafts: list[int], context: str) -> _Pending:
         self._shadowed.add(request.request_id)
