@@ -4,7 +4,7 @@ On the shared 2-core hosts these benchmarks run on, every step of an engine move
 27% between rounds of one run (results/spec_interleaved.md), far more than the differences
 between the configurations compared. Timing the same workload between an engine's cells
 (engine idle) gives a speed factor per cell. ``spec_adaptive.py`` fits on each run how far
-throughput follows it (an elasticity, 0.54 in the run of 2026-12-06) and reports every cell
+throughput follows it (an elasticity: 0.54 and 0.37 in the two runs of 2026-12-06) and reports every cell
 at the run's median host speed; whether that helps is checked by the result itself:
 corrected throughputs of one cell should scatter less between repetitions than raw ones.
 
