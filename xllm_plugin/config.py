@@ -210,8 +210,12 @@ class RecommendConfig(_Section):
 class XLLMConfig(_Section):
     """Root of the ``xllm`` section; every field has an off or neutral default."""
 
+    # Every publish builds and writes the snapshot inside the engine's step loop: 0.29 ms
+    # per step on average at 100 ms with ~80 ms steps (2-core Xeon, 2026-12-06), about 0.4%
+    # of a step. The router scrapes every 0.5 s, so 250 ms keeps what it reads at most half
+    # a scrape old for well under half the cost.
     status_interval_ms: int = Field(
-        default=100,
+        default=250,
         ge=1,
         le=60_000,
         description="How often the scheduler publishes its live state for /xllm/status.",

@@ -9,7 +9,7 @@ from xllm_plugin.config import XLLMConfigError, additional_config_from_argv, par
 
 def test_missing_section_gives_defaults() -> None:
     config = parse_xllm_config({"other_plugin": {"x": 1}})
-    assert config.status_interval_ms == 100
+    assert config.status_interval_ms == 250
     assert config.request_classes.default_class == "online"
 
 

@@ -19,11 +19,12 @@ WINDOW_STEPS = 512
 """Steps remembered for the percentiles: a few seconds to a minute of recent load."""
 
 
-def _quantile(values: deque[float], q: float) -> float | None:
+def _quantiles(values: deque[float], *qs: float) -> list[float | None]:
+    """One sort for all of ``qs`` (the snapshot is built on the step path)."""
     if not values:
-        return None
+        return [None] * len(qs)
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return [ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in qs]
 
 
 @dataclass
@@ -84,12 +85,14 @@ class StepTiming:
         def rounded(value: float | None, digits: int) -> float | None:
             return None if value is None else round(value, digits)
 
+        ratio_p50, ratio_p90 = _quantiles(self.ratios, 0.5, 0.9)
+        gap_p50, gap_p90 = _quantiles(self.gaps_ms, 0.5, 0.9)
         return {
             "sized_steps": self.sized_steps,
             "sized_steps_over_limit": self.sized_over_limit,
             "sized_steps_compute_over_limit": self.sized_compute_over_limit,
-            "compute_over_predicted_p50": rounded(_quantile(self.ratios, 0.5), 3),
-            "compute_over_predicted_p90": rounded(_quantile(self.ratios, 0.9), 3),
-            "gap_ms_p50": rounded(_quantile(self.gaps_ms, 0.5), 2),
-            "gap_ms_p90": rounded(_quantile(self.gaps_ms, 0.9), 2),
+            "compute_over_predicted_p50": rounded(ratio_p50, 3),
+            "compute_over_predicted_p90": rounded(ratio_p90, 3),
+            "gap_ms_p50": rounded(gap_p50, 2),
+            "gap_ms_p90": rounded(gap_p90, 2),
         }
