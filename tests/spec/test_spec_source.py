@@ -6,9 +6,12 @@ import random
 from types import SimpleNamespace
 
 from xllm_plugin.spec.adaptive import AdaptiveSpeculation
-import numpy as np
-
-from xllm_plugin.spec.source import TokenHistory, agreement_bucket, source_agreement
+from xllm_plugin.spec.source import (
+    MAX_SOURCES,
+    TokenHistory,
+    agreement_bucket,
+    source_agreement,
+)
 
 
 def _reference(tokens: list[int], first_draft: int, cap: int) -> int:
@@ -30,6 +33,21 @@ def test_agreement_matches_its_definition_on_random_text() -> None:
         tokens = [rng.randrange(3) for _ in range(rng.randrange(1, 60))]
         first = rng.randrange(3)
         assert source_agreement(tokens, first, cap=16) == _reference(tokens, first, 16)
+
+
+def test_a_growing_history_answers_as_the_definition() -> None:
+    """The pair index, fed a few tokens at a time (as steps append them), agrees with the
+    definition at every length, and again after the tokens start over."""
+    rng = random.Random(13)
+    for _ in range(40):
+        history, tokens = TokenHistory(), []
+        for _ in range(30):
+            tokens += [rng.randrange(4) for _ in range(rng.randrange(1, 5))]
+            for first in range(4):
+                assert history.agreement(tokens, first, cap=8) == _reference(tokens, first, 8)
+        tokens = tokens[: rng.randrange(0, 6)]  # started over
+        for first in range(4):
+            assert history.agreement(tokens, first, cap=8) == _reference(tokens, first, 8)
 
 
 def test_a_copied_passage_agrees_long_and_a_common_pair_short() -> None:
@@ -63,11 +81,12 @@ def test_copying_proposals_are_filed_by_outcome_and_source_agreement() -> None:
     assert eagle._pending["r"][-1].context == "none"
 
 
-def test_a_token_history_copies_only_new_tokens_and_rebuilds_when_tokens_shrink() -> None:
-    rng = random.Random(11)
-    history, tokens = TokenHistory(), []
-    for _ in range(60):  # grows past its first buffer several times
-        tokens += [rng.randrange(50) for _ in range(rng.randrange(1, 40))]
-        assert np.array_equal(history.view(tokens), np.asarray(tokens))
-    tokens = [7, 8, 9]  # started over
-    assert np.array_equal(history.view(tokens), np.asarray(tokens))
+def test_only_the_newest_occurrences_of_a_pair_are_looked_at() -> None:
+    """A pair seen everywhere (a loop the model broke) bounds the work: a long agreement
+    older than the newest ``MAX_SOURCES`` occurrences no longer counts."""
+    passage = list(range(100, 120))
+    loop = [1, 2, 3] * MAX_SOURCES  # the pair (1, 2) followed by 3, over and over
+    tokens = passage + [1, 2, 3] + loop + [9] + passage + [1, 2]
+    assert source_agreement(tokens, 3) == 2  # the old source after `passage` is too old
+    shorter = passage + [1, 2, 3] + loop[: 3 * (MAX_SOURCES - 2)] + [9] + passage + [1, 2]
+    assert source_agreement(shorter, 3) == 16

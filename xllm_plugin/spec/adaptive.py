@@ -49,7 +49,7 @@ from xllm_plugin.spec.calibration import Calibration
 from xllm_plugin.spec.cost import StepShape, VerifyCostModel
 from xllm_plugin.spec.policy import LengthDecision, choose_lengths, probe_lengths
 from xllm_plugin.spec.rate import OutputRate
-from xllm_plugin.spec.source import TokenHistory, agreement_bucket, source_agreement
+from xllm_plugin.spec.source import TokenHistory, agreement_bucket
 from xllm_plugin.spec.step_log import StepLog
 
 # Proposers whose drafting is cheap CPU work (string matching): always ask for
@@ -296,7 +296,7 @@ class AdaptiveSpeculation:
         if not self.by_source or first_draft < 0:
             return outcome
         history = self._histories.setdefault(request.request_id, TokenHistory())
-        agreement = source_agreement(history.view(request.all_token_ids), first_draft)
+        agreement = history.agreement(request.all_token_ids, first_draft)
         return f"{outcome}/{agreement_bucket(agreement)}"
 
     def _remember(self, request: Any, drafts: list[int], context: str) -> _Pending:
