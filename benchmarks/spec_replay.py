@@ -128,6 +128,9 @@ def load_traces(path: Path) -> dict[str, list[Recorded]]:
     if not path.exists():
         raise SystemExit(f"no recorded outputs at {path}: run with --record first")
     data = json.loads(path.read_text())
+    if WARM_UP not in data["sets"]:
+        raise SystemExit(f"{path} predates recorded warm-ups (2026-12-06): run with --record "
+                         "again (a stand-in warm-up primes the controller differently)")
     return {name: [Recorded(tuple(r["prompt_ids"]), tuple(r["output_ids"])) for r in rows]
             for name, rows in data["sets"].items()}
 
@@ -149,12 +152,12 @@ def ngram_proposer(max_model_len: int = 4096) -> Any:
 def cells(traces: dict[str, list[Recorded]]) -> list[tuple[str, int, list[Recorded]]]:
     """The benchmark's cells in its order: a warm-up, then each set at c = 1, 4, 16, 32.
 
-    The engine warms up on the last 8 of its 200 ShareGPT prompts. Recordings made before
-    2026-12-06 lack them; there the last 8 recorded ShareGPT prompts stand in, which copy
-    far more than the real warm-up (29 proposals after a full match with a 16+ agreement
-    against 7) and left the replay's controller primed for copying where the engine's was
-    not: at repetitive c=1 the replay verified 8 drafts where the engine cut to 2-3."""
-    out = [(WARM_UP, 4, traces.get(WARM_UP) or traces["sharegpt"][-8:])]
+    The warm-up is the engine's own (the last 8 of its 200 ShareGPT prompts, recorded with
+    the cells): the controller carries what it learns there into the first cells. A
+    stand-in of other ShareGPT prompts, used until 2026-12-06, copied far more (29 proposals
+    after a full match with a 16+ agreement against 7) and left the replay verifying 8
+    drafts at repetitive c=1 where the engine cut to 2-3."""
+    out = [(WARM_UP, 4, traces[WARM_UP])]
     indices = cell_prompt_indices(bench.requests_per_cell(False))
     for name in bench.PROMPT_SETS:
         rows = traces[name]

@@ -146,7 +146,7 @@ class AdaptiveSpeculation:
         self.calibration = Calibration()
         self._pending: dict[str, deque[_Pending]] = {}
         self._latest: dict[str, _Pending] = {}  # each request's newest real proposal
-        self._histories: dict[str, TokenHistory] = {}  # copying proposers' token arrays
+        self._histories: dict[str, TokenHistory] = {}  # copying proposers' token-pair indexes
         self._shadowed: set[str] = set()
         self._shape: StepShape | None = None
         self._verified_lengths: dict[str, int] = {}  # this step's drafts per request

@@ -14,8 +14,8 @@ engine-wide history into each context's prior. Replayed on SmolLM2 outputs recor
 benchmark's prompts (xeon-fp32 costs) after a copy-heavy warm-up, late positions (5-8) were
 predicted above what was found in most contexts (0.25 against 0.12 after a missed proposal
 on ShareGPT at c=4); after the engine's own ShareGPT warm-up, repetitive c=1 showed the
-opposite (0.55 predicted for the fourth draft after a full match from a 16+ agreement, 0.93
-found), in the engine as in the replay. Scaling each ``g(i)``
+opposite (0.53-0.55 predicted for the seventh draft after a full match from a 16+ agreement,
+0.93 found), in the engine as in the replay. Scaling each ``g(i)``
 by its context's realized-over-predicted ratio was tried (2026-12-06): over 4 cost
 functions x 8 cells x 3 seeds it moved adaptive / best static K by -1.1% to +0.7%, worst
 cells 0.991-0.996 against 0.993-0.997 without it, so the rule does not use it.

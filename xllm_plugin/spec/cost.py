@@ -42,8 +42,8 @@ FEATURES = ("fixed_ms", "per_request_ms", "per_draft_token_ms", "per_prefill_tok
 _R, _B, _C, _S = 1, 2, 3, 4
 # Refit after every step while the model is young, then every REFIT_EVERY steps: a refit
 # (a 5x5 solve with numpy's call overhead) was 45% of the controller's time in the engine
-# (0.2 ms of 0.47 per step at c=1, profiled 2026-12-06), and with a 256-step window a fit up
-# to 7 steps old prices drafts the same.
+# (0.2 ms of 0.47 per step at c=1 under cProfile, 2026-12-06); with a 256-step window a fit
+# up to 7 steps old replayed within 0.1% of refitting every step.
 REFIT_EAGER_STEPS, REFIT_EVERY = 32, 8
 
 

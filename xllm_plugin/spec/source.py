@@ -25,7 +25,7 @@ BUCKETS = ((16, "16+"), (8, "8-15"), (3, "3-7"))
 SHORT = "2"
 # Earlier occurrences of the last pair looked at, newest first. Bounds a step's work when
 # a pair is everywhere (a model caught in a loop that then breaks it: 4,000 occurrences of
-# the pair took 0.8 ms when all were looked at); the newest are where copying resumes.
+# the pair took 0.8 ms when all were looked at).
 MAX_SOURCES = 256
 
 
@@ -48,7 +48,7 @@ class TokenHistory:
     index instead of by a scan. Converting and scanning the whole token list each step had
     cost 0.78 ms at 32k tokens, and a vectorised scan over a kept array 14 µs at 400 tokens
     and 46 µs at 32k (numpy's call overhead; about 120 µs per request and step inside the
-    engine, profiled 2026-12-06). Tokens that shrink (a request started over) rebuild it.
+    engine under cProfile, 2026-12-06). Tokens that shrink (a request started over) rebuild it.
     """
 
     def __init__(self) -> None:
