@@ -121,6 +121,11 @@ class SpeculativeConfig(_Section):
         default=True, description="Copying proposers (ngram, suffix): estimate acceptance also "
                                   "by how many tokens before the drafts' source agree with the "
                                   "tokens before them (spec/source.py).")
+    source_divergence: bool = Field(
+        default=False, description="Copying proposers: estimate acceptance also by the draft "
+                                   "position where another earlier source of the same start "
+                                   "parts from the drafts (spec/source.py; replay-tested, off "
+                                   "until measured in an engine).")
     probe_interval: int = Field(
         default=16, ge=0, description="Async scheduling only: force one draft every N steps.")
     long_run_rate: bool = Field(

@@ -10,6 +10,7 @@ from xllm_plugin.spec.source import (
     MAX_SOURCES,
     TokenHistory,
     agreement_bucket,
+    divergence_bucket,
     source_agreement,
 )
 
@@ -90,3 +91,55 @@ def test_only_the_newest_occurrences_of_a_pair_are_looked_at() -> None:
     assert source_agreement(tokens, 3) == 2  # the old source after `passage` is too old
     shorter = passage + [1, 2, 3] + loop[: 3 * (MAX_SOURCES - 2)] + [9] + passage + [1, 2]
     assert source_agreement(shorter, 3) == 16
+
+
+def _reference_divergence(tokens: list[int], drafts: list[int]) -> int | None:
+    """The definition: over every earlier start of the last pair followed by the first draft,
+    the first draft position where the text went on differently (before its end)."""
+    n, first = len(tokens), None
+    for start in range(2, n):
+        if tokens[start - 2: start] != tokens[n - 2:] or tokens[start] != drafts[0]:
+            continue
+        run = 1
+        while run < len(drafts) and start + run < n and tokens[start + run] == drafts[run]:
+            run += 1
+        if run < len(drafts) and start + run < n:
+            first = run if first is None else min(first, run)
+    return first
+
+
+def test_divergence_matches_its_definition_as_the_text_grows() -> None:
+    rng = random.Random(21)
+    for _ in range(40):
+        history, tokens = TokenHistory(), []
+        for _ in range(30):
+            tokens += [rng.randrange(3) for _ in range(rng.randrange(1, 5))]
+            drafts = [rng.randrange(3) for _ in range(rng.randrange(1, 6))]
+            assert history.divergence(tokens, drafts) == _reference_divergence(tokens, drafts)
+
+
+def test_divergence_marks_where_the_text_went_two_ways_before() -> None:
+    # "7 8" was followed by "1 2 3" once and by "1 5" once: drafts "1 2 3" part at position 1.
+    tokens = [7, 8, 1, 2, 3, 0, 7, 8, 1, 5, 0, 7, 8]
+    history = TokenHistory()
+    assert history.divergence(tokens, [1, 2, 3]) == 1
+    assert divergence_bucket(1) == "d1-2"
+    # Only the copied source exists: nothing parts from it.
+    assert TokenHistory().divergence([7, 8, 1, 2, 3, 0, 7, 8], [1, 2, 3]) is None
+    assert divergence_bucket(None) == "dN"
+    assert divergence_bucket(4) == "d3-5" and divergence_bucket(7) == "d6+"
+
+
+def test_divergence_is_filed_only_when_switched_on() -> None:
+    tokens = [7, 8, 1, 2, 3, 0, 7, 8, 1, 5, 0, 7, 8]
+    request = SimpleNamespace(request_id="r", all_token_ids=tokens, num_tokens=len(tokens),
+                              num_computed_tokens=len(tokens) - 1, spec_token_ids=[1, 2, 3],
+                              sampling_params=SimpleNamespace(extra_args=None),
+                              is_finished=lambda: False)
+    on = AdaptiveSpeculation(max_drafts=4, method="ngram", source_divergence=True)
+    on.before_schedule([request])
+    assert on._pending["r"][-1].context == "none/3-7/d1-2"
+    request.spec_token_ids = [1, 2, 3]
+    off = AdaptiveSpeculation(max_drafts=4, method="ngram")
+    off.before_schedule([request])
+    assert off._pending["r"][-1].context == "none/3-7"

@@ -49,7 +49,7 @@ from xllm_plugin.spec.calibration import Calibration
 from xllm_plugin.spec.cost import StepShape, VerifyCostModel
 from xllm_plugin.spec.policy import LengthDecision, choose_lengths, probe_lengths
 from xllm_plugin.spec.rate import OutputRate
-from xllm_plugin.spec.source import TokenHistory, agreement_bucket
+from xllm_plugin.spec.source import TokenHistory, agreement_bucket, divergence_bucket
 from xllm_plugin.spec.step_log import StepLog
 
 # Proposers whose drafting is cheap CPU work (string matching): always ask for
@@ -131,13 +131,15 @@ class AdaptiveSpeculation:
                  prior_weight: float = 4.0, cost_window_steps: int = 256,
                  margin: float = 1.0, probe_interval: int = 16,
                  previous_outcome: bool = True, long_run_rate: bool = True,
-                 source_agreement: bool = True, step_log: str | None = None) -> None:
+                 source_agreement: bool = True, source_divergence: bool = False,
+                 step_log: str | None = None) -> None:
         self.max_drafts = max_drafts
         self.long_run_rate = long_run_rate
         self.previous_outcome = previous_outcome
         self.cheap_proposer = method in CHEAP_PROPOSERS
         # Only a copying proposer's drafts have a source in the text (source.py).
         self.by_source = source_agreement and self.cheap_proposer
+        self.by_divergence = source_divergence and self.cheap_proposer
         self.margin = margin
         self.probe_interval = probe_interval
         self.acceptance = AcceptanceEstimator(max_drafts, window_steps, prior_weight)
@@ -180,7 +182,7 @@ class AdaptiveSpeculation:
             if not drafts:
                 self._latest.pop(request.request_id, None)
                 continue
-            context = self._context_of(request, drafts[0])
+            context = self._context_of(request, drafts)
             remembered = None
             if all(t >= 0 for t in drafts):
                 remembered = self._remember(request, drafts, context)
@@ -284,20 +286,24 @@ class AdaptiveSpeculation:
 
     # -- acceptance bookkeeping ---------------------------------------------------------
 
-    def _context_of(self, request: Any, first_draft: int) -> str:
+    def _context_of(self, request: Any, drafts: list[int]) -> str:
         """How the request's previous proposal fares against the tokens generated since,
-        and (copying proposers) how far the new drafts' source agrees with the text."""
+        and (copying proposers) how far the new drafts' source agrees with the text and,
+        with ``source_divergence``, where other sources part from the drafts."""
         latest = self._latest.get(request.request_id)
         if latest is None or not self.previous_outcome:
             outcome = NO_PROPOSAL
         else:
             end = latest.position + len(latest.drafts)
             outcome = proposal_context(latest.drafts, request.all_token_ids[latest.position:end])
-        if not self.by_source or first_draft < 0:
+        if drafts[0] < 0 or not (self.by_source or self.by_divergence):
             return outcome
         history = self._histories.setdefault(request.request_id, TokenHistory())
-        agreement = history.agreement(request.all_token_ids, first_draft)
-        return f"{outcome}/{agreement_bucket(agreement)}"
+        if self.by_source:
+            outcome += "/" + agreement_bucket(history.agreement(request.all_token_ids, drafts[0]))
+        if self.by_divergence:
+            outcome += "/" + divergence_bucket(history.divergence(request.all_token_ids, drafts))
+        return outcome
 
     def _remember(self, request: Any, drafts: list[int], context: str) -> _Pending:
         self._shadowed.add(request.request_id)

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 # Agreement lengths at which acceptance changed most on the recorded outputs.
 BUCKETS = ((16, "16+"), (8, "8-15"), (3, "3-7"))
 SHORT = "2"
+# Draft positions at which a disagreeing earlier source parts from the drafts (``divergence``).
+DIVERGENCE_BUCKETS = ((6, "d6+"), (3, "d3-5"), (1, "d1-2"))
 # Earlier occurrences of the last pair looked at, newest first. Bounds a step's work when
 # a pair is everywhere (a model caught in a loop that then breaks it: 4,000 occurrences of
 # the pair took 0.8 ms when all were looked at).
@@ -85,6 +87,38 @@ class TokenHistory:
             if best >= cap:
                 break
         return best
+
+    def divergence(self, tokens: Sequence[int], drafts: Sequence[int]) -> int | None:
+        """The first draft position at which an earlier occurrence of the last pair, followed
+        by the first draft, goes on differently from the drafts; None when none does.
+
+        The proposer copied one source; other places that start the same way and then part
+        from it mark where the text has gone more than one way before, and where a draft is
+        less safe. Same occurrences as ``agreement`` (the newest ``MAX_SOURCES``)."""
+        t = self._take_in(tokens)
+        n = len(t)
+        if n < 3 or not drafts:
+            return None
+        first, depth = None, len(drafts)
+        for j in reversed(self._pair_ends.get((t[n - 2], t[n - 1]), [])[-MAX_SOURCES:]):
+            if j >= n or t[j] != drafts[0]:
+                continue
+            run = 1
+            while run < depth and j + run < n and t[j + run] == drafts[run]:
+                run += 1
+            if run < depth and j + run < n:  # parted (not merely cut off by the end)
+                first = run if first is None else min(first, run)
+        return first
+
+
+def divergence_bucket(divergence: int | None) -> str:
+    """``TokenHistory.divergence`` as a context suffix: ``dN`` when no source parts."""
+    if divergence is None:
+        return "dN"
+    for threshold, name in DIVERGENCE_BUCKETS:
+        if divergence >= threshold:
+            return name
+    return DIVERGENCE_BUCKETS[-1][1]
 
 
 def agreement_bucket(agreement: int) -> str:
