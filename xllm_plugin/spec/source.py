@@ -18,13 +18,14 @@ tokens and 1.3 over 3-7 (repetitive prompts), where the proposer had switched so
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 # Agreement lengths at which acceptance changed most on the recorded outputs.
 BUCKETS = ((16, "16+"), (8, "8-15"), (3, "3-7"))
 SHORT = "2"
 # Draft positions at which a disagreeing earlier source parts from the drafts (``divergence``).
-DIVERGENCE_BUCKETS = ((6, "d6+"), (3, "d3-5"), (1, "d1-2"))
+DIVERGENCE_BUCKETS = ((6, "d6+"), (3, "d3-5"))
+EARLY_PARTING = "d1-2"
 # Earlier occurrences of the last pair looked at, newest first. Bounds a step's work when
 # a pair is everywhere (a model caught in a loop that then breaks it: 4,000 occurrences of
 # the pair took 0.8 ms when all were looked at).
@@ -68,18 +69,23 @@ class TokenHistory:
             self._pair_ends.setdefault((t[j - 2], t[j - 1]), []).append(j)
         return t
 
+    def _copy_starts(self, first_draft: int) -> Iterator[int]:
+        """Where a copy of the taken-in tokens could start, newest first: each j among the
+        newest ``MAX_SOURCES`` ends of the last pair (t[j-2:j] equals it) with t[j] the draft."""
+        t = self._tokens
+        n = len(t)
+        if n < 3:
+            return
+        for j in reversed(self._pair_ends.get((t[n - 2], t[n - 1]), [])[-MAX_SOURCES:]):
+            if j < n and t[j] == first_draft:
+                yield j
+
     def agreement(self, tokens: Sequence[int], first_draft: int, cap: int = 16) -> int:
         """``source_agreement`` of ``tokens`` (this request's tokens, grown since the last
         call), from the pair index."""
         t = self._take_in(tokens)
-        n = len(t)
-        if n < 3:
-            return 0
-        best = 0
-        # j = where a copy would start: t[j-2:j] equals the last two tokens, t[j] the draft.
-        for j in reversed(self._pair_ends.get((t[n - 2], t[n - 1]), [])[-MAX_SOURCES:]):
-            if j >= n or t[j] != first_draft:
-                continue
+        n, best = len(t), 0
+        for j in self._copy_starts(first_draft):
             run, limit = 0, min(cap, j)
             while run < limit and t[j - 1 - run] == t[n - 1 - run]:
                 run += 1
@@ -95,14 +101,11 @@ class TokenHistory:
         The proposer copied one source; other places that start the same way and then part
         from it mark where the text has gone more than one way before, and where a draft is
         less safe. Same occurrences as ``agreement`` (the newest ``MAX_SOURCES``)."""
-        t = self._take_in(tokens)
-        n = len(t)
-        if n < 3 or not drafts:
+        if not drafts:
             return None
-        first, depth = None, len(drafts)
-        for j in reversed(self._pair_ends.get((t[n - 2], t[n - 1]), [])[-MAX_SOURCES:]):
-            if j >= n or t[j] != drafts[0]:
-                continue
+        t = self._take_in(tokens)
+        n, first, depth = len(t), None, len(drafts)
+        for j in self._copy_starts(drafts[0]):
             run = 1
             while run < depth and j + run < n and t[j + run] == drafts[run]:
                 run += 1
@@ -118,7 +121,7 @@ def divergence_bucket(divergence: int | None) -> str:
     for threshold, name in DIVERGENCE_BUCKETS:
         if divergence >= threshold:
             return name
-    return DIVERGENCE_BUCKETS[-1][1]
+    return EARLY_PARTING
 
 
 def agreement_bucket(agreement: int) -> str:
