@@ -14,7 +14,11 @@ Pilot runs (``--configs``, ``--concurrency``, ``--sets``: printed only) may add 
 ``kN``, adaptive variants ``adaptive:KEY=VALUE[:KEY=VALUE]`` that override fields of
 ``xllm.speculative`` (e.g. ``adaptive:margin=0.01``), and ``plugin-kN``: the adaptive
 engine with every request fixing K=N (``vllm_xargs.spec_k``), which against stock ``kN``
-measures what the plugin's scheduler costs beside the length choice.
+measures what the plugin's scheduler costs beside the length choice. A plugin configuration
+given a step log (``adaptive:step_log="/tmp/a.jsonl"``, ``plugin-k8:step_log="/tmp/k.jsonl"``)
+also gets each run's step time at one host speed (``step_log.priced_ms`` per cell), printed
+after the throughputs: on a host whose speed drifts between engine runs this separates what
+the policies decided from when each engine happened to run.
 Engines run in float32 by default: there every configuration writes the same greedy
 texts (``same_texts_as_none_*`` in the result counts them), so a cell compares the same
 work. In bf16 the batch shapes that differ between configurations flip near-ties, and a
@@ -63,6 +67,7 @@ from router.bench.prompts import load_prompts
 from xllm_plugin.launcher.engine import EngineProcess, EngineSpec, free_port, http_get_json
 from xllm_plugin.models import build_model
 from xllm_plugin.shm_spin import ENV as SHM_POLL_ENV
+from xllm_plugin.spec.step_log import priced_ms, read_step_log, split_step_log
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "spec_adaptive"
@@ -260,7 +265,9 @@ def run_engine(config: str, rep: int, model: Path, sets: dict[str, list[str]],
                     args.adaptive_max_k, "0" if args.pin else None)
     fixed = plugin_fixed_k(config)
     body = {"vllm_xargs": {"spec_k": fixed}} if fixed is not None else None
+    step_log = adaptive_overrides(config).get("step_log") if spec.plugin else None
     with EngineProcess(spec) as engine:
+        mark_step_log(step_log, BETWEEN_CELLS)  # this engine's start and warm-up
         asyncio.run(measure(engine.url, sets["sharegpt"][-8:], 4, 8,
                             args.max_tokens, body))  # warm-up, discarded
         probe_before = idle_probe_ms(model)
@@ -269,9 +276,12 @@ def run_engine(config: str, rep: int, model: Path, sets: dict[str, list[str]],
                 offset = cell_offset(concurrency, args.requests)
                 cell_prompts = sets[prompt_set][offset:] + sets[prompt_set][:offset]
                 texts: dict[int, str] = {}
+                mark_step_log(step_log, {"config": config, "rep": rep, "set": prompt_set,
+                                         "c": concurrency})
                 tps = asyncio.run(measure(engine.url, cell_prompts, concurrency,
                                           args.requests[concurrency], args.max_tokens,
                                           body, texts=texts))
+                mark_step_log(step_log, BETWEEN_CELLS)
                 probe_after = idle_probe_ms(model)
                 probe = (probe_before + probe_after) / 2
                 rows.append({"config": config, "rep": rep, "set": prompt_set,
@@ -285,6 +295,55 @@ def run_engine(config: str, rep: int, model: Path, sets: dict[str, list[str]],
             evidence["controller"] = http_get_json(engine.url + "/xllm/status")["engine"][
                 "speculative"]
     return rows, evidence
+
+
+BETWEEN_CELLS = {"config": "between cells"}
+
+
+def mark_step_log(path: str | None, marker: dict[str, Any]) -> None:
+    """Tell whose steps follow in a plugin engine's step log (``...:step_log="PATH"``): the
+    engine is idle between cells, so every step after a marker is that cell's."""
+    if path:
+        with Path(path).open("a") as log:
+            log.write(json.dumps(marker) + "\n")
+
+
+def priced_cells(paths: list[str]) -> dict[tuple[str, int], dict[tuple[str, int], float]]:
+    """Per cell (set, c): each (config, rep)'s step time in seconds at one host speed
+    (``step_log.priced_ms`` over that cell's runs). Engines restarted between runs drift
+    with the host by more than the policies differ (EPYC, 2026-12-06: one engine's 8-draft
+    decode step had a median of 55 ms in one run and 68 ms in the next)."""
+    segments: dict[tuple, list[dict[str, Any]]] = {}
+    for path in dict.fromkeys(paths):
+        segments.update(split_step_log(read_step_log(path)))
+    cells: dict[tuple[str, int], dict[tuple[str, int], list[dict[str, Any]]]] = {}
+    for key, steps in segments.items():
+        if len(key) == 4:  # (config, rep, set, c); the others are between cells
+            config, rep, prompt_set, concurrency = key
+            cells.setdefault((prompt_set, concurrency), {})[(config, rep)] = steps
+    return {cell: {run: ms / 1000 for run, ms in priced_ms(runs).items()}
+            for cell, runs in cells.items()}
+
+
+def step_logs(wanted: tuple[str, ...]) -> list[str]:
+    """The step logs the pilot's configurations name (emptied before the pilot: the engine
+    appends, and a marker seen twice would merge two pilots' steps)."""
+    return [log for config in wanted if (log := adaptive_overrides(config).get("step_log"))]
+
+
+def print_priced(wanted: tuple[str, ...]) -> None:
+    logs = step_logs(wanted)
+    if not logs:
+        return
+    for (prompt_set, concurrency), runs in priced_cells(logs).items():
+        print(f"priced step time, {prompt_set} c={concurrency}:")
+        configs = [config for config in wanted if any(run[0] == config for run in runs)]
+        for config in configs:
+            seconds = [runs[run] for run in sorted(runs) if run[0] == config]
+            ratio = statistics.median(seconds) / statistics.median(
+                [runs[run] for run in runs if run[0] == configs[0]])
+            print(f"  {config}: {' '.join(f'{s:.2f}' for s in seconds)} s "
+                  f"(median / {configs[0]}'s: {ratio:.3f})")
 
 
 def idle_probe_ms(model: Path) -> float:
@@ -779,6 +838,8 @@ def main() -> None:
              or tuple(args.sets) != PROMPT_SETS)
     if pilot:  # printed only
         model, sets = build_model("smollm2"), prompt_sets()
+        for log in step_logs(wanted):
+            Path(log).unlink(missing_ok=True)
         pilot_rows: list[dict[str, Any]] = []
         for rep in range(args.reps):
             for config in (wanted if rep % 2 == 0 else tuple(reversed(wanted))):
@@ -794,6 +855,7 @@ def main() -> None:
         for config in wanted[1:]:
             print(f"{config}: same texts as {wanted[0]}'s first repetition: "
                   f"{same_texts(pilot_rows, config, wanted[0]):.0%}")
+        print_priced(wanted)
         return
     result, rows = run(args)
     RESULTS.mkdir(exist_ok=True)

@@ -3,6 +3,7 @@ takes a drift shared by the engine and the probe out of them."""
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from pathlib import Path
@@ -74,3 +75,32 @@ def test_rows_without_probes_give_measured_keys_only() -> None:
     assert "ratio_vs_best_static_c1" in out and "ratio_vs_none_min" in out
     assert not any(key.startswith("corrected_") or key.startswith("probe_") for key in out)
     assert "(This run timed no host probe" in bench.corrected_section(out)
+
+
+def test_priced_cells_take_out_host_drift_between_engine_runs(tmp_path: Path) -> None:
+    """Two configurations, two engine runs each, every run on a host slowed by its own
+    factor. Priced, a run costs what its steps' shapes cost at one speed: the policy that
+    verified fewer drafts for the same steps is cheaper however its engines drifted, and
+    the steps of an engine's start and warm-up (between cells) count for nobody."""
+    log = tmp_path / "steps.jsonl"
+    base = {0: 50.0, 2: 54.0, 8: 66.0}  # ms of a decode step by drafts verified
+    runs = {("k8", 0): (8, 1.3), ("adaptive", 0): (2, 0.8),
+            ("k8", 1): (8, 0.9), ("adaptive", 1): (2, 1.25)}
+    for (config, rep), (drafts, slowdown) in runs.items():
+        bench.mark_step_log(str(log), bench.BETWEEN_CELLS)
+        with log.open("a") as out:
+            out.write(json.dumps({"decode": 4, "drafts": 0, "prefill": 300, "ms": 900.0}) + "\n")
+        bench.mark_step_log(str(log), {"config": config, "rep": rep, "set": "repetitive",
+                                       "c": 1})
+        with log.open("a") as out:
+            for shape in (0, drafts, drafts, 0):
+                out.write(json.dumps({"decode": 1, "drafts": shape, "prefill": 0,
+                                      "ms": base[shape] * slowdown}) + "\n")
+    priced = bench.priced_cells([str(log), str(log)])[("repetitive", 1)]
+    assert set(priced) == set(runs)
+    for rep in (0, 1):
+        assert priced[("k8", rep)] == pytest.approx(priced[("k8", 1 - rep)])
+        assert priced[("adaptive", rep)] < priced[("k8", rep)]
+    # At one speed the runs differ by their shapes alone (the speed itself cancels).
+    assert priced[("k8", 0)] / priced[("adaptive", 1)] == pytest.approx(
+        (2 * base[0] + 2 * base[8]) / (2 * base[0] + 2 * base[2]))
