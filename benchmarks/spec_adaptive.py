@@ -267,7 +267,6 @@ def run_engine(config: str, rep: int, model: Path, sets: dict[str, list[str]],
     body = {"vllm_xargs": {"spec_k": fixed}} if fixed is not None else None
     step_log = adaptive_overrides(config).get("step_log") if spec.plugin else None
     with EngineProcess(spec) as engine:
-        mark_step_log(step_log, BETWEEN_CELLS)  # this engine's start and warm-up
         asyncio.run(measure(engine.url, sets["sharegpt"][-8:], 4, 8,
                             args.max_tokens, body))  # warm-up, discarded
         probe_before = idle_probe_ms(model)
@@ -302,7 +301,9 @@ BETWEEN_CELLS = {"config": "between cells"}
 
 def mark_step_log(path: str | None, marker: dict[str, Any]) -> None:
     """Tell whose steps follow in a plugin engine's step log (``...:step_log="PATH"``): the
-    engine is idle between cells, so every step after a marker is that cell's."""
+    engine is idle between cells, so every step after a marker is that cell's. An engine's
+    start and warm-up fall after the previous cell's closing marker, or before any marker
+    (dropped by ``split_step_log``)."""
     if path:
         with Path(path).open("a") as log:
             log.write(json.dumps(marker) + "\n")
@@ -311,8 +312,8 @@ def mark_step_log(path: str | None, marker: dict[str, Any]) -> None:
 def priced_cells(paths: list[str]) -> dict[tuple[str, int], dict[tuple[str, int], float]]:
     """Per cell (set, c): each (config, rep)'s step time in seconds at one host speed
     (``step_log.priced_ms`` over that cell's runs). Engines restarted between runs drift
-    with the host by more than the policies differ (EPYC, 2026-12-06: one engine's 8-draft
-    decode step had a median of 55 ms in one run and 68 ms in the next)."""
+    with the host by more than the policies differ (EPYC, 2026-12-06: plugin-k8's 8-draft
+    decode step had a median of 55 ms in one engine run and 68 ms in the next)."""
     segments: dict[tuple, list[dict[str, Any]]] = {}
     for path in dict.fromkeys(paths):
         segments.update(split_step_log(read_step_log(path)))
@@ -337,13 +338,13 @@ def print_priced(wanted: tuple[str, ...]) -> None:
         return
     for (prompt_set, concurrency), runs in priced_cells(logs).items():
         print(f"priced step time, {prompt_set} c={concurrency}:")
-        configs = [config for config in wanted if any(run[0] == config for run in runs)]
-        for config in configs:
-            seconds = [runs[run] for run in sorted(runs) if run[0] == config]
-            ratio = statistics.median(seconds) / statistics.median(
-                [runs[run] for run in runs if run[0] == configs[0]])
+        by_config = {config: [runs[run] for run in sorted(runs) if run[0] == config]
+                     for config in wanted if any(run[0] == config for run in runs)}
+        reference, reference_seconds = next(iter(by_config.items()))
+        for config, seconds in by_config.items():
+            ratio = statistics.median(seconds) / statistics.median(reference_seconds)
             print(f"  {config}: {' '.join(f'{s:.2f}' for s in seconds)} s "
-                  f"(median / {configs[0]}'s: {ratio:.3f})")
+                  f"(median / {reference}'s: {ratio:.3f})")
 
 
 def idle_probe_ms(model: Path) -> float:
