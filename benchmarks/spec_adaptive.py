@@ -58,7 +58,7 @@ import urllib.request
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 from host_probe import probe_ms
@@ -67,7 +67,12 @@ from router.bench.prompts import load_prompts
 from xllm_plugin.launcher.engine import EngineProcess, EngineSpec, free_port, http_get_json
 from xllm_plugin.models import build_model
 from xllm_plugin.shm_spin import ENV as SHM_POLL_ENV
-from xllm_plugin.spec.step_log import priced_ms, read_step_log, split_step_log
+from xllm_plugin.spec.step_log import (
+    between_steps_ms,
+    priced_ms,
+    read_step_log,
+    split_step_log,
+)
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "spec_adaptive"
@@ -309,9 +314,17 @@ def mark_step_log(path: str | None, marker: dict[str, Any]) -> None:
             log.write(json.dumps(marker) + "\n")
 
 
-def priced_cells(paths: list[str]) -> dict[tuple[str, int], dict[tuple[str, int], float]]:
-    """Per cell (set, c): each (config, rep)'s step time in seconds at one host speed
-    (``step_log.priced_ms`` over that cell's runs). Engines restarted between runs drift
+class PricedRun(NamedTuple):
+    """A run's time at one host speed, s: its steps, and the host's work between them
+    (None where the log has no gaps, as logs written before they were)."""
+
+    steps_s: float
+    between_s: float | None
+
+
+def priced_cells(paths: list[str]) -> dict[tuple[str, int], dict[tuple[str, int], PricedRun]]:
+    """Per cell (set, c): each (config, rep)'s time at one host speed (``step_log.priced_ms``
+    and ``between_steps_ms`` over that cell's runs). Engines restarted between runs drift
     with the host by more than the policies differ (EPYC, 2026-12-06: plugin-k8's 8-draft
     decode step had a median of 55 ms in one engine run and 68 ms in the next)."""
     segments: dict[tuple, list[dict[str, Any]]] = {}
@@ -322,8 +335,12 @@ def priced_cells(paths: list[str]) -> dict[tuple[str, int], dict[tuple[str, int]
         if len(key) == 4:  # (config, rep, set, c); the others are between cells
             config, rep, prompt_set, concurrency = key
             cells.setdefault((prompt_set, concurrency), {})[(config, rep)] = steps
-    return {cell: {run: ms / 1000 for run, ms in priced_ms(runs).items()}
-            for cell, runs in cells.items()}
+    out: dict[tuple[str, int], dict[tuple[str, int], PricedRun]] = {}
+    for cell, runs in cells.items():
+        between = between_steps_ms(runs)
+        out[cell] = {run: PricedRun(ms / 1000, between[run] / 1000 if run in between else None)
+                     for run, ms in priced_ms(runs).items()}
+    return out
 
 
 def step_logs(wanted: tuple[str, ...]) -> list[str]:
@@ -333,6 +350,8 @@ def step_logs(wanted: tuple[str, ...]) -> list[str]:
 
 
 def print_priced(wanted: tuple[str, ...]) -> None:
+    """Each run's step time at one host speed and, where logged, the host's work between
+    steps too; the ratios are of medians over repetitions, to the first configuration's."""
     logs = step_logs(wanted)
     if not logs:
         return
@@ -340,11 +359,24 @@ def print_priced(wanted: tuple[str, ...]) -> None:
         print(f"priced step time, {prompt_set} c={concurrency}:")
         by_config = {config: [runs[run] for run in sorted(runs) if run[0] == config]
                      for config in wanted if any(run[0] == config for run in runs)}
-        reference, reference_seconds = next(iter(by_config.items()))
-        for config, seconds in by_config.items():
-            ratio = statistics.median(seconds) / statistics.median(reference_seconds)
-            print(f"  {config}: {' '.join(f'{s:.2f}' for s in seconds)} s "
-                  f"(median / {reference}'s: {ratio:.3f})")
+        reference, reference_runs = next(iter(by_config.items()))
+        steps_median = statistics.median(run.steps_s for run in reference_runs)
+        both_median = _median_with_between(reference_runs)
+        for config, priced in by_config.items():
+            line = (f"  {config}: {' '.join(f'{run.steps_s:.2f}' for run in priced)} s "
+                    f"(median / {reference}'s: "
+                    f"{statistics.median(run.steps_s for run in priced) / steps_median:.3f})")
+            both = _median_with_between(priced)
+            if both is not None and both_median is not None:
+                line += (f"; between steps {' '.join(f'{run.between_s:.2f}' for run in priced)}"
+                         f" s; with them / {reference}'s: {both / both_median:.3f}")
+            print(line)
+
+
+def _median_with_between(runs: list[PricedRun]) -> float | None:
+    if any(run.between_s is None for run in runs):
+        return None
+    return statistics.median(run.steps_s + run.between_s for run in runs)
 
 
 def idle_probe_ms(model: Path) -> float:

@@ -84,6 +84,7 @@ def test_priced_cells_take_out_host_drift_between_engine_runs(tmp_path: Path) ->
     the steps of an engine's start and warm-up (between cells) count for nobody."""
     log = tmp_path / "steps.jsonl"
     base = {0: 50.0, 2: 54.0, 8: 66.0}  # ms of a decode step by drafts verified
+    gap = {"k8": 5.0, "adaptive": 6.0}  # ms of host work between steps
     runs = {("k8", 0): (8, 1.3), ("adaptive", 0): (2, 0.8),
             ("k8", 1): (8, 0.9), ("adaptive", 1): (2, 1.25)}
     for (config, rep), (drafts, slowdown) in runs.items():
@@ -93,14 +94,23 @@ def test_priced_cells_take_out_host_drift_between_engine_runs(tmp_path: Path) ->
         bench.mark_step_log(str(log), {"config": config, "rep": rep, "set": "repetitive",
                                        "c": 1})
         with log.open("a") as out:
-            for shape in (0, drafts, drafts, 0):
+            for index, shape in enumerate((0, drafts, drafts, 0)):
+                # The first step's gap holds the client's wait for the previous answer.
+                wait = 400.0 if index == 0 else gap[config]
                 out.write(json.dumps({"decode": 1, "drafts": shape, "prefill": 0,
-                                      "ms": base[shape] * slowdown}) + "\n")
-    priced = bench.priced_cells([str(log), str(log)])[("repetitive", 1)]
-    assert set(priced) == set(runs)
+                                      "ms": base[shape] * slowdown,
+                                      "gap": wait * slowdown}) + "\n")
+    cell = bench.priced_cells([str(log), str(log)])[("repetitive", 1)]
+    assert set(cell) == set(runs)
+    priced = {run: got.steps_s for run, got in cell.items()}
     for rep in (0, 1):
         assert priced[("k8", rep)] == pytest.approx(priced[("k8", 1 - rep)])
         assert priced[("adaptive", rep)] < priced[("k8", rep)]
     # At one speed the runs differ by their shapes alone (the speed itself cancels).
     assert priced[("k8", 0)] / priced[("adaptive", 1)] == pytest.approx(
         (2 * base[0] + 2 * base[8]) / (2 * base[0] + 2 * base[2]))
+    # The work between steps at the same speed, the client's one long wait left out.
+    between = {run: got.between_s for run, got in cell.items()}
+    for rep in (0, 1):
+        assert between[("adaptive", rep)] / between[("k8", 1 - rep)] == pytest.approx(
+            gap["adaptive"] / gap["k8"])

@@ -7,6 +7,7 @@ n-gram drafts would almost never exist and the test would prove nothing.
 from __future__ import annotations
 
 import json
+import statistics
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -113,6 +114,11 @@ def test_the_step_log_holds_every_step_with_its_accepted_drafts(
     assert pairs and all(0 <= accepted <= verified for verified, accepted in pairs)
     assert any(accepted > 0 for _, accepted in pairs)
     assert all(step["ms"] > 0 for step in steps)
+    # The host's work between steps, from the second step on: positive, and (the median)
+    # a fraction of a step, since most steps follow the previous one directly.
+    gaps = [step["gap"] for step in steps if "gap" in step]
+    assert len(gaps) == len(steps) - 1 and all(gap > 0 for gap in gaps)
+    assert statistics.median(gaps) < statistics.median(step["ms"] for step in steps)
     assert status["output_rate_tokens_per_ms"]  # learned from the tokens the steps produced
 
 

@@ -86,6 +86,10 @@ class XLLMScheduler(Scheduler):
         self._offline_decodes_held = 0
         self._step_started: tuple[float, StepWork] | None = None
         self._last_step_ms: float | None = None
+        # When the previous update_from_output began: the host's work between two timed
+        # steps (vLLM's and the plugin's bookkeeping) runs from there to the next step.
+        self._last_update_began: float | None = None
+        self._last_gap_ms: float | None = None
         self._last_predicted_ms: float | None = None  # the model's, for the work scheduled
         # Under async scheduling the next schedule() runs before this step's outputs
         # arrive: there is no gap between steps to measure.
@@ -290,6 +294,9 @@ class XLLMScheduler(Scheduler):
             self._step_started = None
             now = time.perf_counter()
             self._last_step_ms = (now - started) * 1000
+            self._last_gap_ms = None if self._last_update_began is None else \
+                (started - self._last_update_began) * 1000
+            self._last_update_began = now
             # Judged before the model learns from this step: the error a plan made with it had.
             # (The budget's own prediction is of the most work the limit allowed, which a step
             # with less work to do falls short of by design.)
@@ -303,7 +310,8 @@ class XLLMScheduler(Scheduler):
         if self._spend_slack:
             self._note_first_tokens()
         if self._spec is not None:
-            self._spec.after_update(*args[:2], self._last_step_ms, self.requests)
+            self._spec.after_update(*args[:2], self._last_step_ms, self.requests,
+                                    gap_ms=self._last_gap_ms)
         self._publisher.publish(self.status_snapshot, force=not self.has_requests())
         if self._timing is not None:
             self._timing.outputs_sent(busy=self.has_requests())

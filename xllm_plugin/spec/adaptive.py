@@ -17,7 +17,7 @@
 - ``after_schedule(output)``: records the step's shape for the cost model and,
   for proposers whose drafting costs model passes, asks for only as many
   drafts next step as are likely to be used.
-- ``after_update(output, step_ms, requests)``: feeds the measured step time to
+- ``after_update(output, step_ms, requests, gap_ms)``: feeds the measured step time to
   the cost model and judges remembered proposals against the tokens really
   generated ("shadow" acceptance: a draft that was cut is judged as if it had
   been verified, so acceptance is known even where speculation is off).
@@ -261,8 +261,9 @@ class AdaptiveSpeculation:
             output.num_spec_tokens_to_schedule = min(self.max_drafts, longest + 1)
 
     def after_update(self, scheduler_output: Any, runner_output: Any, step_ms: float | None,
-                     requests: Mapping[str, Any]) -> None:
-        """Learn from the finished step: its cost, and how the drafts fared."""
+                     requests: Mapping[str, Any], gap_ms: float | None = None) -> None:
+        """Learn from the finished step: its cost, and how the drafts fared. ``gap_ms``:
+        the host's time between the previous step and this one (step log only)."""
         if self._shape is not None and step_ms is not None:
             self._timed_steps += 1
             if self._timed_steps > WARMUP_STEPS:
@@ -272,7 +273,7 @@ class AdaptiveSpeculation:
                                   _produced_tokens(runner_output), step_ms)
             if self._step_log is not None:
                 self._step_log.write(self._shape, _verified_and_accepted(
-                    self._verified_lengths, runner_output), step_ms)
+                    self._verified_lengths, runner_output), step_ms, gap_ms)
         self._shape = None
         self._observe_verified(scheduler_output, runner_output)
         self._judge_pending(requests)

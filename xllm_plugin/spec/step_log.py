@@ -23,16 +23,19 @@ class StepLog:
         self._file: IO[str] | None = None
 
     def write(self, shape: StepShape, verified: Sequence[tuple[int, int | None]],
-              step_ms: float) -> None:
-        """``verified``: (drafts verified, drafts accepted) per request that verified drafts."""
+              step_ms: float, gap_ms: float | None = None) -> None:
+        """``verified``: (drafts verified, drafts accepted) per request that verified drafts;
+        ``gap_ms``: the time from the previous step's end to this one's start (the scheduler's
+        and the output processing's work, plus any idle time), when known."""
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", buffering=1)
-        self._file.write(json.dumps({
-            "decode": shape.decode_requests, "drafts": shape.draft_tokens,
-            "prefill": shape.prefill_tokens,
-            "verified": sorted(verified, key=lambda pair: -pair[0]), "ms": round(step_ms, 3)})
-            + "\n")
+        row = {"decode": shape.decode_requests, "drafts": shape.draft_tokens,
+               "prefill": shape.prefill_tokens,
+               "verified": sorted(verified, key=lambda pair: -pair[0]), "ms": round(step_ms, 3)}
+        if gap_ms is not None:
+            row["gap"] = round(gap_ms, 3)
+        self._file.write(json.dumps(row) + "\n")
 
 
 def read_step_log(path: str | Path) -> list[dict]:
@@ -64,6 +67,28 @@ def priced_ms(segments: dict[tuple, list[dict]], sweeps: int = 20) -> dict[tuple
     drafts, tie the drifts together), each segment's time is then the sum of its steps'
     prices: what the policy decided (how many steps, of which shapes) at one speed.
     """
+    _, price = _drift_and_price(segments, sweeps)
+    return {name: sum(price[_shape_of(step)] for step in rows if step["ms"] > 0)
+            for name, rows in segments.items()}
+
+
+def between_steps_ms(segments: dict[tuple, list[dict]], sweeps: int = 20) -> dict[tuple, float]:
+    """Each segment's host time between its steps (``gap``), at the same host speed as
+    ``priced_ms``: the scheduler's and the output processing's work, which a step's own
+    time leaves out. Its median per step times the steps: the client's think time between
+    requests and the idle time between segments are rare and long, and not the engine's.
+    Segments whose steps carry no gaps are left out."""
+    drift, _ = _drift_and_price(segments, sweeps)
+    out: dict[tuple, float] = {}
+    for name, rows in segments.items():
+        gaps = [step["gap"] / drift[name] for step in rows if step.get("gap") is not None]
+        if gaps:
+            out[name] = statistics.median(gaps) * len(rows)
+    return out
+
+
+def _drift_and_price(segments: dict[tuple, list[dict]], sweeps: int
+                     ) -> tuple[dict[tuple, float], dict[tuple[int, int, int], float]]:
     steps = [(name, _shape_of(step), step["ms"]) for name, rows in segments.items()
              for step in rows if step["ms"] > 0]
     drift = {name: 1.0 for name in segments}
@@ -80,8 +105,7 @@ def priced_ms(segments: dict[tuple, list[dict]], sweeps: int = 20) -> dict[tuple
                  for name in segments}
         scale = statistics.geometric_mean(drift.values())
         drift = {name: value / scale for name, value in drift.items()}
-    return {name: sum(price[_shape_of(step)] for step in rows if step["ms"] > 0)
-            for name, rows in segments.items()}
+    return drift, price
 
 
 def _shape_of(step: dict) -> tuple[int, int, int]:
