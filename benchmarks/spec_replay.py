@@ -70,6 +70,18 @@ STATIC = {"none": 0, "k2": 2, "k4": 4, "k8": 8}
 COSTS = {
     "epyc-fp32": {"fixed_ms": 54.0, "per_request_ms": 5.5, "per_draft_token_ms": 5.1,
                   "per_prefill_token_ms": 3.47, "spec_step_ms": 0.0},
+    # Decode-only steps by query rows: drift-priced medians of one engine's steps on the
+    # AVX2 EPYC host (float32, spec_interleaved at c=16/32, one round, 2026-12-06; rows
+    # seen fewer than 5 times left out). Not a line: 3-6 rows cost less than 1 or 2, and
+    # the price jumps every few rows (kernel tiles). Prefill steps on the line above.
+    "epyc-fp32-rows": {"fixed_ms": 54.0, "per_request_ms": 5.5, "per_draft_token_ms": 3.6,
+                       "per_prefill_token_ms": 3.47, "spec_step_ms": 0.0,
+                       "rows_ms": {1: 54.5, 2: 66.5, 3: 52.6, 4: 53.7, 5: 50.3, 6: 57.6,
+                                   7: 66.8, 9: 67.0, 10: 71.0, 11: 73.5, 12: 76.5, 13: 91.5,
+                                   14: 98.0, 15: 99.2, 16: 106.1, 18: 108.7, 20: 110.3,
+                                   24: 133.1, 25: 135.8, 28: 161.9, 32: 177.5, 36: 175.1,
+                                   40: 191.2, 48: 214.6, 56: 249.1, 64: 274.8, 72: 286.4,
+                                   80: 320.1, 88: 349.8, 96: 354.0, 104: 402.3, 112: 444.2}},
     "xeon-fp32": {"fixed_ms": 53.0, "per_request_ms": 4.6, "per_draft_token_ms": 2.43,
                   "per_prefill_token_ms": 1.69, "spec_step_ms": 0.82},
     "xeon-bf16": {"fixed_ms": 42.3, "per_request_ms": 1.35, "per_draft_token_ms": 0.84,

@@ -131,6 +131,11 @@ class SpeculativeConfig(_Section):
     long_run_rate: bool = Field(
         default=True, description="Judge a draft against the engine's recent output rate at this "
                                   "batch size (the throughput optimum) rather than the step's own.")
+    row_costs: bool = Field(
+        default=True, description="Price drafts also by how decode steps of each query-row count "
+                                  "(requests plus drafts) fall off the cost line, learned online: "
+                                  "kernels that work in row tiles make some drafts free "
+                                  "(spec/cost.py).")
     step_log: str | None = Field(
         default=None, description="Append one JSON line per step (shape, verified lengths, "
                                   "measured ms) to this file, to fit or check step costs.")

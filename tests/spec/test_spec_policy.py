@@ -21,7 +21,7 @@ from xllm_plugin.spec.acceptance import (
     proposal_context,
 )
 from xllm_plugin.spec.adaptive import AdaptiveSpeculation
-from xllm_plugin.spec.cost import StepShape, VerifyCostModel
+from xllm_plugin.spec.cost import RowResiduals, StepShape, VerifyCostModel
 from xllm_plugin.spec.policy import choose_lengths, probe_lengths
 from xllm_plugin.spec.rate import OutputRate
 from xllm_plugin.spec.step_log import StepLog, priced_ms, read_step_log, split_step_log
@@ -386,3 +386,66 @@ def test_a_step_log_prices_steps_by_shape_with_the_hosts_drift_taken_out(tmp_pat
     speed = priced[(0, "k8")] / (5 * 60.0 + 300.0 + 2 * 78.0)
     assert 1.0 < speed < 1.2
     assert priced[(1, "k4")] == pytest.approx(speed * (5 * 60.0 + 300.0 + 3 * 70.0))
+
+
+def test_with_row_residuals_the_length_rule_takes_the_best_number_of_drafts() -> None:
+    """Where a draft's price depends on the step's rows, the best drafts to take are still
+    the likeliest ones, and the rule must find the best count of them: brute force over
+    every count agrees, on random acceptance curves and random residual tables."""
+    rng = random.Random(5)
+    for _ in range(200):
+        batch = rng.choice([1, 2, 4])
+        gains = {}
+        for r in range(rng.randint(1, batch)):
+            row, g = [], 1.0
+            for _ in range(rng.randint(1, 8)):
+                g *= rng.uniform(0.2, 0.95)
+                row.append(g)
+            gains[f"r{r}"] = row
+        table = {rows: rng.uniform(-8.0, 8.0) for rows in range(1, 40)}
+        costs = {"decoding_requests": batch, "base_step_ms": 50.0, "per_draft_token_ms": 2.0,
+                 "spec_step_ms": rng.choice([0.0, 1.0]), "rate": rng.uniform(0.01, 0.1)}
+        decision = choose_lengths(gains, rows_residual_ms=table.__getitem__, **costs)
+        ordered = sorted((g for row in gains.values() for g in row), reverse=True)
+
+        def value(drafts: int) -> float:
+            if drafts == 0:
+                return 0.0
+            extra = 2.0 * drafts + table[batch + drafts] - table[batch] + costs["spec_step_ms"]
+            return sum(ordered[:drafts]) - costs["rate"] * extra
+        best = max(range(len(ordered) + 1), key=value)
+        chosen = sum(decision.lengths.values())
+        assert value(chosen) == pytest.approx(value(best))
+        for request_id, length in decision.lengths.items():  # each request's likeliest first
+            assert length <= len(gains[request_id])
+
+
+def test_row_residuals_learn_each_row_counts_distance_from_the_line() -> None:
+    """Steps as on the AVX2 EPYC host: one row 52 ms, two 63, three to six 46, seven and
+    more about 56 + 3 ms a row. The line cannot draw that; the residuals, read against the
+    line as it is now, can: one draft at one request is priced dearer than four."""
+    def step_ms(rows: int) -> float:
+        return {1: 52.0, 2: 63.0}.get(rows, 46.0 if rows <= 6 else 56.0 + 3.0 * (rows - 7))
+    line = VerifyCostModel()
+    residuals = RowResiduals(line)
+    rng = random.Random(1)
+    for _ in range(400):
+        shape = StepShape(1, rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 8]))
+        ms = step_ms(1 + shape.draft_tokens) * rng.uniform(0.98, 1.02)
+        residuals.observe(shape, ms)
+        line.observe(shape, ms)
+    residuals.observe(StepShape(1, 3, prefill_tokens=40), 500.0)  # prefill: not a decode step
+
+    def predicted(rows: int) -> float:
+        return line.predict_ms(StepShape(1, rows - 1)) + residuals.residual_ms(rows)
+    for rows in range(1, 10):
+        assert predicted(rows) == pytest.approx(step_ms(rows), abs=3.0)
+    # Never seen: the line plus every decode step's residual (the same for any such row).
+    assert residuals.residual_ms(30) == residuals.residual_ms(31)
+    assert abs(residuals.residual_ms(30)) < 5.0
+    decision = choose_lengths({"a": [0.6, 0.3, 0.2, 0.1]}, decoding_requests=1,
+                              base_step_ms=predicted(1),
+                              per_draft_token_ms=line.per_draft_token_ms,
+                              spec_step_ms=line.spec_step_ms, rate=0.03,
+                              rows_residual_ms=residuals.residual_ms)
+    assert decision.lengths == {"a": 4}

@@ -35,7 +35,7 @@ def adaptive_speculation_for(vllm_config: Any, settings: SpeculativeConfig) -> A
         cost_window_steps=settings.cost_window_steps, margin=settings.margin,
         probe_interval=settings.probe_interval, previous_outcome=settings.previous_outcome,
         long_run_rate=settings.long_run_rate, source_agreement=settings.source_agreement,
-        source_divergence=settings.source_divergence,
+        source_divergence=settings.source_divergence, row_costs=settings.row_costs,
         step_log=settings.step_log)
 
 

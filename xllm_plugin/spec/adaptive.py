@@ -46,7 +46,7 @@ from xllm_plugin.spec.acceptance import (
     proposal_context,
 )
 from xllm_plugin.spec.calibration import Calibration
-from xllm_plugin.spec.cost import StepShape, VerifyCostModel
+from xllm_plugin.spec.cost import RowResiduals, StepShape, VerifyCostModel
 from xllm_plugin.spec.policy import LengthDecision, choose_lengths, probe_lengths
 from xllm_plugin.spec.rate import OutputRate
 from xllm_plugin.spec.source import TokenHistory, agreement_bucket, divergence_bucket
@@ -132,7 +132,7 @@ class AdaptiveSpeculation:
                  margin: float = 1.0, probe_interval: int = 16,
                  previous_outcome: bool = True, long_run_rate: bool = True,
                  source_agreement: bool = True, source_divergence: bool = False,
-                 step_log: str | None = None) -> None:
+                 row_costs: bool = True, step_log: str | None = None) -> None:
         self.max_drafts = max_drafts
         self.long_run_rate = long_run_rate
         self.previous_outcome = previous_outcome
@@ -144,6 +144,7 @@ class AdaptiveSpeculation:
         self.probe_interval = probe_interval
         self.acceptance = AcceptanceEstimator(max_drafts, window_steps, prior_weight)
         self.cost = VerifyCostModel(cost_window_steps)
+        self.rows = RowResiduals(self.cost, cost_window_steps) if row_costs else None
         self.rate = OutputRate(cost_window_steps)
         self.calibration = Calibration()
         self._pending: dict[str, deque[_Pending]] = {}
@@ -209,12 +210,15 @@ class AdaptiveSpeculation:
         # whatever is verified, and counting them would make tokens look dear and drafts
         # cheap in every step that admits a request (replayed at concurrency 32: about 2%
         # of throughput lost to drafts of 15-35% acceptance).
+        residual = self.rows.residual_ms if self.rows is not None else None
         costs = {"decoding_requests": decoding,
-                 "base_step_ms": self.cost.predict_ms(StepShape(decoding)),
+                 "base_step_ms": self.cost.predict_ms(StepShape(decoding))
+                 + (residual(decoding) if residual is not None and decoding else 0.0),
                  "per_draft_token_ms": self.cost.per_draft_token_ms,
                  "spec_step_ms": self.cost.spec_step_ms}
         rate = self.rate.tokens_per_ms(decoding) if self.long_run_rate else None
-        decision = choose_lengths(gains, margin=self.margin, rate=rate, **costs)
+        decision = choose_lengths(gains, margin=self.margin, rate=rate,
+                                  rows_residual_ms=residual, **costs)
         if not decision.lengths and gains and self._needs_cost_probe():
             decision = probe_lengths(gains, half=self._cost_probes % 2 == 1, **costs)
             self._cost_probes += 1
@@ -267,6 +271,8 @@ class AdaptiveSpeculation:
         if self._shape is not None and step_ms is not None:
             self._timed_steps += 1
             if self._timed_steps > WARMUP_STEPS:
+                if self.rows is not None:
+                    self.rows.observe(self._shape, step_ms)
                 self.cost.observe(self._shape, step_ms)
             if not self._shape.prefill_tokens:  # see rate.py: drafts save decode time only
                 self.rate.observe(self._shape.decode_requests,
@@ -373,6 +379,7 @@ class AdaptiveSpeculation:
             "judged_proposals": self.acceptance.observations,
             "cost_model_ms": self.cost.as_dict(),
             "cost_model_samples": self.cost.samples,
+            "row_residuals_ms": self.rows.as_dict() if self.rows is not None else None,
             "output_rate_tokens_per_ms": self.rate.as_dict(),
             "calibration": self.calibration.as_dict(),
             "updated_at": time.time(),

@@ -29,6 +29,15 @@ is as wrong as ``c``, and ``c`` fitted on a slow first step (warm-up) priced a
 draft at 40 ms on this host, so no draft was verified and nothing corrected it.
 ``speculative_steps`` (decayed steps that verified drafts) lets the controller
 see when ``b`` rests on priors alone and verify some drafts to measure it.
+
+A line is not the whole story where kernels work in tiles of query rows. On the 2-core
+AVX2 EPYC host (float32, 2026-12-06) a decode step without prefill cost, by its query
+rows ``R`` (decoding requests plus drafts), about 52 ms at R = 1, 63 at 2, 45-49 at 3-6,
+56 at 7 and then about 3 ms more per row: three to five drafts at one request were
+cheaper than none, and one draft the dearest. GPUs pad a step's tokens to captured
+graph sizes, the same kind of step. ``RowResiduals`` learns, per ``R``, how far
+decode-only steps fall from the line; the length rule prices a step's drafts with it
+(``policy.choose_lengths``, ``rows_residual_ms``).
 """
 
 from __future__ import annotations
@@ -119,3 +128,82 @@ class VerifyCostModel:
 
     def as_dict(self) -> dict[str, float]:
         return {name: float(v) for name, v in zip(FEATURES, self.coefficients)}
+
+
+class RowResiduals:
+    """Decode-only steps' time off the cost line, by query rows (decoding requests plus
+    drafts).
+
+    Kept as each row count's decayed step times and features, and compared with the line
+    when read: a residual taken when the step was seen would hold the line of that moment,
+    and where the line cannot yet tell its terms apart (one request, always the same
+    drafts) it moves a lot, leaving old rows priced against a line long gone.
+
+    A row count seen a few times is shrunk, by ``prior_steps`` pseudo-steps, towards all
+    decode steps' residual, not towards the line: the line also fits prefill steps and
+    can miss decode steps by tens of ms, and a row count priced at the line's error would
+    never be chosen and so never measured."""
+
+    def __init__(self, line: VerifyCostModel, window_steps: int = 256,
+                 prior_steps: float = 4.0) -> None:
+        self._line = line
+        self._decay = 1.0 - 1.0 / max(window_steps, 2)
+        self._prior = prior_steps
+        self._steps = 0
+        # rows -> [decayed steps, decayed ms, decayed features..., the step decayed to];
+        # ALL_ROWS: every decode step's
+        self._sums: dict[int, list[float]] = {}
+
+    def observe(self, shape: StepShape, measured_ms: float) -> None:
+        rows = shape.decode_requests + shape.draft_tokens
+        if shape.prefill_tokens or rows <= 0 or not np.isfinite(measured_ms):
+            return
+        self._steps += 1
+        features = shape.features().tolist()
+        for key in (rows, ALL_ROWS):
+            sums = self._aged(key)
+            sums[0] += 1.0
+            sums[1] += measured_ms
+            for i, value in enumerate(features):
+                sums[2 + i] += value
+
+    def residual_ms(self, rows: int) -> float:
+        pooled = self._off_line(ALL_ROWS)
+        if pooled is None:
+            return 0.0
+        steps, off = pooled
+        typical = off / steps if steps > 0 else 0.0
+        own = self._off_line(rows)
+        if own is None:
+            return typical
+        steps, off = own
+        return (off + self._prior * typical) / (steps + self._prior)
+
+    def _off_line(self, key: int) -> tuple[float, float] | None:
+        """(decayed steps, their summed ms off the line) of a row count, None if unseen."""
+        if key not in self._sums:
+            return None
+        sums = self._aged(key)
+        theta = self._line.coefficients
+        predicted = sum(float(theta[i]) * sums[2 + i] for i in range(len(FEATURES)))
+        return sums[0], sums[1] - predicted
+
+    def _aged(self, key: int) -> list[float]:
+        """A row count's sums decayed to now: each is decayed when read or seen, not every
+        step, so a step costs two updates whatever the batch."""
+        sums = self._sums.get(key)
+        if sums is None:
+            sums = self._sums[key] = [0.0] * (2 + len(FEATURES)) + [float(self._steps)]
+        elif self._steps > sums[-1]:
+            factor = self._decay ** (self._steps - sums[-1])
+            for i in range(len(sums) - 1):
+                sums[i] *= factor
+            sums[-1] = float(self._steps)
+        return sums
+
+    def as_dict(self) -> dict[str, float]:
+        return {str(rows): round(self.residual_ms(rows), 2)
+                for rows in sorted(self._sums) if rows != ALL_ROWS}
+
+
+ALL_ROWS = 0  # RowResiduals' key for every decode step (a real one has at least one row)

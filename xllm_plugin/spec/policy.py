@@ -23,7 +23,7 @@ lowers ``g``; both turn speculation down.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -45,7 +45,8 @@ class LengthDecision:
 
 def choose_lengths(gains: Mapping[str, Sequence[float]], *, decoding_requests: int,
                    base_step_ms: float, per_draft_token_ms: float, spec_step_ms: float = 0.0,
-                   margin: float = 1.0, rate: float | None = None) -> LengthDecision:
+                   margin: float = 1.0, rate: float | None = None,
+                   rows_residual_ms: Callable[[int], float] | None = None) -> LengthDecision:
     """Drafts to verify per request.
 
     ``gains[r]`` lists ``g_r(1..D_r)`` for the ``D_r`` drafts available to
@@ -55,26 +56,71 @@ def choose_lengths(gains: Mapping[str, Sequence[float]], *, decoding_requests: i
     (``rate.py``); given, a draft is taken while ``g > margin * b * rate`` and the
     drafts are kept if their tokens beat ``rate`` times their milliseconds
     (``s`` included), instead of comparing with the step's own ``N / T``.
+
+    ``rows_residual_ms(R)``: how far a decode step of ``R`` query rows falls from the
+    cost line (``cost.RowResiduals``). With it, ``D`` drafts cost
+    ``b * D + res(B + D) - res(B)``, which need not grow with ``D``; whatever the cost,
+    the best ``D`` drafts are the ``D`` most likely to be right (the sorted list's
+    prefix), so every ``D`` is priced and the best kept.
     """
     batch = max(decoding_requests, len(gains))
     base_ms = max(base_step_ms, 1e-6)
     cost = max(per_draft_token_ms, 0.0)
-    candidates = sorted(((g, request_id) for request_id, row in gains.items() for g in row),
-                        key=lambda item: -item[0])
+    fixed = max(spec_step_ms, 0.0)
+    candidates = [(g, request_id) for g, request_id in
+                  sorted(((g, request_id) for request_id, row in gains.items() for g in row),
+                         key=lambda item: -item[0]) if g > 0.0]
+    if rows_residual_ms is None:
+        taken = _linear_prefix(candidates, batch, base_ms + fixed, cost, margin, rate)
+    else:
+        residual_at_base = rows_residual_ms(batch)
+
+        def extra_ms(drafts: int) -> float:
+            return cost * drafts + rows_residual_ms(batch + drafts) - residual_at_base
+        taken = _best_prefix(candidates, batch, base_ms, fixed, extra_ms, margin, rate)
+        cost = 0.0  # priced by extra_ms below
     lengths: dict[str, int] = {}
-    tokens, ms = float(batch), base_ms + max(spec_step_ms, 0.0)
-    for gain, request_id in candidates:
-        bar = margin * cost * (rate if rate is not None else tokens / ms)
-        if gain <= 0.0 or gain <= bar:
-            break
+    tokens = float(batch)
+    for gain, request_id in candidates[:taken]:
         lengths[request_id] = lengths.get(request_id, 0) + 1
         tokens += gain
-        ms += cost
+    ms = base_ms + fixed + (cost * taken if rows_residual_ms is None else extra_ms(taken))
     pays = (tokens - batch > rate * (ms - base_ms) if rate is not None
             else tokens / ms > batch / base_ms)
     if not lengths or not pays:
         return _no_drafts(batch, base_ms)
     return LengthDecision(lengths, tokens, ms, float(batch), base_ms)
+
+
+def _linear_prefix(candidates: Sequence[tuple[float, str]], batch: int, start_ms: float,
+                   cost: float, margin: float, rate: float | None) -> int:
+    """How many of the sorted drafts to take at a constant price per draft: while the next
+    one's worth beats its price at the rate (the run's, or the step's own so far)."""
+    tokens, ms = float(batch), start_ms
+    for taken, (gain, _) in enumerate(candidates):
+        if gain <= margin * cost * (rate if rate is not None else tokens / ms):
+            return taken
+        tokens += gain
+        ms += cost
+    return len(candidates)
+
+
+def _best_prefix(candidates: Sequence[tuple[float, str]], batch: int, base_ms: float,
+                 fixed_ms: float, extra_ms: Callable[[int], float], margin: float,
+                 rate: float | None) -> int:
+    """How many of the sorted drafts to take when ``D`` drafts cost ``extra_ms(D)``: the
+    ``D`` that maximises tokens less their cost at the rate (or, without one, the step's
+    tokens per ms)."""
+    best, best_value = 0, 0.0 if rate is not None else batch / base_ms
+    tokens = float(batch)
+    for drafts, (gain, _) in enumerate(candidates, start=1):
+        tokens += gain
+        ms = base_ms + fixed_ms + extra_ms(drafts)
+        value = (tokens - batch - margin * rate * (ms - base_ms) if rate is not None
+                 else tokens / max(ms, 1e-6))
+        if value > best_value:
+            best, best_value = drafts, value
+    return best
 
 
 def _no_drafts(batch: int, base_ms: float) -> LengthDecision:

@@ -51,6 +51,12 @@ class StepCost:
     ``draft_ms_by_batch`` ((fewest decoding requests, ms per draft), ascending)
     overrides ``per_draft_token_ms`` by batch size, for hosts where a draft row
     costs less in a step of few rows (measured on the Xeon host in bf16).
+
+    ``rows_ms`` ((query rows, ms), ascending) gives a decode-only step's time by its
+    query rows (decoding requests plus drafts), interpolated between the rows listed and
+    continued past the last at ``per_draft_token_ms`` a row: measured on the AVX2 EPYC
+    host in float32, where it is not a line (three to five drafts at one request cost less
+    than none). Steps with prefill work stay on the line.
     """
 
     fixed_ms: float
@@ -60,13 +66,16 @@ class StepCost:
     spec_step_ms: float = 0.0
     row_tile: int = 1
     draft_ms_by_batch: tuple[tuple[int, float], ...] = ()
+    rows_ms: tuple[tuple[int, float], ...] = ()
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> StepCost:
         known = {name: float(values[name]) for name in FEATURES if name in values}
         by_batch = tuple(sorted((int(k), float(v))
                                 for k, v in values.get("draft_ms_by_batch", {}).items()))
-        return cls(**known, row_tile=int(values.get("row_tile", 1)), draft_ms_by_batch=by_batch)
+        by_rows = tuple(sorted((int(k), float(v)) for k, v in values.get("rows_ms", {}).items()))
+        return cls(**known, row_tile=int(values.get("row_tile", 1)), draft_ms_by_batch=by_batch,
+                   rows_ms=by_rows)
 
     def draft_ms(self, decode_requests: int) -> float:
         price = self.per_draft_token_ms
@@ -76,6 +85,8 @@ class StepCost:
         return price
 
     def ms(self, shape: StepShape) -> float:
+        if self.rows_ms and not shape.prefill_tokens and shape.decode_requests:
+            return self._decode_rows_ms(shape.decode_requests + shape.draft_tokens)
         drafts, prefill = float(shape.draft_tokens), float(shape.prefill_tokens)
         if self.row_tile > 1:
             rows = shape.decode_requests + shape.draft_tokens + shape.prefill_tokens
@@ -86,6 +97,16 @@ class StepCost:
                 + self.draft_ms(shape.decode_requests) * drafts
                 + self.per_prefill_token_ms * prefill
                 + (self.spec_step_ms if shape.draft_tokens else 0.0))
+
+    def _decode_rows_ms(self, rows: int) -> float:
+        points = self.rows_ms
+        if rows <= points[0][0]:
+            return points[0][1]
+        for (low, low_ms), (high, high_ms) in zip(points, points[1:]):
+            if rows <= high:
+                return low_ms + (high_ms - low_ms) * (rows - low) / (high - low)
+        last, last_ms = points[-1]
+        return last_ms + self.per_draft_token_ms * (rows - last)
 
 
 class LengthPolicy(Protocol):
