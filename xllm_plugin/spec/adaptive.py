@@ -210,7 +210,7 @@ class AdaptiveSpeculation:
         # whatever is verified, and counting them would make tokens look dear and drafts
         # cheap in every step that admits a request (replayed at concurrency 32: about 2%
         # of throughput lost to drafts of 15-35% acceptance).
-        residual = self.rows.residual_ms if self.rows is not None else None
+        residual = self.rows.pricer() if self.rows is not None else None
         costs = {"decoding_requests": decoding,
                  "base_step_ms": self.cost.predict_ms(StepShape(decoding))
                  + (residual(decoding) if residual is not None and decoding else 0.0),
