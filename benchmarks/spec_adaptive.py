@@ -67,12 +67,7 @@ from router.bench.prompts import load_prompts
 from xllm_plugin.launcher.engine import EngineProcess, EngineSpec, free_port, http_get_json
 from xllm_plugin.models import build_model
 from xllm_plugin.shm_spin import ENV as SHM_POLL_ENV
-from xllm_plugin.spec.step_log import (
-    between_steps_ms,
-    priced_ms,
-    read_step_log,
-    split_step_log,
-)
+from xllm_plugin.spec.step_log import priced_with_gaps_ms, read_step_log, split_step_log
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "spec_adaptive"
@@ -323,8 +318,8 @@ class PricedRun(NamedTuple):
 
 
 def priced_cells(paths: list[str]) -> dict[tuple[str, int], dict[tuple[str, int], PricedRun]]:
-    """Per cell (set, c): each (config, rep)'s time at one host speed (``step_log.priced_ms``
-    and ``between_steps_ms`` over that cell's runs). Engines restarted between runs drift
+    """Per cell (set, c): each (config, rep)'s time at one host speed
+    (``step_log.priced_with_gaps_ms`` over that cell's runs). Engines restarted between runs drift
     with the host by more than the policies differ (EPYC, 2026-12-06: plugin-k8's 8-draft
     decode step had a median of 55 ms in one engine run and 68 ms in the next)."""
     segments: dict[tuple, list[dict[str, Any]]] = {}
@@ -337,9 +332,8 @@ def priced_cells(paths: list[str]) -> dict[tuple[str, int], dict[tuple[str, int]
             cells.setdefault((prompt_set, concurrency), {})[(config, rep)] = steps
     out: dict[tuple[str, int], dict[tuple[str, int], PricedRun]] = {}
     for cell, runs in cells.items():
-        between = between_steps_ms(runs)
-        out[cell] = {run: PricedRun(ms / 1000, between[run] / 1000 if run in between else None)
-                     for run, ms in priced_ms(runs).items()}
+        out[cell] = {run: PricedRun(steps / 1000, None if between is None else between / 1000)
+                     for run, (steps, between) in priced_with_gaps_ms(runs).items()}
     return out
 
 

@@ -71,9 +71,11 @@ COSTS = {
     "epyc-fp32": {"fixed_ms": 54.0, "per_request_ms": 5.5, "per_draft_token_ms": 5.1,
                   "per_prefill_token_ms": 3.47, "spec_step_ms": 0.0},
     # Decode-only steps by query rows: drift-priced medians of one engine's steps on the
-    # AVX2 EPYC host (float32, spec_interleaved at c=16/32, one round, 2026-12-06; rows
-    # seen fewer than 5 times left out). Not a line: 3-6 rows cost less than 1 or 2, and
-    # the price jumps every few rows (kernel tiles). Prefill steps on the line above.
+    # AVX2 EPYC host (float32, spec_interleaved at c=16/32, one round, 2026-12-06; shapes
+    # seen fewer than 5 times left out, and rows 8, 17 and 19, each far off its
+    # neighbours, dropped by hand; interpolated between). Not a line: 3-6 rows cost less
+    # than 1 or 2, and the price jumps every few rows (kernel tiles). Prefill steps, and
+    # rows past 112, on this entry's line (epyc-fp32's, a row at 3.6 ms).
     "epyc-fp32-rows": {"fixed_ms": 54.0, "per_request_ms": 5.5, "per_draft_token_ms": 3.6,
                        "per_prefill_token_ms": 3.47, "spec_step_ms": 0.0,
                        "rows_ms": {1: 54.5, 2: 66.5, 3: 52.6, 4: 53.7, 5: 50.3, 6: 57.6,

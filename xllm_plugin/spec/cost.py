@@ -196,8 +196,9 @@ class RowResiduals:
         return residual
 
     def _aged(self, key: int) -> list[float]:
-        """A row count's sums decayed to now: each is decayed when read or seen, not every
-        step, so a step costs two updates whatever the batch."""
+        """A row count's sums decayed to now, in place: each is decayed when it is next
+        seen, not every step, so a step costs two updates whatever the batch (``pricer``
+        decays the others on the fly)."""
         sums = self._sums.get(key)
         if sums is None:
             sums = self._sums[key] = [0.0] * (2 + len(FEATURES)) + [float(self._steps)]

@@ -71,6 +71,8 @@ def choose_lengths(gains: Mapping[str, Sequence[float]], *, decoding_requests: i
                   sorted(((g, request_id) for request_id, row in gains.items() for g in row),
                          key=lambda item: -item[0]) if g > 0.0]
     if rows_residual_ms is None:
+        def extra_ms(drafts: int) -> float:
+            return cost * drafts
         taken = _linear_prefix(candidates, batch, base_ms + fixed, cost, margin, rate)
     else:
         residual_at_base = rows_residual_ms(batch)
@@ -78,13 +80,12 @@ def choose_lengths(gains: Mapping[str, Sequence[float]], *, decoding_requests: i
         def extra_ms(drafts: int) -> float:
             return cost * drafts + rows_residual_ms(batch + drafts) - residual_at_base
         taken = _best_prefix(candidates, batch, base_ms, fixed, extra_ms, margin, rate)
-        cost = 0.0  # priced by extra_ms below
     lengths: dict[str, int] = {}
     tokens = float(batch)
     for gain, request_id in candidates[:taken]:
         lengths[request_id] = lengths.get(request_id, 0) + 1
         tokens += gain
-    ms = base_ms + fixed + (cost * taken if rows_residual_ms is None else extra_ms(taken))
+    ms = base_ms + fixed + extra_ms(taken)
     pays = (tokens - batch > rate * (ms - base_ms) if rate is not None
             else tokens / ms > batch / base_ms)
     if not lengths or not pays:

@@ -68,23 +68,26 @@ def priced_ms(segments: dict[tuple, list[dict]], sweeps: int = 20) -> dict[tuple
     prices: what the policy decided (how many steps, of which shapes) at one speed.
     """
     _, price = _drift_and_price(segments, sweeps)
-    return {name: sum(price[_shape_of(step)] for step in rows if step["ms"] > 0)
-            for name, rows in segments.items()}
+    return {name: _priced(rows, price) for name, rows in segments.items()}
 
 
-def between_steps_ms(segments: dict[tuple, list[dict]], sweeps: int = 20) -> dict[tuple, float]:
-    """Each segment's host time between its steps (``gap``), at the same host speed as
-    ``priced_ms``: the scheduler's and the output processing's work, which a step's own
-    time leaves out. Its median per step times the steps: the client's think time between
-    requests and the idle time between segments are rare and long, and not the engine's.
-    Segments whose steps carry no gaps are left out."""
-    drift, _ = _drift_and_price(segments, sweeps)
-    out: dict[tuple, float] = {}
+def priced_with_gaps_ms(segments: dict[tuple, list[dict]], sweeps: int = 20
+                        ) -> dict[tuple, tuple[float, float | None]]:
+    """Each segment's ``priced_ms`` and, at the same host speed (one fit for both), its
+    host time between steps (``gap``): the scheduler's and the output processing's work,
+    which a step's own time leaves out. The gap's median per step times the steps: the
+    client's think time between requests and the idle time between segments are rare and
+    long, and not the engine's. None where the steps carry no gaps."""
+    drift, price = _drift_and_price(segments, sweeps)
+    out: dict[tuple, tuple[float, float | None]] = {}
     for name, rows in segments.items():
         gaps = [step["gap"] / drift[name] for step in rows if step.get("gap") is not None]
-        if gaps:
-            out[name] = statistics.median(gaps) * len(rows)
+        out[name] = (_priced(rows, price), statistics.median(gaps) * len(rows) if gaps else None)
     return out
+
+
+def _priced(rows: list[dict], price: dict[tuple[int, int, int], float]) -> float:
+    return sum(price[_shape_of(step)] for step in rows if step["ms"] > 0)
 
 
 def _drift_and_price(segments: dict[tuple, list[dict]], sweeps: int
