@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from xllm_plugin.launcher.engine import EngineProcess
 
@@ -44,6 +45,15 @@ async def _online_ttft(client: httpx.AsyncClient, url: str) -> float:
 
 async def _status(client: httpx.AsyncClient, url: str) -> dict:
     return (await client.get(f"{url}/xllm/status")).json()["engine"]
+
+
+async def _stock_holds(client: httpx.AsyncClient, url: str) -> float:
+    """Requests stock vLLM has received and not finished (running or waiting), from its
+    Prometheus gauges."""
+    text = (await client.get(f"{url}/metrics")).text
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples
+               if sample.name in ("vllm:num_requests_running", "vllm:num_requests_waiting"))
 
 
 async def _wait_for(predicate, timeout_s: float = 60.0) -> None:  # type: ignore[no-untyped-def]
@@ -144,7 +154,13 @@ async def test_stock_vllm_makes_the_online_request_wait_for_offline_work(
     async with httpx.AsyncClient() as client:
         offline = [asyncio.create_task(_offline(client, stock_engine.url, p))
                    for p in _offline_prompts(engine_max_num_seqs)]
-        await asyncio.sleep(0.5)
+
+        async def all_offline_received() -> bool:
+            # A fixed sleep let a slow host admit the online request before the last
+            # offline one had reached the engine (CI, stop 41).
+            return await _stock_holds(client, stock_engine.url) == engine_max_num_seqs
+
+        await _wait_for(all_offline_received)
         await _online_ttft(client, stock_engine.url)
         unfinished = sum(not task.done() for task in offline)
         await asyncio.gather(*offline)
