@@ -156,8 +156,9 @@ async def test_stock_vllm_makes_the_online_request_wait_for_offline_work(
                    for p in _offline_prompts(engine_max_num_seqs)]
 
         async def all_offline_received() -> bool:
-            # A fixed sleep let a slow host admit the online request before the last
-            # offline one had reached the engine (CI, stop 41).
+            # After a fixed sleep a slow host can admit the online request before the
+            # last offline one reaches the engine (the likely cause of CI's failure at
+            # stop 41: all four offline jobs unfinished at the online first token).
             return await _stock_holds(client, stock_engine.url) == engine_max_num_seqs
 
         await _wait_for(all_offline_received)
