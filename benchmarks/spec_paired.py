@@ -1,0 +1,279 @@
+"""Adaptive speculation against each peer engine, both engines up and every cell run on the two back to back.
+
+``spec_adaptive.py`` runs one engine at a time, so a configuration's cell is measured
+minutes from another's. On the 2-core EPYC host the same plugin-k8 engine's steps ran
+36% slower in one repetition than in another (drift-priced step logs of a c=1 pilot,
+2026-12-07), more than the configurations differ. Here the candidate engine (the plugin,
+``adaptive``) stays up beside one stock vLLM peer at a time (at most two vLLM processes fit
+on two cores, and the idle one waits on its queue), and each (prompt set, concurrency)
+cell runs on the candidate and on the peer back to back, the order alternating from cell
+to cell, pair to pair and peer to peer. Each ratio is read across a minute or two, not an
+hour. It is the issue's own comparison: measured output tok/s from the client, everything
+inside the makespan (API server, scheduler, the plugin's bookkeeping), of the same greedy
+requests as ``spec_adaptive.py`` (the same prompt sets, cells and fixed work per cell).
+
+Peers: ``none``, static n-gram ``kN``, ``table`` (vLLM's per-batch-size K table, see
+``spec_adaptive.py --table``). ``--candidate plugin-k8 --peers k8`` measures what the plugin
+engine costs beside the choice of length; a candidate given a step log
+(``adaptive:step_log="/tmp/a.jsonl"``) gets cell markers in it.
+
+Result keys (``results/NAME.json``): ``ratio_vs_PEER_SET_cC`` (geometric mean over pairs of
+candidate tok/s / peer tok/s, with ``_paired_min``/``_paired_max``), and, as in
+``spec_adaptive.json``, ``ratio_vs_best_static_cC`` (the lowest ratio against a static peer,
+none included, over both prompt sets), ``ratio_vs_table_cC`` and ``ratio_vs_none_min``.
+
+Run: python benchmarks/spec_paired.py [--pairs 2] [--peers none k2 k4 k8 table]
+     [--concurrency 1 4 16 32] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import spec_adaptive as bench  # noqa: E402
+
+from xllm_plugin.cpu_features import cpu_model  # noqa: E402
+from xllm_plugin.launcher.engine import EngineProcess  # noqa: E402
+from xllm_plugin.models import build_model  # noqa: E402
+
+NAME = "spec_paired"
+PEERS = ("none", "k2", "k4", "k8", "table")
+SPIN_S = 1.5
+"""Wait before each run: vLLM's shared-memory readers spin for a second after their last
+message, and the engine that just ran would take a core from the one about to run."""
+
+
+def request_body(config: str) -> dict[str, Any] | None:
+    """What a request to ``config``'s engine adds (``plugin-kN`` fixes K per request)."""
+    fixed = bench.plugin_fixed_k(config)
+    return {"vllm_xargs": {"spec_k": fixed}} if fixed is not None else None
+
+
+def side_order(peer_index: int, pair: int, cell_index: int) -> tuple[str, str]:
+    """Which engine runs a cell first: alternating, so a host trend within a pair favours
+    neither side over the whole run."""
+    first_candidate = (peer_index + pair + cell_index) % 2 == 0
+    return ("candidate", "peer") if first_candidate else ("peer", "candidate")
+
+
+def _warm_up(url: str, sets: dict[str, list[str]], args: argparse.Namespace,
+             body: dict[str, Any] | None) -> None:
+    asyncio.run(bench.measure(url, sets["sharegpt"][-8:], 4, 8, args.max_tokens, body))
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One row per (peer, pair, cell, side): tok/s and the output texts."""
+    model, sets = build_model("smollm2"), bench.prompt_sets()
+    max_seqs = max(bench.CONCURRENCY)
+    cells = [(s, c) for s in args.sets for c in args.concurrency]
+    step_log = bench.adaptive_overrides(args.candidate).get("step_log")
+    if step_log:
+        Path(step_log).unlink(missing_ok=True)
+    total, done = len(args.peers) * args.pairs * len(cells) * 2, 0
+    rows: list[dict[str, Any]] = []
+    candidate_spec = bench.spec_for(args.candidate, model, args.table, max_seqs, args.dtype)
+    with EngineProcess(candidate_spec) as candidate:
+        _warm_up(candidate.url, sets, args, request_body(args.candidate))
+        for peer_index, peer in enumerate(args.peers):
+            with EngineProcess(bench.spec_for(peer, model, args.table, max_seqs,
+                                              args.dtype)) as peer_engine:
+                _warm_up(peer_engine.url, sets, args, None)
+                engines = {"candidate": (candidate.url, args.candidate),
+                           "peer": (peer_engine.url, peer)}
+                for pair in range(args.pairs):
+                    for cell_index, (prompt_set, c) in enumerate(cells):
+                        offset = bench.cell_offset(c, args.requests)
+                        prompts = sets[prompt_set][offset:] + sets[prompt_set][:offset]
+                        for side in side_order(peer_index, pair, cell_index):
+                            url, config = engines[side]
+                            time.sleep(SPIN_S)
+                            marker = {"config": config, "peer": peer, "pair": pair,
+                                      "set": prompt_set, "c": c}
+                            if side == "candidate":
+                                bench.mark_step_log(step_log, marker)
+                            texts: dict[int, str] = {}
+                            tps = asyncio.run(bench.measure(
+                                url, prompts, c, args.requests[c], args.max_tokens,
+                                request_body(config), texts=texts))
+                            if side == "candidate":
+                                bench.mark_step_log(step_log, bench.BETWEEN_CELLS)
+                            done += 1
+                            rows.append({"peer": peer, "pair": pair, "side": side,
+                                         "set": prompt_set, "c": c, "tps": tps,
+                                         "texts": [texts[i] for i in sorted(texts)]})
+                            print(f"[{done}/{total}] vs {peer:5s} pair {pair} "
+                                  f"{prompt_set:10s} c={c:2d} {config:9s} {tps:6.1f} tok/s",
+                                  flush=True)
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Paired ratios per peer and cell, and the issue's headline keys from them."""
+    tps: dict[tuple[str, str, int, int], dict[str, float]] = defaultdict(dict)
+    texts: dict[tuple[str, str, int, int], dict[str, list[str]]] = defaultdict(dict)
+    for row in rows:
+        key = (row["peer"], row["set"], row["c"], row["pair"])
+        tps[key][row["side"]] = row["tps"]
+        if "texts" in row:
+            texts[key][row["side"]] = row["texts"]
+    ratios: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    same = compared = 0
+    for key, sides in tps.items():
+        if len(sides) == 2:
+            ratios[key[:3]].append(sides["candidate"] / sides["peer"])
+            if len(texts.get(key, {})) == 2:
+                pair_texts = texts[key]
+                same += sum(a == b for a, b in zip(pair_texts["candidate"], pair_texts["peer"]))
+                compared += len(pair_texts["candidate"])
+    out: dict[str, Any] = {"same_texts_as_peer": same / compared} if compared else {}
+    for (peer, prompt_set, c), values in sorted(ratios.items()):
+        name = f"ratio_vs_{peer}_{prompt_set}_c{c}"
+        out[name] = statistics.geometric_mean(values)
+        out[f"{name}_paired_min"], out[f"{name}_paired_max"] = min(values), max(values)
+    peers = {peer for peer, _, _ in ratios}
+    sets = sorted({s for _, s, _ in ratios})
+    for c in sorted({c for _, _, c in ratios}):
+        static = [p for p in bench.STATIC if p in peers]
+        if static:
+            worst = {s: min(static, key=lambda p: out[f"ratio_vs_{p}_{s}_c{c}"]) for s in sets}
+            for prompt_set, peer in worst.items():
+                out[f"best_static_{prompt_set}_c{c}"] = peer
+                out[f"ratio_vs_best_static_{prompt_set}_c{c}"] = \
+                    out[f"ratio_vs_{peer}_{prompt_set}_c{c}"]
+            out[f"ratio_vs_best_static_c{c}"] = min(
+                out[f"ratio_vs_best_static_{s}_c{c}"] for s in sets)
+        if "table" in peers:
+            out[f"ratio_vs_table_c{c}"] = min(out[f"ratio_vs_table_{s}_c{c}"] for s in sets)
+    if "none" in peers:
+        out["ratio_vs_none_min"] = min(value for key, value in out.items()
+                                       if key.startswith("ratio_vs_none_")
+                                       and not key.endswith(("_min", "_max")))
+    for key in sorted({(r["peer"], r["side"], r["set"], r["c"]) for r in rows}):
+        values = [r["tps"] for r in rows if (r["peer"], r["side"], r["set"], r["c"]) == key]
+        out["tps_{}_{}_{}_c{}".format(*key)] = statistics.median(values)
+    return out
+
+
+def write_report(result: dict[str, Any], name: str) -> None:
+    """``results/{name}.md`` and its plot."""
+    peers = [p for p in PEERS if any(k.startswith(f"ratio_vs_{p}_") for k in result)]
+    sets = [s for s in bench.PROMPT_SETS if any(f"_{s}_c" in k for k in result)]
+    concurrency = [c for c in bench.CONCURRENCY
+                   if any(k.endswith(f"_c{c}") and k.startswith("ratio_vs_") for k in result)]
+    lines = [f"# {name}: {result['candidate']} against each peer, paired cells", "",
+             f"`{result['command']}`", "", f"{result['date']}, {result['machine']}.", "",
+             "Candidate tok/s / peer tok/s, geometric mean over "
+             f"{result['pairs']} pair(s) [lowest, highest pair]; each pair ran the cell on "
+             "the two engines back to back (both up). Above 1: the candidate was faster.", ""]
+    for prompt_set in sets:
+        lines += [f"## {prompt_set}", "", "| c | " + " | ".join(peers) + " |",
+                  "|---|" + "---|" * len(peers)]
+        for c in concurrency:
+            cells = []
+            for peer in peers:
+                key = f"ratio_vs_{peer}_{prompt_set}_c{c}"
+                cells.append(f"{result[key]:.3f} [{result[key + '_paired_min']:.3f}, "
+                             f"{result[key + '_paired_max']:.3f}]" if key in result else "")
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        lines.append("")
+    headline = [k for k in result if k.startswith(("ratio_vs_best_static_c", "ratio_vs_table_c"))
+                or k == "ratio_vs_none_min"]
+    lines += ["## Headline (the worse prompt set)", "", "| key | value |", "|---|---|"]
+    lines += [f"| `{k}` | {result[k]:.3f} |" for k in headline]
+    lines += ["", f"Texts equal to the peer's (same prompt, same pair): "
+              f"{100 * result.get('same_texts_as_peer', float('nan')):.1f}%.", "",
+              f"![ratios]({_plot(result, name, peers, sets, concurrency)})", "",
+              f"Rerun: `{result['command']}` (about {result['wall_minutes']:.0f} minutes)."]
+    (bench.RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def _plot(result: dict[str, Any], name: str, peers: list[str], sets: list[str],
+          concurrency: list[int]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4), squeeze=False)
+    for axis, prompt_set in zip(axes[0], sets):
+        for shift, peer in enumerate(peers):
+            keys = [f"ratio_vs_{peer}_{prompt_set}_c{c}" for c in concurrency]
+            xs = [i + 0.06 * (shift - len(peers) / 2) for i in range(len(concurrency))]
+            mid = [result.get(k, float("nan")) for k in keys]
+            low = [m - result.get(k + "_paired_min", m) for k, m in zip(keys, mid)]
+            high = [result.get(k + "_paired_max", m) - m for k, m in zip(keys, mid)]
+            axis.errorbar(xs, mid, yerr=[low, high], marker="o", capsize=3, label=f"vs {peer}")
+        axis.set_xticks(range(len(concurrency)), [str(c) for c in concurrency])
+        axis.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        axis.set(xlabel="concurrency", ylabel=f"{result['candidate']} tok/s / peer tok/s",
+                 title=prompt_set)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    png = f"{name}.png"
+    fig.savefig(bench.RESULTS / png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--candidate", default="adaptive",
+                        help="the plugin configuration measured against every peer (as in "
+                             "spec_adaptive.py --configs: adaptive[:KEY=VALUE...], plugin-kN)")
+    parser.add_argument("--peers", nargs="+", default=list(PEERS),
+                        help="stock vLLM configurations: none, kN, table")
+    parser.add_argument("--pairs", type=int, default=2,
+                        help="back-to-back runs of every cell on the two engines, per peer")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(bench.CONCURRENCY),
+                        choices=bench.CONCURRENCY)
+    parser.add_argument("--sets", nargs="+", default=list(bench.PROMPT_SETS),
+                        choices=bench.PROMPT_SETS)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--table", type=json.loads, default=bench.DEFAULT_TABLE,
+                        help="num_speculative_tokens_per_batch_size of the table peer (JSON)")
+    parser.add_argument("--dtype", default="float32", choices=("auto", "bfloat16", "float32"),
+                        help="vLLM --dtype of both engines (float32: the same greedy texts)")
+    parser.add_argument("--quick", action="store_true", help="fewer requests (smoke test)")
+    parser.add_argument("--out", default=NAME)
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the ratios and the page from NAME_rows.json")
+    args = parser.parse_args()
+    for peer in args.peers:
+        if bench.is_adaptive(peer) or bench.plugin_fixed_k(peer) is not None:
+            parser.error(f"peer {peer!r} is a plugin configuration; peers are stock vLLM")
+    rows_file = bench.rows_path(args.out)
+    if args.report_only:
+        result = json.loads((bench.RESULTS / f"{args.out}.json").read_text())
+        result.update(summarize(json.loads(rows_file.read_text())))
+    else:
+        args.pin = False
+        args.requests = bench.requests_per_cell(args.quick)
+        started = time.perf_counter()
+        rows = run(args)
+        result = {**bench.run_header(args, cpu_model(), ", one candidate and one peer engine up"),
+                  "candidate": args.candidate, "pairs": args.pairs,
+                  "max_tokens": args.max_tokens, "table": json.dumps(args.table),
+                  "requests_per_cell": json.dumps(args.requests), **summarize(rows),
+                  "wall_minutes": (time.perf_counter() - started) / 60}
+        bench.RESULTS.mkdir(exist_ok=True)
+        rows_file.write_text(json.dumps([{k: v for k, v in row.items() if k != "texts"}
+                                         for row in rows], indent=0))
+    (bench.RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
+    write_report(result, args.out)
+    print(json.dumps({k: v for k, v in result.items() if k.startswith("ratio_vs_best")
+                      or k.startswith("ratio_vs_table_c") or k == "ratio_vs_none_min"},
+                     indent=1))
+
+
+if __name__ == "__main__":
+    main()
