@@ -170,7 +170,7 @@ def write_report(result: dict[str, Any], name: str) -> None:
     sets = [s for s in bench.PROMPT_SETS if any(f"_{s}_c" in k for k in result)]
     concurrency = [c for c in bench.CONCURRENCY
                    if any(k.endswith(f"_c{c}") and k.startswith("ratio_vs_") for k in result)]
-    lines = [f"# {name}: {result['candidate']} against each peer, paired cells", "",
+    lines = [f"# {name}: {_label(result)} against each peer, paired cells", "",
              f"`{result['command']}`", "", f"{result['date']}, {result['machine']}.", "",
              "Candidate tok/s / peer tok/s, geometric mean over "
              f"{result['pairs']} pair(s) [lowest, highest pair]; each pair ran the cell on "
@@ -197,6 +197,11 @@ def write_report(result: dict[str, Any], name: str) -> None:
     (bench.RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
+def _label(result: dict[str, Any]) -> str:
+    """The candidate's configuration without its overrides (a step log's path, say)."""
+    return result["candidate"].split(":")[0]
+
+
 def _plot(result: dict[str, Any], name: str, peers: list[str], sets: list[str],
           concurrency: list[int]) -> str:
     import matplotlib
@@ -215,7 +220,7 @@ def _plot(result: dict[str, Any], name: str, peers: list[str], sets: list[str],
             axis.errorbar(xs, mid, yerr=[low, high], marker="o", capsize=3, label=f"vs {peer}")
         axis.set_xticks(range(len(concurrency)), [str(c) for c in concurrency])
         axis.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-        axis.set(xlabel="concurrency", ylabel=f"{result['candidate']} tok/s / peer tok/s",
+        axis.set(xlabel="concurrency", ylabel=f"{_label(result)} tok/s / peer tok/s",
                  title=prompt_set)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
