@@ -14,8 +14,10 @@ requests as ``spec_adaptive.py`` (the same prompt sets, cells and fixed work per
 
 Peers: ``none``, static n-gram ``kN``, ``table`` (vLLM's per-batch-size K table, see
 ``spec_adaptive.py --table``). ``--candidate plugin-k8 --peers k8`` measures what the plugin
-engine costs beside the choice of length; a candidate given a step log
-(``adaptive:step_log="/tmp/a.jsonl"``) gets cell markers in it.
+engine costs beside the choice of length. A plugin peer (``plugin-kN``) is a diagnostic:
+with a step log on both sides (``adaptive:step_log="/tmp/a.jsonl"``,
+``plugin-k4:step_log="/tmp/k.jsonl"``; each gets cell markers) the two engines' steps of one
+shape can be compared minutes apart.
 
 Result keys (``results/NAME.json``): ``ratio_vs_PEER_SET_cC`` (geometric mean over pairs of
 candidate tok/s / peer tok/s, with ``_paired_min``/``_paired_max``), and, as in
@@ -66,6 +68,11 @@ def side_order(peer_index: int, pair: int, cell_index: int) -> tuple[str, str]:
     return ("candidate", "peer") if first_candidate else ("peer", "candidate")
 
 
+def _step_log(config: str) -> str | None:
+    plugin = bench.is_adaptive(config) or bench.plugin_fixed_k(config) is not None
+    return bench.adaptive_overrides(config).get("step_log") if plugin else None
+
+
 def _warm_up(url: str, sets: dict[str, list[str]], args: argparse.Namespace,
              body: dict[str, Any] | None) -> None:
     asyncio.run(bench.measure(url, sets["sharegpt"][-8:], 4, 8, args.max_tokens, body))
@@ -76,9 +83,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     model, sets = build_model("smollm2"), bench.prompt_sets()
     max_seqs = max(bench.CONCURRENCY)
     cells = [(s, c) for s in args.sets for c in args.concurrency]
-    step_log = bench.adaptive_overrides(args.candidate).get("step_log")
-    if step_log:
-        Path(step_log).unlink(missing_ok=True)
+    for config in (args.candidate, *args.peers):
+        if log := _step_log(config):
+            Path(log).unlink(missing_ok=True)
     total, done = len(args.peers) * args.pairs * len(cells) * 2, 0
     rows: list[dict[str, Any]] = []
     candidate_spec = bench.spec_for(args.candidate, model, args.table, max_seqs, args.dtype)
@@ -87,7 +94,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for peer_index, peer in enumerate(args.peers):
             with EngineProcess(bench.spec_for(peer, model, args.table, max_seqs,
                                               args.dtype)) as peer_engine:
-                _warm_up(peer_engine.url, sets, args, None)
+                _warm_up(peer_engine.url, sets, args, request_body(peer))
                 engines = {"candidate": (candidate.url, args.candidate),
                            "peer": (peer_engine.url, peer)}
                 for pair in range(args.pairs):
@@ -99,16 +106,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                             time.sleep(SPIN_S)
                             marker = {"config": config, "peer": peer, "pair": pair,
                                       "set": prompt_set, "c": c}
-                            if side == "candidate":
-                                bench.mark_step_log(step_log, marker)
+                            bench.mark_step_log(_step_log(config), marker)
                             texts: dict[int, str] = {}
                             tps = asyncio.run(bench.measure(
                                 url, prompts, c, args.requests[c], args.max_tokens,
                                 request_body(config), texts=texts))
-                            if side == "candidate":
-                                bench.mark_step_log(step_log, bench.BETWEEN_CELLS)
+                            bench.mark_step_log(_step_log(config), bench.BETWEEN_CELLS)
                             done += 1
-                            rows.append({"peer": peer, "pair": pair, "side": side,
+                            rows.append({"peer": peer.split(":")[0], "pair": pair, "side": side,
                                          "set": prompt_set, "c": c, "tps": tps,
                                          "texts": [texts[i] for i in sorted(texts)]})
                             print(f"[{done}/{total}] vs {peer:5s} pair {pair} "
@@ -166,7 +171,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def write_report(result: dict[str, Any], name: str) -> None:
     """``results/{name}.md`` and its plot."""
-    peers = [p for p in PEERS if any(k.startswith(f"ratio_vs_{p}_") for k in result)]
+    named = json.loads(result.get("peers", json.dumps(PEERS)))
+    peers = [p for p in named if any(k.startswith(f"ratio_vs_{p}_") for k in result)]
     sets = [s for s in bench.PROMPT_SETS if any(f"_{s}_c" in k for k in result)]
     concurrency = [c for c in bench.CONCURRENCY
                    if any(k.endswith(f"_c{c}") and k.startswith("ratio_vs_") for k in result)]
@@ -236,7 +242,8 @@ def main() -> None:
                         help="the plugin configuration measured against every peer (as in "
                              "spec_adaptive.py --configs: adaptive[:KEY=VALUE...], plugin-kN)")
     parser.add_argument("--peers", nargs="+", default=list(PEERS),
-                        help="stock vLLM configurations: none, kN, table")
+                        help="stock vLLM configurations: none, kN, table (or plugin-kN[:KEY="
+                             "VALUE], a diagnostic)")
     parser.add_argument("--pairs", type=int, default=2,
                         help="back-to-back runs of every cell on the two engines, per peer")
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(bench.CONCURRENCY),
@@ -253,9 +260,6 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the ratios and the page from NAME_rows.json")
     args = parser.parse_args()
-    for peer in args.peers:
-        if bench.is_adaptive(peer) or bench.plugin_fixed_k(peer) is not None:
-            parser.error(f"peer {peer!r} is a plugin configuration; peers are stock vLLM")
     rows_file = bench.rows_path(args.out)
     if args.report_only:
         result = json.loads((bench.RESULTS / f"{args.out}.json").read_text())
@@ -267,6 +271,7 @@ def main() -> None:
         rows = run(args)
         result = {**bench.run_header(args, cpu_model(), ", one candidate and one peer engine up"),
                   "candidate": args.candidate, "pairs": args.pairs,
+                  "peers": json.dumps([peer.split(":")[0] for peer in args.peers]),
                   "max_tokens": args.max_tokens, "table": json.dumps(args.table),
                   "requests_per_cell": json.dumps(args.requests), **summarize(rows),
                   "wall_minutes": (time.perf_counter() - started) / 60}
