@@ -194,8 +194,9 @@ def write_report(result: dict[str, Any], name: str) -> None:
         lines.append("")
     headline = [k for k in result if k.startswith(("ratio_vs_best_static_c", "ratio_vs_table_c"))
                 or k == "ratio_vs_none_min"]
-    lines += ["## Headline (the worse prompt set)", "", "| key | value |", "|---|---|"]
-    lines += [f"| `{k}` | {result[k]:.3f} |" for k in headline]
+    if headline:
+        lines += ["## Headline (the worse prompt set)", "", "| key | value |", "|---|---|"]
+        lines += [f"| `{k}` | {result[k]:.3f} |" for k in headline]
     lines += ["", f"Texts equal to the peer's (same prompt, same pair): "
               f"{100 * result.get('same_texts_as_peer', float('nan')):.1f}%.", "",
               f"![ratios]({_plot(result, name, peers, sets, concurrency)})", "",
