@@ -186,6 +186,18 @@ def plugin_fixed_k(config: str) -> int | None:
     return int(suffix) if config.startswith("plugin-k") and suffix.isdigit() else None
 
 
+def request_body(config: str) -> dict[str, Any] | None:
+    """What every request to ``config``'s engine adds (``plugin-kN`` fixes K per request)."""
+    fixed = plugin_fixed_k(config)
+    return {"vllm_xargs": {"spec_k": fixed}} if fixed is not None else None
+
+
+def step_log_of(config: str) -> str | None:
+    """The step log a plugin configuration names (stock vLLM writes none)."""
+    plugin = is_adaptive(config) or plugin_fixed_k(config) is not None
+    return adaptive_overrides(config).get("step_log") if plugin else None
+
+
 def adaptive_overrides(config: str) -> dict[str, Any]:
     """``adaptive:margin=0.5:probe_interval=0`` -> {"margin": 0.5, "probe_interval": 0}
     (``plugin-kN:...`` too, e.g. to give it a ``step_log``)."""
@@ -263,9 +275,8 @@ def run_engine(config: str, rep: int, model: Path, sets: dict[str, list[str]],
     rows: list[dict[str, Any]] = []
     spec = spec_for(config, model, args.table, max(CONCURRENCY), args.dtype,
                     args.adaptive_max_k, "0" if args.pin else None)
-    fixed = plugin_fixed_k(config)
-    body = {"vllm_xargs": {"spec_k": fixed}} if fixed is not None else None
-    step_log = adaptive_overrides(config).get("step_log") if spec.plugin else None
+    body = request_body(config)
+    step_log = step_log_of(config)
     with EngineProcess(spec) as engine:
         asyncio.run(measure(engine.url, sets["sharegpt"][-8:], 4, 8,
                             args.max_tokens, body))  # warm-up, discarded
@@ -297,6 +308,9 @@ def run_engine(config: str, rep: int, model: Path, sets: dict[str, list[str]],
 
 
 BETWEEN_CELLS = {"config": "between cells"}
+SHM_SPIN_WAIT_S = 1.5
+"""Long enough for vLLM's shared-memory readers, which spin for a second after their last
+message, to go quiet: an engine that just ran would otherwise take a core."""
 
 
 def mark_step_log(path: str | None, marker: dict[str, Any]) -> None:
@@ -376,7 +390,7 @@ def _median_with_between(runs: list[PricedRun]) -> float | None:
 def idle_probe_ms(model: Path) -> float:
     """The host probe (``host_probe.py``) while the engine idles: vLLM's shared-memory
     readers spin for a second after their last message, so wait that out first."""
-    time.sleep(1.5)
+    time.sleep(SHM_SPIN_WAIT_S)
     return probe_ms(model)
 
 

@@ -1,11 +1,11 @@
-"""Adaptive speculation against each peer engine, both engines up and every cell run on the two back to back.
+"""Adaptive speculation against each peer engine: both engines up, every cell run on the two in turn.
 
 ``spec_adaptive.py`` runs one engine at a time, so a configuration's cell is measured
-minutes from another's. On the 2-core EPYC host the same plugin-k8 engine's steps ran
-36% slower in one repetition than in another (drift-priced step logs of a c=1 pilot,
-2026-12-07), more than the configurations differ. Here the candidate engine (the plugin,
+minutes from another's. On the 2-core EPYC host plugin-k8's steps over the same c=1
+requests summed to 16.4 s in one repetition and 22.4 s in another (step logs of a pilot,
+2026-12-06), more than the configurations differ. Here the candidate engine (the plugin,
 ``adaptive``) stays up beside one stock vLLM peer at a time (at most two vLLM processes fit
-on two cores, and the idle one waits on its queue), and each (prompt set, concurrency)
+on two cores, and only one of the two runs at a time), and each (prompt set, concurrency)
 cell runs on the candidate and on the peer back to back, the order alternating from cell
 to cell, pair to pair and peer to peer. Each ratio is read across a minute or two, not an
 hour. It is the issue's own comparison: measured output tok/s from the client, everything
@@ -50,15 +50,6 @@ from xllm_plugin.models import build_model  # noqa: E402
 
 NAME = "spec_paired"
 PEERS = ("none", "k2", "k4", "k8", "table")
-SPIN_S = 1.5
-"""Wait before each run: vLLM's shared-memory readers spin for a second after their last
-message, and the engine that just ran would take a core from the one about to run."""
-
-
-def request_body(config: str) -> dict[str, Any] | None:
-    """What a request to ``config``'s engine adds (``plugin-kN`` fixes K per request)."""
-    fixed = bench.plugin_fixed_k(config)
-    return {"vllm_xargs": {"spec_k": fixed}} if fixed is not None else None
 
 
 def side_order(peer_index: int, pair: int, cell_index: int) -> tuple[str, str]:
@@ -66,11 +57,6 @@ def side_order(peer_index: int, pair: int, cell_index: int) -> tuple[str, str]:
     neither side over the whole run."""
     first_candidate = (peer_index + pair + cell_index) % 2 == 0
     return ("candidate", "peer") if first_candidate else ("peer", "candidate")
-
-
-def _step_log(config: str) -> str | None:
-    plugin = bench.is_adaptive(config) or bench.plugin_fixed_k(config) is not None
-    return bench.adaptive_overrides(config).get("step_log") if plugin else None
 
 
 def _warm_up(url: str, sets: dict[str, list[str]], args: argparse.Namespace,
@@ -84,17 +70,17 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     max_seqs = max(bench.CONCURRENCY)
     cells = [(s, c) for s in args.sets for c in args.concurrency]
     for config in (args.candidate, *args.peers):
-        if log := _step_log(config):
+        if log := bench.step_log_of(config):
             Path(log).unlink(missing_ok=True)
     total, done = len(args.peers) * args.pairs * len(cells) * 2, 0
     rows: list[dict[str, Any]] = []
     candidate_spec = bench.spec_for(args.candidate, model, args.table, max_seqs, args.dtype)
     with EngineProcess(candidate_spec) as candidate:
-        _warm_up(candidate.url, sets, args, request_body(args.candidate))
+        _warm_up(candidate.url, sets, args, bench.request_body(args.candidate))
         for peer_index, peer in enumerate(args.peers):
             with EngineProcess(bench.spec_for(peer, model, args.table, max_seqs,
                                               args.dtype)) as peer_engine:
-                _warm_up(peer_engine.url, sets, args, request_body(peer))
+                _warm_up(peer_engine.url, sets, args, bench.request_body(peer))
                 engines = {"candidate": (candidate.url, args.candidate),
                            "peer": (peer_engine.url, peer)}
                 for pair in range(args.pairs):
@@ -103,15 +89,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         prompts = sets[prompt_set][offset:] + sets[prompt_set][:offset]
                         for side in side_order(peer_index, pair, cell_index):
                             url, config = engines[side]
-                            time.sleep(SPIN_S)
+                            time.sleep(bench.SHM_SPIN_WAIT_S)
                             marker = {"config": config, "peer": peer, "pair": pair,
                                       "set": prompt_set, "c": c}
-                            bench.mark_step_log(_step_log(config), marker)
+                            bench.mark_step_log(bench.step_log_of(config), marker)
                             texts: dict[int, str] = {}
                             tps = asyncio.run(bench.measure(
                                 url, prompts, c, args.requests[c], args.max_tokens,
-                                request_body(config), texts=texts))
-                            bench.mark_step_log(_step_log(config), bench.BETWEEN_CELLS)
+                                bench.request_body(config), texts=texts))
+                            bench.mark_step_log(bench.step_log_of(config), bench.BETWEEN_CELLS)
                             done += 1
                             rows.append({"peer": peer.split(":")[0], "pair": pair, "side": side,
                                          "set": prompt_set, "c": c, "tps": tps,
@@ -126,9 +112,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Paired ratios per peer and cell, and the issue's headline keys from them."""
     tps: dict[tuple[str, str, int, int], dict[str, float]] = defaultdict(dict)
     texts: dict[tuple[str, str, int, int], dict[str, list[str]]] = defaultdict(dict)
+    by_side: dict[tuple[str, str, str, int], list[float]] = defaultdict(list)
     for row in rows:
         key = (row["peer"], row["set"], row["c"], row["pair"])
         tps[key][row["side"]] = row["tps"]
+        by_side[(row["peer"], row["side"], row["set"], row["c"])].append(row["tps"])
         if "texts" in row:
             texts[key][row["side"]] = row["texts"]
     ratios: dict[tuple[str, str, int], list[float]] = defaultdict(list)
@@ -163,8 +151,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["ratio_vs_none_min"] = min(value for key, value in out.items()
                                        if key.startswith("ratio_vs_none_")
                                        and not key.endswith(("_min", "_max")))
-    for key in sorted({(r["peer"], r["side"], r["set"], r["c"]) for r in rows}):
-        values = [r["tps"] for r in rows if (r["peer"], r["side"], r["set"], r["c"]) == key]
+    for key, values in sorted(by_side.items()):
         out["tps_{}_{}_{}_c{}".format(*key)] = statistics.median(values)
     return out
 

@@ -72,5 +72,5 @@ def test_sides_alternate_over_cells_pairs_and_peers() -> None:
 
 
 def test_plugin_k_candidate_fixes_k_per_request() -> None:
-    assert paired.request_body("plugin-k8") == {"vllm_xargs": {"spec_k": 8}}
-    assert paired.request_body("adaptive") is None
+    assert paired.bench.request_body("plugin-k8") == {"vllm_xargs": {"spec_k": 8}}
+    assert paired.bench.request_body("adaptive") is None
