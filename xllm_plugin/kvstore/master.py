@@ -50,9 +50,9 @@ class MooncakeMaster:
                 *self.extra_args]
 
     def start(self, timeout_s: float = 20.0) -> MooncakeMaster:
-        log = open(self.log_path, "w")  # noqa: SIM115 (the child owns it)
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        with open(self.log_path, "w") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -111,6 +111,25 @@ class EngineSpec:
         return env
 
 
+def failure_excerpt(log_text: str, first_lines: int = 40, tail_lines: int = 30) -> str:
+    """The first traceback of a failed start's log, then the log's tail.
+
+    vLLM's engine-core process prints the root cause first; the API server's own
+    traceback ("Engine core initialization failed. See root cause above") fills
+    the tail, so a tail alone loses the cause (CI run of stop 42).
+    """
+    lines = log_text.splitlines()
+    tail_start = max(0, len(lines) - tail_lines)
+    first = next((i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line),
+                 None)
+    if first is None or first >= tail_start:
+        return "\n".join(lines[tail_start:])
+    cause = lines[first:min(first + first_lines, tail_start)]
+    skipped = tail_start - first - len(cause)
+    gap = [f"... ({skipped} lines) ..."] if skipped else []
+    return "\n".join([*cause, *gap, *lines[tail_start:]])
+
+
 def http_get_json(url: str, timeout: float = 5.0) -> Any:
     with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (loopback)
         return json.loads(response.read())
@@ -158,7 +177,7 @@ class ManagedProcess:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise EngineStartError(f"{self.name} exited with {self.process.returncode}:\n"
-                                       f"{self.log_tail()}")
+                                       f"{self.failure_report()}")
             try:
                 with urllib.request.urlopen(self.health_url, timeout=2):  # noqa: S310
                     return
@@ -174,11 +193,18 @@ class ManagedProcess:
                     raise _StartStalled(now - last_growth)
         self.stop()
         raise EngineStartError(f"{self.name} not healthy after {timeout_s:.0f}s:\n"
-                               f"{self.log_tail()}")
+                               f"{self.failure_report()}")
 
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def failure_report(self) -> str:
+        """What a failed start's error carries (see ``failure_excerpt``)."""
+        try:
+            return failure_excerpt(self.log_path.read_text(errors="replace"))
         except OSError:
             return "(no log)"
 
