@@ -34,6 +34,7 @@ import json
 import statistics
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,12 @@ from xllm_plugin.cpu_features import cpu_model, has_native_bf16, vllm_is_cpu_bui
 from xllm_plugin.launcher.cli import choose_dtype  # noqa: E402
 from xllm_plugin.launcher.engine import EngineProcess, http_get_json  # noqa: E402
 from xllm_plugin.models import build_model  # noqa: E402
-from xllm_plugin.spec.step_log import priced_ms, read_step_log, split_step_log  # noqa: E402
+from xllm_plugin.spec.step_log import (  # noqa: E402
+    priced_ms,
+    read_step_log,
+    shape_prices_ms,
+    split_step_log,
+)
 
 NAME = "spec_interleaved"
 CONFIGS = ("none", "k2", "k4", "k8", "adaptive")
@@ -59,7 +65,7 @@ def request_fields(config: str) -> dict[str, Any]:
     return {"vllm_xargs": {"spec_k": k}}
 
 
-def rotated(configs: tuple[str, ...], shift: int) -> list[str]:
+def rotated(configs: Sequence[str], shift: int) -> list[str]:
     shift %= len(configs)
     return [*configs[shift:], *configs[:shift]]
 
@@ -80,7 +86,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
             for cell_index, (prompt_set, c) in enumerate(cells):
                 offset = bench.cell_offset(c, args.requests)
                 prompts = sets[prompt_set][offset:] + sets[prompt_set][:offset]
-                for config in rotated(CONFIGS, round_index + cell_index):
+                for config in rotated(args.configs, round_index + cell_index):
                     with args.step_log.open("a") as log:  # which steps are whose
                         log.write(json.dumps({"round": round_index, "set": prompt_set, "c": c,
                                               "config": config}) + "\n")
@@ -102,6 +108,7 @@ def summarize(rows: list[dict[str, Any]], evidence: dict[str, Any],
         **bench.run_header(args, cpu_model(), ", K <= 8, prefix caching off, one engine"),
         "rounds": args.rounds,
         "controller": args.controller,
+        "configs": json.dumps(args.configs),
         "max_tokens": args.max_tokens,
         "requests_per_cell": json.dumps({c: args.requests[c] for c in args.concurrency}),
     }
@@ -110,12 +117,12 @@ def summarize(rows: list[dict[str, Any]], evidence: dict[str, Any],
             cell = f"{prompt_set}_c{c}"
             by_round = {(r["round"], r["config"]): r["tps"] for r in rows
                         if r["set"] == prompt_set and r["c"] == c}
-            for config in CONFIGS:
+            for config in args.configs:
                 values = [by_round[(i, config)] for i in range(args.rounds)]
                 median = statistics.median(values)
                 out[f"tps_{cell}_{config}"] = median
                 out[f"spread_{cell}_{config}"] = (max(values) - min(values)) / median
-            out.update(compare(by_round, list(range(args.rounds)), cell))
+            out.update(compare(by_round, list(range(args.rounds)), cell, args.configs))
     out.update(worst_cells(out, args))
     counters = evidence["counters"]
     drafts = counters.get("num_draft_tokens", 0.0)
@@ -137,21 +144,36 @@ def priced_keys(step_log: Path, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for prompt_set in args.sets:
         for c in args.concurrency:
-            by_run = priced_ms({(key[0], key[3]): steps for key, steps in segments.items()
-                                if key[1:3] == (prompt_set, c)})
+            cell_segments = {(key[0], key[3]): steps for key, steps in segments.items()
+                             if key[1:3] == (prompt_set, c)}
+            by_run = priced_ms(cell_segments)
             speed = {run: 1.0 / ms for run, ms in by_run.items()}  # higher is better
             out.update(compare(speed, sorted({i for i, _ in by_run}), f"{prompt_set}_c{c}",
-                               "priced_"))
+                               args.configs, "priced_"))
+            out.update(decode_step_prices(cell_segments, prompt_set, c))
     return {**out, **worst_cells(out, args, "priced_")}
 
 
+MIN_SHAPE_STEPS = 5  # a decode step shape seen fewer times is left out of the price table
+
+
+def decode_step_prices(segments: dict[tuple, list[dict]], prompt_set: str,
+                       c: int) -> dict[str, float]:
+    """``step_ms_{set}_c{c}_rows{R}``: a decode-only step of all ``c`` requests and ``R``
+    query rows (requests plus drafts), at the cell's mean host speed. On the 2-core EPYC the
+    price moved in tiles of rows, not a line (README, adaptive speculation)."""
+    return {f"step_ms_{prompt_set}_c{c}_rows{c + drafts}": ms
+            for (decoding, drafts, prefill), (ms, steps) in sorted(shape_prices_ms(segments).items())
+            if decoding == c and not prefill and steps >= MIN_SHAPE_STEPS}
+
+
 def compare(values: dict[tuple[int, str], float], rounds: list[int], cell: str,
-            prefix: str = "") -> dict[str, Any]:
+            configs: Sequence[str], prefix: str = "") -> dict[str, Any]:
     """Adaptive against the best static configuration and none, from ``(round, config)``
     values where higher is better: ratio of medians and the per-round range."""
     median = {config: statistics.median(values[(i, config)] for i in rounds)
-              for config in CONFIGS}
-    best = max((c for c in CONFIGS if c != "adaptive"), key=lambda k: median[k])
+              for config in configs}
+    best = max((c for c in configs if c != "adaptive"), key=lambda k: median[k])
     out: dict[str, Any] = {f"{prefix}best_static_{cell}": best}
     for peer, key in ((best, "best_static"), ("none", "none")):
         paired = [values[(i, "adaptive")] / values[(i, peer)] for i in rounds]
@@ -176,16 +198,17 @@ def worst_cells(out: dict[str, Any], args: argparse.Namespace,
 
 
 def write_report(result: dict[str, Any], args: argparse.Namespace) -> None:
+    configs = json.loads(result["configs"]) if "configs" in result else list(CONFIGS)
     lines = []
     for prompt_set in args.sets:
         lines += [f"\n**{prompt_set}** (output tok/s, median of {result['rounds']} rounds; "
                   "± half the spread (max-min)/median)\n",
-                  "| c | " + " | ".join(CONFIGS) + " | adaptive / best static (rounds) | "
-                  "adaptive / none |", "|---|" + "---|" * (len(CONFIGS) + 2)]
+                  "| c | " + " | ".join(configs) + " | adaptive / best static (rounds) | "
+                  "adaptive / none |", "|---|" + "---|" * (len(configs) + 2)]
         for c in args.concurrency:
             cell = f"{prompt_set}_c{c}"
             values = " | ".join(f"{result[f'tps_{cell}_{k}']:.1f} "
-                                f"(±{50 * result[f'spread_{cell}_{k}']:.0f}%)" for k in CONFIGS)
+                                f"(±{50 * result[f'spread_{cell}_{k}']:.0f}%)" for k in configs)
             lines.append(
                 f"| {c} | {values} | {result[f'ratio_vs_best_static_{cell}']:.3f} "
                 f"({result[f'best_static_{cell}']}; "
@@ -210,6 +233,12 @@ def write_report(result: dict[str, Any], args: argparse.Namespace) -> None:
         f"{result[f'priced_ratio_vs_best_static_{s}_c{c}_paired_min']:.3f}-"
         f"{result[f'priced_ratio_vs_best_static_{s}_c{c}_paired_max']:.3f})"
         for s in args.sets for c in args.concurrency)
+    step_prices = "\n".join(
+        f"- {s} c={c}: " + ", ".join(
+            f"{key.rsplit('_rows', 1)[1]}: {value:.1f}" for key, value in result.items()
+            if key.startswith(f"step_ms_{s}_c{c}_rows"))
+        for s in args.sets for c in args.concurrency
+        if any(key.startswith(f"step_ms_{s}_c{c}_rows") for key in result))
     text = f"""# Adaptive speculation against static K inside one engine
 
 One plugin engine (n-gram drafts, K <= 8, `xllm.speculative.adaptive` on, prefix caching
@@ -240,6 +269,10 @@ rounds of one run here (2026-12-06). Adaptive / best static K by priced step tim
 measure; then the lowest and highest per-round ratio): {priced}. Time outside the steps
 (HTTP, detokenizing, scheduling) is not in it: 1.6-2.9% of a run's wall time, about the
 same for every configuration, in one round of the 2026-12-06 run.
+
+Decode steps of all `c` requests by query rows (requests plus drafts), ms at the cell's
+mean host speed (`step_ms_SET_cC_rowsR`; shapes seen at least {MIN_SHAPE_STEPS} times):
+{step_prices or "(none logged)"}
 
 | key | value |
 |---|---|
@@ -281,6 +314,9 @@ def main() -> None:
     parser.add_argument("--pin", action="store_true",
                         help="engine on core 0, this client on the other cores")
     parser.add_argument("--quick", action="store_true", help="fewer requests (smoke test)")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS),
+                        help="what the requests select: none, kN (spec_k = N, any N up to 8) "
+                             "and adaptive; none and adaptive are needed for the ratios")
     parser.add_argument("--controller", default="adaptive",
                         help="the controller's settings, as spec_adaptive's configurations: "
                              "'adaptive:long_run_rate=false' (its requests still show as "
@@ -296,6 +332,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.report_only:
         result = json.loads((bench.RESULTS / f"{args.out}.json").read_text())
+        args.configs = json.loads(result.get("configs", json.dumps(args.configs)))
         if args.step_log:
             result.update(priced_keys(args.step_log, args))
             (bench.RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
@@ -303,6 +340,11 @@ def main() -> None:
         return
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    bad = [c for c in args.configs if c not in ("none", "adaptive")
+           and not (c.startswith("k") and c[1:].isdigit() and 1 <= int(c[1:]) <= bench.MAX_K)]
+    if bad or not {"none", "adaptive"} <= set(args.configs):
+        parser.error(f"--configs: none, adaptive and kN (1 <= N <= {bench.MAX_K}); got "
+                     f"{' '.join(args.configs)}")
     args.dtype, _ = choose_dtype(args.dtype, cpu_build=vllm_is_cpu_build(),
                                  native_bf16=has_native_bf16())
     args.requests = bench.requests_per_cell(args.quick)

@@ -86,6 +86,20 @@ def priced_with_gaps_ms(segments: dict[tuple, list[dict]], sweeps: int = 20
     return out
 
 
+def shape_prices_ms(segments: dict[tuple, list[dict]], sweeps: int = 20
+                    ) -> dict[tuple[int, int, int], tuple[float, int]]:
+    """Each step shape's (decoding requests, drafts, prefill tokens) time at one host speed
+    (the fit of ``priced_ms``), with how many steps had it: what a draft costs at a batch
+    size, read off the engine rather than assumed linear."""
+    _, price = _drift_and_price(segments, sweeps)
+    counts: dict[tuple[int, int, int], int] = {}
+    for rows in segments.values():
+        for step in rows:
+            if step["ms"] > 0:
+                counts[_shape_of(step)] = counts.get(_shape_of(step), 0) + 1
+    return {shape: (ms, counts[shape]) for shape, ms in price.items()}
+
+
 def _priced(rows: list[dict], price: dict[tuple[int, int, int], float]) -> float:
     return sum(price[_shape_of(step)] for step in rows if step["ms"] > 0)
 
