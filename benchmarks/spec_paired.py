@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             Path(log).unlink(missing_ok=True)
     total, done = len(args.peers) * args.pairs * len(cells) * 2, 0
     rows: list[dict[str, Any]] = []
-    candidate_spec = bench.spec_for(args.candidate, model, args.table, max_seqs, args.dtype)
+    candidate_spec = bench.spec_for(args.candidate, model, args.table, max_seqs, args.dtype,
+                                    args.candidate_max_k)
     with EngineProcess(candidate_spec) as candidate:
         _warm_up(candidate.url, sets, args, bench.request_body(args.candidate))
         for peer_index, peer in enumerate(args.peers):
@@ -192,8 +193,11 @@ def write_report(result: dict[str, Any], name: str) -> None:
 
 
 def _label(result: dict[str, Any]) -> str:
-    """The candidate's configuration without its overrides (a step log's path, say)."""
-    return result["candidate"].split(":")[0]
+    """The candidate's configuration without its overrides (a step log's path, say), and
+    its K where it is not the benchmark's 8."""
+    label = result["candidate"].split(":")[0]
+    max_k = result.get("candidate_max_k", bench.MAX_K)
+    return label if max_k == bench.MAX_K else f"{label} (K <= {max_k})"
 
 
 def _plot(result: dict[str, Any], name: str, peers: list[str], sets: list[str],
@@ -229,6 +233,11 @@ def main() -> None:
     parser.add_argument("--candidate", default="adaptive",
                         help="the plugin configuration measured against every peer (as in "
                              "spec_adaptive.py --configs: adaptive[:KEY=VALUE...], plugin-kN)")
+    parser.add_argument("--candidate-max-k", type=int, default=bench.MAX_K,
+                        choices=range(1, bench.MAX_K + 1), metavar=f"1..{bench.MAX_K}",
+                        help="num_speculative_tokens of the candidate engine: the most drafts "
+                             "its proposer makes (plugin-k4 with 4 configures what stock k4 "
+                             "does)")
     parser.add_argument("--peers", nargs="+", default=list(PEERS),
                         help="stock vLLM configurations: none, kN, table (or plugin-kN[:KEY="
                              "VALUE], a diagnostic)")
@@ -258,7 +267,8 @@ def main() -> None:
         started = time.perf_counter()
         rows = run(args)
         result = {**bench.run_header(args, cpu_model(), ", one candidate and one peer engine up"),
-                  "candidate": args.candidate, "pairs": args.pairs,
+                  "candidate": args.candidate, "candidate_max_k": args.candidate_max_k,
+                  "pairs": args.pairs,
                   "peers": json.dumps([peer.split(":")[0] for peer in args.peers]),
                   "max_tokens": args.max_tokens, "table": json.dumps(args.table),
                   "requests_per_cell": json.dumps(args.requests), **summarize(rows),

@@ -74,3 +74,8 @@ def test_sides_alternate_over_cells_pairs_and_peers() -> None:
 def test_plugin_k_candidate_fixes_k_per_request() -> None:
     assert paired.bench.request_body("plugin-k8") == {"vllm_xargs": {"spec_k": 8}}
     assert paired.bench.request_body("adaptive") is None
+
+
+def test_the_label_names_a_candidate_k_other_than_eight() -> None:
+    assert paired._label({"candidate": 'adaptive:step_log="/tmp/x.jsonl"'}) == "adaptive"
+    assert paired._label({"candidate": "plugin-k4", "candidate_max_k": 4}) == "plugin-k4 (K <= 4)"
