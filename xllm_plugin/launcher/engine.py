@@ -306,10 +306,50 @@ def start_engines(engines: Sequence[EngineProcess], timeout_s: float = 300.0) ->
         raise errors[0]
 
 
+# Ports handed out come from [PORT_FLOOR, the kernel's ephemeral range): above the ports
+# Mooncake's transfer engine picks for itself (12300-17000 seen here), below those the
+# kernel gives outgoing connections.
+PORT_FLOOR = 20000
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_handed_out: set[int] = set()
+
+
+def ephemeral_port_floor() -> int:
+    """The lowest port the kernel hands to outgoing connections (32768 where unreadable)."""
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port that is free on loopback right now."""
+    """A TCP port free on loopback now, that later connections will not take from the server.
+
+    The server binds it seconds later (an engine after its imports). A port from the kernel's
+    ephemeral range, which binding port 0 gives, can meanwhile go to any outgoing
+    connection (a health poll, a zmq or Mooncake client), and the server then fails to start.
+    That is a guess at one lost CI run (stop 42); the race is real either way. Ports below
+    the range are only ever taken by a bind. A port is not handed out twice in one process:
+    two engines are often given ports before either binds.
+    """
+    import random
     import socket
 
-    with socket.socket() as sock:
+    ceiling = ephemeral_port_floor()
+    if ceiling - PORT_FLOOR >= 1000:
+        for _ in range(200):
+            port = random.randrange(PORT_FLOOR, ceiling)
+            if port in _handed_out:
+                continue
+            with socket.socket() as sock:
+                # As servers bind (uvicorn sets SO_REUSEADDR): TIME_WAIT leftovers are free.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+    with socket.socket() as sock:  # no room below the ephemeral range: the kernel's choice
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
