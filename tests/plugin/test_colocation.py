@@ -56,13 +56,16 @@ async def _stock_holds(client: httpx.AsyncClient, url: str) -> float:
                if sample.name in ("vllm:num_requests_running", "vllm:num_requests_waiting"))
 
 
-async def _wait_for(predicate, timeout_s: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+async def _wait_for(predicate, timeout_s: float = 60.0,  # type: ignore[no-untyped-def]
+                    seen: list | None = None) -> None:
+    """``seen``: what the predicate observed, for the failure message."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if await predicate():
             return
         await asyncio.sleep(0.02)
-    raise AssertionError("condition not reached")
+    raise AssertionError(f"condition not reached in {timeout_s:.0f} s"
+                         + (f"; observed (changes only): {seen}" if seen is not None else ""))
 
 
 async def test_online_request_preempts_offline_and_offline_output_is_unchanged(
@@ -155,13 +158,22 @@ async def test_stock_vllm_makes_the_online_request_wait_for_offline_work(
         offline = [asyncio.create_task(_offline(client, stock_engine.url, p))
                    for p in _offline_prompts(engine_max_num_seqs)]
 
+        holds_seen: list[tuple[float, float]] = []
+        started = time.monotonic()
+
         async def all_offline_received() -> bool:
             # After a fixed sleep a slow host can admit the online request before the
             # last offline one reaches the engine (the likely cause of CI's failure at
             # stop 41: all four offline jobs unfinished at the online first token).
-            return await _stock_holds(client, stock_engine.url) == engine_max_num_seqs
+            # At least, not exactly: this session-wide engine may still hold a request of
+            # an earlier test. Once, in a full run here, the count did not read exactly 4
+            # within 60 s; why is not known (the failure now lists what was read).
+            holds = await _stock_holds(client, stock_engine.url)
+            if not holds_seen or holds_seen[-1][1] != holds:
+                holds_seen.append((round(time.monotonic() - started, 2), holds))
+            return holds >= engine_max_num_seqs
 
-        await _wait_for(all_offline_received)
+        await _wait_for(all_offline_received, seen=holds_seen)
         await _online_ttft(client, stock_engine.url)
         unfinished = sum(not task.done() for task in offline)
         await asyncio.gather(*offline)
