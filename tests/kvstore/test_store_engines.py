@@ -14,7 +14,6 @@ import shutil
 import tempfile
 import time
 import urllib.request
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,7 @@ from router.kv import BlockHasher, KVEventSubscriber, PrefixIndex, PromptTokeniz
 from xllm_plugin.kvstore.launch import connector_args, kv_store_section  # noqa: E402
 from xllm_plugin.kvstore.master import MooncakeMaster  # noqa: E402
 from xllm_plugin.launcher.cluster import LocalCluster  # noqa: E402
-from xllm_plugin.launcher.engine import (  # noqa: E402
-    EngineProcess, EngineSpec, EngineStartError, free_port)
+from xllm_plugin.launcher.engine import EngineProcess, EngineSpec, free_port  # noqa: E402
 from xllm_plugin.models import model_path  # noqa: E402
 
 BLOCK_SIZE = 32
@@ -88,67 +86,34 @@ def wait_until(predicate: Any, timeout_s: float = 20.0) -> bool:
     return True
 
 
-def _store_specs(master: MooncakeMaster, ssd_dir: str,
-                 events: list[tuple[int, int]]) -> list[EngineSpec]:
-    specs = []
-    for i, (pub, replay) in enumerate(events):
-        kv_events = {"enable_kv_cache_events": True, "publisher": "zmq", "topic": "kv",
-                     "endpoint": f"tcp://*:{pub}", "replay_endpoint": f"tcp://*:{replay}"}
-        # A loads asynchronously (the request waits between steps), B inside the step.
-        section = kv_store_section(master.address, dram_mb=DRAM_MB, segment_mb=16,
-                                   ssd_dir=ssd_dir, ssd_mb=4, async_load=(i == 0))
-        specs.append(EngineSpec(
-            model=model_path(MODEL), port=free_port(), served_model_name=MODEL, plugin=True,
-            xllm_config={"kv_store": section}, block_size=BLOCK_SIZE, max_model_len=1024,
-            cpu_bind=str(i),
-            extra_args=[*connector_args(), "--kv-events-config", json.dumps(kv_events),
-                        "--num-gpu-blocks-override", str(ENGINE_BLOCKS), "--dtype", "float32",
-                        "--max-num-seqs", "4"],
-            env={"VLLM_SERVER_DEV_MODE": "1"}))
-    return specs
-
-
-def _start_cluster(ssd_dir: str) -> tuple[MooncakeMaster, LocalCluster, list[tuple[int, int]]]:
-    """A master and both engines on fresh ports, and once more on other fresh ports if the
-    first start fails (the master too: it would keep a dead client's segment for a while).
-
-    One CI run (stop 42) lost this module to an engine core that failed during start-up; it
-    had passed in the CI runs before and in six runs in a row here, and the log tail had
-    lost the cause. A failed first try is reported as a warning, with the cause (see
-    ``failure_excerpt``), rather than hidden; a second failure fails the module.
-    """
-    def start() -> tuple[MooncakeMaster, LocalCluster, list[tuple[int, int]]]:
-        events = [(free_port(), free_port()) for _ in range(2)]
-        master = MooncakeMaster().start()
-        try:
-            return master, LocalCluster(_store_specs(master, ssd_dir, events)).start(), events
-        except BaseException:
-            master.stop()
-            raise
-
-    try:
-        return start()
-    except EngineStartError as failure:
-        warnings.warn(f"store cluster did not start; retrying once on new ports: {failure}",
-                      stacklevel=1)
-    return start()
-
-
 @pytest.fixture(scope="module")
 def store_cluster() -> Iterator[dict[str, Any]]:
     """mooncake_master + engines A (core 0) and B (core 1), each with the connector, a
     1 MiB DRAM tier, an SSD tier and KV events; A loads asynchronously, B synchronously;
     started once for this module."""
     ssd_dir = tempfile.mkdtemp(prefix="xllm-kvstore-ssd-")
-    master, cluster, events = _start_cluster(ssd_dir)
-    try:
-        yield {"a": cluster.engines[0], "b": cluster.engines[1], "master": master,
-               "events": [(f"tcp://127.0.0.1:{p}", f"tcp://127.0.0.1:{r}") for p, r in events],
-               "ssd_dir": Path(ssd_dir)}
-    finally:
-        cluster.stop()
-        master.stop()
-        shutil.rmtree(ssd_dir, ignore_errors=True)
+    events = [(free_port(), free_port()) for _ in range(2)]
+    with MooncakeMaster() as master:
+        specs = []
+        for i, (pub, replay) in enumerate(events):
+            kv_events = {"enable_kv_cache_events": True, "publisher": "zmq", "topic": "kv",
+                         "endpoint": f"tcp://*:{pub}", "replay_endpoint": f"tcp://*:{replay}"}
+            # A loads asynchronously (the request waits between steps), B inside the step.
+            section = kv_store_section(master.address, dram_mb=DRAM_MB, segment_mb=16,
+                                       ssd_dir=ssd_dir, ssd_mb=4, async_load=(i == 0))
+            specs.append(EngineSpec(
+                model=model_path(MODEL), port=free_port(), served_model_name=MODEL, plugin=True,
+                xllm_config={"kv_store": section}, block_size=BLOCK_SIZE, max_model_len=1024,
+                cpu_bind=str(i),
+                extra_args=[*connector_args(), "--kv-events-config", json.dumps(kv_events),
+                            "--num-gpu-blocks-override", str(ENGINE_BLOCKS), "--dtype", "float32",
+                            "--max-num-seqs", "4"],
+                env={"VLLM_SERVER_DEV_MODE": "1"}))
+        with LocalCluster(specs) as cluster:
+            yield {"a": cluster.engines[0], "b": cluster.engines[1], "master": master,
+                   "events": [(f"tcp://127.0.0.1:{p}", f"tcp://127.0.0.1:{r}") for p, r in events],
+                   "ssd_dir": Path(ssd_dir)}
+    shutil.rmtree(ssd_dir, ignore_errors=True)
 
 
 def test_prompt_prefilled_on_a_is_served_on_b_with_its_prefix_from_the_store(store_cluster):

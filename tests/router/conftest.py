@@ -8,7 +8,6 @@ Async fixtures and tests here share the session event loop (the project sets
 from __future__ import annotations
 
 import shutil
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from aiohttp import web
 
 from router.config import RouterConfig
 from router.server.app import Router, listen
+from xllm_plugin.launcher.engine import port_is_free
 from etcd_server import EtcdServer
 from router_fakes import FakeEngine, wait_for  # noqa: F401 (re-exported)
 
@@ -30,18 +30,6 @@ KV_EVENT_PORTS = ((5600, 5601), (5602, 5603))
 NIXL_SIDE_CHANNEL_PORTS = (5604, 5605)  # P->D KV transfer (NixlConnector kv_both)
 ETCD_PORTS = (8190, 8191)
 ROUTER_TEST_BLOCK_SIZE = 128
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        # As the servers bind (uvicorn sets SO_REUSEADDR): a port whose last connections sit
-        # in TIME_WAIT after an earlier run is free for them.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def free_port_in(lo: int, hi: int) -> int:

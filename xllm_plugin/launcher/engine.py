@@ -195,18 +195,18 @@ class ManagedProcess:
         raise EngineStartError(f"{self.name} not healthy after {timeout_s:.0f}s:\n"
                                f"{self.failure_report()}")
 
-    def log_tail(self, lines: int = 30) -> str:
+    def _log_text(self) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return "(no log)"
 
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self._log_text().splitlines()[-lines:])
+
     def failure_report(self) -> str:
         """What a failed start's error carries (see ``failure_excerpt``)."""
-        try:
-            return failure_excerpt(self.log_path.read_text(errors="replace"))
-        except OSError:
-            return "(no log)"
+        return failure_excerpt(self._log_text())
 
     def cpu_seconds(self) -> float:
         """User + system CPU seconds of the process and its children so far: what an engine
@@ -307,7 +307,7 @@ def start_engines(engines: Sequence[EngineProcess], timeout_s: float = 300.0) ->
 
 
 # Ports handed out come from [PORT_FLOOR, the kernel's ephemeral range): above the ports
-# Mooncake's transfer engine picks for itself (12300-17000 seen here), below those the
+# Mooncake's transfer engine picks for itself (13465-16745 seen here), below those the
 # kernel gives outgoing connections.
 PORT_FLOOR = 20000
 _EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
@@ -320,6 +320,21 @@ def ephemeral_port_floor() -> int:
         return int(_EPHEMERAL_RANGE.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return 32768
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a server could bind ``port`` on loopback now."""
+    import socket
+
+    with socket.socket() as sock:
+        # As servers bind (uvicorn sets SO_REUSEADDR): a port whose last connections sit in
+        # TIME_WAIT is free for them.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def free_port() -> int:
@@ -339,17 +354,9 @@ def free_port() -> int:
     if ceiling - PORT_FLOOR >= 1000:
         for _ in range(200):
             port = random.randrange(PORT_FLOOR, ceiling)
-            if port in _handed_out:
-                continue
-            with socket.socket() as sock:
-                # As servers bind (uvicorn sets SO_REUSEADDR): TIME_WAIT leftovers are free.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    sock.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            _handed_out.add(port)
-            return port
+            if port not in _handed_out and port_is_free(port):
+                _handed_out.add(port)
+                return port
     with socket.socket() as sock:  # no room below the ephemeral range: the kernel's choice
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
