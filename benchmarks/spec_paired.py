@@ -12,6 +12,13 @@ hour. It is the issue's own comparison: measured output tok/s from the client, e
 inside the makespan (API server, scheduler, the plugin's bookkeeping), of the same greedy
 requests as ``spec_adaptive.py`` (the same prompt sets, cells and fixed work per cell).
 
+``--side-by-side`` runs a cell on the two engines at the same time instead, each engine's
+whole process tree on a core of its own, the cores swapped from pair to pair: a host that
+slows down slows both sides at once. Each engine then has one core, not two, so its
+absolute tok/s (and where drafts pay) is that of a one-core engine; the ratio is still the
+same two configurations' on the same hardware. Run an A/A check first (``--candidate k4
+--peers k4``): its spread is the method's own.
+
 Peers: ``none``, static n-gram ``kN``, ``table`` (vLLM's per-batch-size K table, see
 ``spec_adaptive.py --table``). ``--candidate plugin-k8 --peers k8`` measures what the plugin
 engine costs beside the choice of length. A plugin peer (``plugin-kN``) is a diagnostic:
@@ -25,7 +32,7 @@ candidate tok/s / peer tok/s, with ``_paired_min``/``_paired_max``), and, as in
 none included, over both prompt sets), ``ratio_vs_table_cC`` and ``ratio_vs_none_min``.
 
 Run: python benchmarks/spec_paired.py [--pairs 2] [--peers none k2 k4 k8 table]
-     [--concurrency 1 4 16 32] [--quick]
+     [--concurrency 1 4 16 32] [--side-by-side] [--quick]
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import os
 import statistics
 import sys
 import time
@@ -64,6 +73,35 @@ def _warm_up(url: str, sets: dict[str, list[str]], args: argparse.Namespace,
     asyncio.run(bench.measure(url, sets["sharegpt"][-8:], 4, 8, args.max_tokens, body))
 
 
+async def _cell(url: str, config: str, prompts: list[str], c: int,
+                args: argparse.Namespace) -> tuple[float, list[str]]:
+    """One engine's run of a cell: tok/s and the texts in request order."""
+    texts: dict[int, str] = {}
+    tps = await bench.measure(url, prompts, c, args.requests[c], args.max_tokens,
+                              bench.request_body(config), texts=texts)
+    return tps, [texts[i] for i in sorted(texts)]
+
+
+async def _together(engines: list[tuple[str, str]], prompts: list[str], c: int,
+                    args: argparse.Namespace) -> list[tuple[float, list[str]]]:
+    return list(await asyncio.gather(*[_cell(url, config, prompts, c, args)
+                                       for url, config in engines]))
+
+
+def core_pair() -> tuple[int, int]:
+    """The two cores a side-by-side run puts its engines on."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise SystemExit("--side-by-side needs two cores")
+    return cores[0], cores[1]
+
+
+def cores_of(peer_index: int, pair: int, cores: tuple[int, int]) -> tuple[int, int]:
+    """(candidate's core, peer's core) for a side-by-side pair: swapped from pair to pair
+    and peer to peer, so a difference between the cores favours neither side."""
+    return cores if (peer_index + pair) % 2 == 0 else (cores[1], cores[0])
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One row per (peer, pair, cell, side): tok/s and the output texts."""
     model, sets = build_model("smollm2"), bench.prompt_sets()
@@ -74,48 +112,64 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             Path(log).unlink(missing_ok=True)
     total, done = len(args.peers) * args.pairs * len(cells) * 2, 0
     rows: list[dict[str, Any]] = []
+    cores = core_pair() if args.side_by_side else None
     candidate_spec = bench.spec_for(args.candidate, model, args.table, max_seqs, args.dtype,
-                                    args.candidate_max_k)
+                                    args.candidate_max_k, cores and str(cores[0]))
     with EngineProcess(candidate_spec) as candidate:
         _warm_up(candidate.url, sets, args, bench.request_body(args.candidate))
         for peer_index, peer in enumerate(args.peers):
-            with EngineProcess(bench.spec_for(peer, model, args.table, max_seqs,
-                                              args.dtype)) as peer_engine:
+            with EngineProcess(bench.spec_for(peer, model, args.table, max_seqs, args.dtype,
+                                              engine_cores=cores and str(cores[1]))
+                               ) as peer_engine:
                 _warm_up(peer_engine.url, sets, args, bench.request_body(peer))
                 engines = {"candidate": (candidate.url, args.candidate),
                            "peer": (peer_engine.url, peer)}
                 for pair in range(args.pairs):
+                    on_core: dict[str, int | None] = {"candidate": None, "peer": None}
+                    if cores is not None:
+                        on_core["candidate"], on_core["peer"] = cores_of(peer_index, pair, cores)
+                        candidate.move_to_cores({on_core["candidate"]})
+                        peer_engine.move_to_cores({on_core["peer"]})
                     for cell_index, (prompt_set, c) in enumerate(cells):
                         offset = bench.cell_offset(c, args.requests)
                         prompts = sets[prompt_set][offset:] + sets[prompt_set][:offset]
-                        for side in side_order(peer_index, pair, cell_index):
-                            url, config = engines[side]
+                        order = (("candidate", "peer") if cores is not None
+                                 else side_order(peer_index, pair, cell_index))
+                        # Side by side: both engines at once; else one after the other.
+                        batches = [order] if cores is not None else [(side,) for side in order]
+                        for batch in batches:
                             time.sleep(bench.SHM_SPIN_WAIT_S)
-                            marker = {"config": config, "peer": peer, "pair": pair,
-                                      "set": prompt_set, "c": c}
-                            bench.mark_step_log(bench.step_log_of(config), marker)
-                            texts: dict[int, str] = {}
-                            tps = asyncio.run(bench.measure(
-                                url, prompts, c, args.requests[c], args.max_tokens,
-                                bench.request_body(config), texts=texts))
-                            bench.mark_step_log(bench.step_log_of(config), bench.BETWEEN_CELLS)
-                            done += 1
-                            rows.append({"peer": peer.split(":")[0], "pair": pair, "side": side,
-                                         "set": prompt_set, "c": c, "tps": tps,
-                                         "texts": [texts[i] for i in sorted(texts)]})
-                            print(f"[{done}/{total}] vs {peer:5s} pair {pair} "
-                                  f"{prompt_set:10s} c={c:2d} {config:9s} {tps:6.1f} tok/s",
-                                  flush=True)
+                            for side in batch:
+                                bench.mark_step_log(
+                                    bench.step_log_of(engines[side][1]),
+                                    {"config": engines[side][1], "peer": peer, "pair": pair,
+                                     "set": prompt_set, "c": c})
+                            results = asyncio.run(_together([engines[side] for side in batch],
+                                                            prompts, c, args))
+                            for side, (tps, texts) in zip(batch, results):
+                                bench.mark_step_log(bench.step_log_of(engines[side][1]),
+                                                    bench.BETWEEN_CELLS)
+                                done += 1
+                                rows.append({"peer": peer.split(":")[0], "engine": peer_index,
+                                             "pair": pair,
+                                             "side": side, "set": prompt_set, "c": c,
+                                             "tps": tps, "core": on_core[side], "texts": texts})
+                                print(f"[{done}/{total}] vs {peer:5s} pair {pair} "
+                                      f"{prompt_set:10s} c={c:2d} {engines[side][1]:9s} "
+                                      f"{tps:6.1f} tok/s"
+                                      + (f" (core {on_core[side]})" if cores else ""),
+                                      flush=True)
     return rows
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Paired ratios per peer and cell, and the issue's headline keys from them."""
-    tps: dict[tuple[str, str, int, int], dict[str, float]] = defaultdict(dict)
-    texts: dict[tuple[str, str, int, int], dict[str, list[str]]] = defaultdict(dict)
+    tps: dict[tuple[str, str, int, int, int], dict[str, float]] = defaultdict(dict)
+    texts: dict[tuple[str, str, int, int, int], dict[str, list[str]]] = defaultdict(dict)
     by_side: dict[tuple[str, str, str, int], list[float]] = defaultdict(list)
     for row in rows:
-        key = (row["peer"], row["set"], row["c"], row["pair"])
+        # A peer named twice runs on two engines: their pairs pool under its name.
+        key = (row["peer"], row["set"], row["c"], row["pair"], row.get("engine", 0))
         tps[key][row["side"]] = row["tps"]
         by_side[(row["peer"], row["side"], row["set"], row["c"])].append(row["tps"])
         if "texts" in row:
@@ -134,6 +188,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         name = f"ratio_vs_{peer}_{prompt_set}_c{c}"
         out[name] = statistics.geometric_mean(values)
         out[f"{name}_paired_min"], out[f"{name}_paired_max"] = min(values), max(values)
+    out.update(pair_spread(list(ratios.values())))
     peers = {peer for peer, _, _ in ratios}
     sets = sorted({s for _, s, _ in ratios})
     for c in sorted({c for _, _, c in ratios}):
@@ -157,6 +212,26 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def pair_spread(cells: list[list[float]]) -> dict[str, float]:
+    """How far one pair's ratio falls from its cell's mean, pooled over every cell with two
+    pairs or more: the SD of log ratio per pair (``pair_sd_log``), and so the standard error
+    of a cell's geometric mean (``cell_se_log``, at the run's pairs per cell).
+
+    A floor for what a ratio must clear, not the whole noise: an offset shared by every
+    pair of a cell is not seen. Stock k4 against itself (an A/A run, 2026-12-07, EPYC)
+    scattered 1.9% per pair about cell means of 0.938-0.991, and the headline key, the worst
+    of several such means, read 0.938 at c=4 where nothing differs.
+    """
+    logs = [[math.log(value) for value in values] for values in cells if len(values) > 1]
+    freedom = sum(len(values) - 1 for values in logs)
+    if not freedom:
+        return {}
+    squares = sum((x - statistics.fmean(values)) ** 2 for values in logs for x in values)
+    sd = math.sqrt(squares / freedom)
+    pairs = statistics.median(len(values) for values in logs)
+    return {"pair_sd_log": sd, "cell_se_log": sd / math.sqrt(pairs)}
+
+
 def write_report(result: dict[str, Any], name: str) -> None:
     """``results/{name}.md`` and its plot."""
     named = json.loads(result.get("peers", json.dumps(PEERS)))
@@ -167,8 +242,12 @@ def write_report(result: dict[str, Any], name: str) -> None:
     lines = [f"# {name}: {_label(result)} against each peer, paired cells", "",
              f"`{result['command']}`", "", f"{result['date']}, {result['machine']}.", "",
              "Candidate tok/s / peer tok/s, geometric mean over "
-             f"{result['pairs']} pair(s) [lowest, highest pair]; each pair ran the cell on "
-             "the two engines back to back (both up). Above 1: the candidate was faster.", ""]
+             f"{result['pairs']} pair(s) per peer engine [lowest, highest pair]; each pair "
+             "ran the cell on "
+             + ("the two engines at the same time, each on a core of its own (swapped every "
+                "pair)" if result.get("side_by_side") else
+                "the two engines back to back (both up)")
+             + ". Above 1: the candidate was faster.", ""]
     for prompt_set in sets:
         lines += [f"## {prompt_set}", "", "| c | " + " | ".join(peers) + " |",
                   "|---|" + "---|" * len(peers)]
@@ -185,6 +264,13 @@ def write_report(result: dict[str, Any], name: str) -> None:
     if headline:
         lines += ["## Headline (the worse prompt set)", "", "| key | value |", "|---|---|"]
         lines += [f"| `{k}` | {result[k]:.3f} |" for k in headline]
+    if "pair_sd_log" in result:
+        lines += ["", "Spread of the pairs: one pair's log ratio scatters "
+                  f"{result['pair_sd_log']:.3f} (SD, pooled over the cells) about its cell's "
+                  f"mean, so a cell's mean is known to about ±{result['cell_se_log']:.3f} (one "
+                  "standard error). The headline "
+                  "takes the worst of several such means, which tends to read below 1 where "
+                  "nothing differs."]
     lines += ["", f"Texts equal to the peer's (same prompt, same pair): "
               f"{100 * result.get('same_texts_as_peer', float('nan')):.1f}%.", "",
               f"![ratios]({_plot(result, name, peers, sets, concurrency)})", "",
@@ -240,7 +326,8 @@ def main() -> None:
                              "does)")
     parser.add_argument("--peers", nargs="+", default=list(PEERS),
                         help="stock vLLM configurations: none, kN, table (or plugin-kN[:KEY="
-                             "VALUE], a diagnostic)")
+                             "VALUE], a diagnostic); one named twice is started twice and its "
+                             "pairs pool, averaging out each engine's own speed")
     parser.add_argument("--pairs", type=int, default=2,
                         help="back-to-back runs of every cell on the two engines, per peer")
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(bench.CONCURRENCY),
@@ -252,6 +339,10 @@ def main() -> None:
                         help="num_speculative_tokens_per_batch_size of the table peer (JSON)")
     parser.add_argument("--dtype", default="float32", choices=("auto", "bfloat16", "float32"),
                         help="vLLM --dtype of both engines (float32: the same greedy texts)")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="run each cell on both engines at once, each engine's whole "
+                             "process tree on a core of its own (swapped every pair), instead "
+                             "of one engine after the other on both cores")
     parser.add_argument("--quick", action="store_true", help="fewer requests (smoke test)")
     parser.add_argument("--out", default=NAME)
     parser.add_argument("--report-only", action="store_true",
@@ -266,10 +357,15 @@ def main() -> None:
         args.requests = bench.requests_per_cell(args.quick)
         started = time.perf_counter()
         rows = run(args)
-        result = {**bench.run_header(args, cpu_model(), ", one candidate and one peer engine up"),
+        setup = (", one candidate and one peer engine up, side by side on a core each "
+                 "(swapped every pair)" if args.side_by_side
+                 else ", one candidate and one peer engine up")
+        result = {**bench.run_header(args, cpu_model(), setup),
+                  "side_by_side": int(args.side_by_side),
                   "candidate": args.candidate, "candidate_max_k": args.candidate_max_k,
                   "pairs": args.pairs,
-                  "peers": json.dumps([peer.split(":")[0] for peer in args.peers]),
+                  "peers": json.dumps(list(dict.fromkeys(peer.split(":")[0]
+                                                         for peer in args.peers))),
                   "max_tokens": args.max_tokens, "table": json.dumps(args.table),
                   "requests_per_cell": json.dumps(args.requests), **summarize(rows),
                   "wall_minutes": (time.perf_counter() - started) / 60}

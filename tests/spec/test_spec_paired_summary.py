@@ -79,3 +79,40 @@ def test_plugin_k_candidate_fixes_k_per_request() -> None:
 def test_the_label_names_a_candidate_k_other_than_eight() -> None:
     assert paired._label({"candidate": 'adaptive:step_log="/tmp/x.jsonl"'}) == "adaptive"
     assert paired._label({"candidate": "plugin-k4", "candidate_max_k": 4}) == "plugin-k4 (K <= 4)"
+
+
+def test_side_by_side_swaps_the_cores_every_pair_and_peer() -> None:
+    cores = (0, 1)
+    seen = [paired.cores_of(peer, pair, cores) for peer in range(2) for pair in range(2)]
+    assert seen == [(0, 1), (1, 0), (1, 0), (0, 1)]
+    # Over an even number of pairs each side spends as many pairs on either core.
+    candidate_cores = [paired.cores_of(0, pair, cores)[0] for pair in range(4)]
+    assert candidate_cores.count(0) == candidate_cores.count(1) == 2
+
+
+def test_pair_spread_pools_each_cells_scatter_about_its_own_mean() -> None:
+    # Two cells at different levels, each pair 10% either side of its cell's mean in logs.
+    high, low = math.exp(0.1), math.exp(-0.1)
+    spread = paired.pair_spread([[2 * high, 2 * low], [0.5 * high, 0.5 * low], [1.3]])
+    assert math.isclose(spread["pair_sd_log"], math.sqrt(4 * 0.01 / 2))
+    assert math.isclose(spread["cell_se_log"], spread["pair_sd_log"] / math.sqrt(2))
+    assert paired.pair_spread([[1.0], [2.0]]) == {}
+
+
+def test_summary_reports_the_spread_of_its_pairs() -> None:
+    out = paired.summarize(paired_rows())
+    # Every pair's ratio equals its cell's (the drift is common to both sides): no spread.
+    assert out["pair_sd_log"] < 1e-9
+
+
+def test_a_peer_named_twice_pools_the_pairs_of_both_engines() -> None:
+    rows = []
+    for engine, peer_speed in enumerate((10.0, 11.0)):  # two engines of one configuration
+        for pair in range(2):
+            rows += [{"peer": "k4", "engine": engine, "pair": pair, "side": "candidate",
+                      "set": "sharegpt", "c": 4, "tps": 10.5},
+                     {"peer": "k4", "engine": engine, "pair": pair, "side": "peer",
+                      "set": "sharegpt", "c": 4, "tps": peer_speed}]
+    out = paired.summarize(rows)
+    assert math.isclose(out["ratio_vs_k4_sharegpt_c4"], math.sqrt(10.5 / 10.0 * 10.5 / 11.0))
+    assert math.isclose(out["ratio_vs_k4_sharegpt_c4_paired_min"], 10.5 / 11.0)

@@ -208,22 +208,53 @@ class ManagedProcess:
         """What a failed start's error carries (see ``failure_excerpt``)."""
         return failure_excerpt(self._log_text())
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU seconds of the process and its children so far: what an engine
-        takes from neighbours on its cores (vLLM's workers are child processes)."""
+    def _tree(self) -> list[Any]:
+        """The process and its children now (psutil processes)."""
         import psutil  # a vLLM dependency: present wherever engines run
 
         if self.process is None:
             raise RuntimeError(f"{self.name} was never started")
         root = psutil.Process(self.process.pid)
+        return [root, *root.children(recursive=True)]
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the process and its children so far: what an engine
+        takes from neighbours on its cores (vLLM's workers are child processes)."""
+        import psutil
+
         total = 0.0
-        for process in (root, *root.children(recursive=True)):
+        for process in self._tree():
             try:
                 times = process.cpu_times()
             except psutil.Error:  # exited between listing and reading
                 continue
             total += times.user + times.system
         return total
+
+    def move_to_cores(self, cores: set[int]) -> int:
+        """Run every thread of the process tree on ``cores`` from now on; returns how many
+        threads were moved.
+
+        Every thread, not only each process: vLLM's CPU worker binds its OpenMP threads one
+        by one (``VLLM_CPU_OMP_THREADS_BIND``), and a process's affinity does not reach
+        threads that set their own. Two engines that swap cores between runs of a
+        side-by-side comparison so share out any difference between the cores.
+        """
+        import psutil
+
+        moved = 0
+        for process in self._tree():
+            try:
+                threads = process.threads()
+            except psutil.Error:
+                continue
+            for thread in threads:
+                try:
+                    os.sched_setaffinity(thread.id, cores)
+                except (ProcessLookupError, PermissionError):  # exited meanwhile
+                    continue
+                moved += 1
+        return moved
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the whole process group (SIGKILL simulates a crash)."""
