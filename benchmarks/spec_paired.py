@@ -16,8 +16,10 @@ requests as ``spec_adaptive.py`` (the same prompt sets, cells and fixed work per
 whole process tree on a core of its own, the cores swapped from pair to pair: a host that
 slows down slows both sides at once. Each engine then has one core, not two, so its
 absolute tok/s (and where drafts pay) is that of a one-core engine; the ratio is still the
-same two configurations' on the same hardware. Run an A/A check first (``--candidate k4
---peers k4``): its spread is the method's own.
+same two configurations' on the same hardware. On the 2-core EPYC host it took 0.63 of the
+time of the sequential design, but its pairs strayed further from 1 in an A/A check (root
+mean square log ratio 0.062 against 0.043): no better per hour there (README, #12). Run an
+A/A check first on any host (``--candidate k4 --peers k4``): its spread is the method's own.
 
 Peers: ``none``, static n-gram ``kN``, ``table`` (vLLM's per-batch-size K table, see
 ``spec_adaptive.py --table``). ``--candidate plugin-k8 --peers k8`` measures what the plugin
@@ -151,8 +153,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                                                     bench.BETWEEN_CELLS)
                                 done += 1
                                 rows.append({"peer": peer.split(":")[0], "engine": peer_index,
-                                             "pair": pair,
-                                             "side": side, "set": prompt_set, "c": c,
+                                             "pair": pair, "side": side, "set": prompt_set, "c": c,
                                              "tps": tps, "core": on_core[side], "texts": texts})
                                 print(f"[{done}/{total}] vs {peer:5s} pair {pair} "
                                       f"{prompt_set:10s} c={c:2d} {engines[side][1]:9s} "
