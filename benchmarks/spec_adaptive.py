@@ -160,8 +160,8 @@ def spec_for(config: str, model: Path, table: list[list[int]], max_num_seqs: int
     if dtype != "auto":
         extra += ["--dtype", dtype]
     speculative: dict[str, Any] | None = None
-    if config.startswith("k") and config[1:].isdigit():
-        speculative = {**NGRAM, "num_speculative_tokens": int(config[1:])}
+    if static_k(config):
+        speculative = {**NGRAM, "num_speculative_tokens": static_k(config)}
     elif config == "table":
         speculative = {**NGRAM, "num_speculative_tokens": MAX_K,
                        "num_speculative_tokens_per_batch_size": table}
@@ -174,6 +174,16 @@ def spec_for(config: str, model: Path, table: list[list[int]], max_num_seqs: int
     return EngineSpec(model=model, port=free_port(), served_model_name="smollm2", plugin=plugin,
                       xllm_config=xllm, extra_args=extra, env={SHM_POLL_ENV: ""},
                       cpu_bind=engine_cores, pin_process=engine_cores is not None)
+
+
+def static_k(config: str) -> int | None:
+    """K of a static configuration: 0 for ``none``, N for ``kN`` (any N); None for the
+    others."""
+    if config == "none":
+        return 0
+    if config.startswith("k") and config[1:].isdigit():
+        return int(config[1:])
+    return None
 
 
 def is_adaptive(config: str) -> bool:

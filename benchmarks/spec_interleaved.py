@@ -59,10 +59,8 @@ CONFIGS = ("none", "k2", "k4", "k8", "adaptive")
 
 def request_fields(config: str) -> dict[str, Any]:
     """What a request of ``config`` adds to its body."""
-    if config == "adaptive":
-        return {}
-    k = 0 if config == "none" else int(config.removeprefix("k"))
-    return {"vllm_xargs": {"spec_k": k}}
+    k = bench.static_k(config)
+    return {} if k is None else {"vllm_xargs": {"spec_k": k}}
 
 
 def rotated(configs: Sequence[str], shift: int) -> list[str]:
@@ -340,8 +338,8 @@ def main() -> None:
         return
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    bad = [c for c in args.configs if c not in ("none", "adaptive")
-           and not (c.startswith("k") and c[1:].isdigit() and 1 <= int(c[1:]) <= bench.MAX_K)]
+    bad = [c for c in args.configs if c != "adaptive"
+           and (bench.static_k(c) is None or bench.static_k(c) > bench.MAX_K)]
     if bad or not {"none", "adaptive"} <= set(args.configs):
         parser.error(f"--configs: none, adaptive and kN (1 <= N <= {bench.MAX_K}); got "
                      f"{' '.join(args.configs)}")

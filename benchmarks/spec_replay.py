@@ -54,7 +54,6 @@ from xllm_plugin.spec.replay import (  # noqa: E402
 TRACES = Path.home() / ".cache" / "xllm-plugin" / "spec_replay_traces.json"
 NAME = "spec_replay"
 WARM_UP = "warm-up"  # the traces' key for the engine's warm-up requests
-STATIC = {"none": 0, "k2": 2, "k4": 4, "k8": 8}
 # Step costs (ms). "epyc-fp32": least-squares fit of 1,462 steps of an adaptive engine on
 # this AMD EPYC host (2 cores, AVX2, float32, ShareGPT cells c=1..32, each step's shape and
 # time logged by an instrumented run on 2026-12-05; median absolute error 4.8%; the fit's
@@ -180,17 +179,8 @@ def cells(traces: dict[str, list[Recorded]]) -> list[tuple[str, int, list[Record
     return out
 
 
-def static_k(config: str) -> int | None:
-    """K of a static configuration (``none`` or ``kN``, any N), None for the others."""
-    if config in STATIC:
-        return STATIC[config]
-    if config.startswith("k") and config[1:].isdigit():
-        return int(config[1:])
-    return None
-
-
 def policy_for(config: str, max_k: int, table: list[list[int]]) -> tuple[LengthPolicy, int]:
-    k = static_k(config)
+    k = bench.static_k(config)
     if k is not None:
         return StaticLength(k), k
     if config == "oracle":  # an upper bound: verifies only the drafts that will be right
@@ -228,7 +218,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
                               seed=seed * 1000 + index, prefix=f"{index}-")
             if name != WARM_UP:
                 tps.setdefault((cost_name, name, c, config), []).append(got.tokens_per_s)
-    static = [c for c in args.configs if static_k(c) is not None]
+    static = [c for c in args.configs if bench.static_k(c) is not None]
     for cost_name in args.costs:
         out[f"cost_{cost_name}_ms"] = json.dumps(COSTS[cost_name])
         for name in bench.PROMPT_SETS:
@@ -327,9 +317,10 @@ def main() -> None:
                         help="--record: vLLM --dtype of the recording engine")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--configs", nargs="+",
-                        default=[*STATIC, "table", "adaptive", "adaptive:long_run_rate=false",
+                        default=[*bench.STATIC, "table", "adaptive",
+                                 "adaptive:long_run_rate=false",
                                  "oracle"],
-                        help="none, kN (any N; default " + ", ".join(STATIC) + "), table, "
+                        help="none, kN (any N; default " + ", ".join(bench.STATIC) + "), table, "
                              "adaptive and adaptive:KEY=VALUE variants (fields of "
                              "xllm.speculative), oracle (verifies exactly the drafts that "
                              "will be right: an upper bound, not a runnable policy)")

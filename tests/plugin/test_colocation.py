@@ -166,8 +166,7 @@ async def test_stock_vllm_makes_the_online_request_wait_for_offline_work(
             # last offline one reaches the engine (the likely cause of CI's failure at
             # stop 41: all four offline jobs unfinished at the online first token).
             # At least, not exactly: this session-wide engine may still hold a request of
-            # an earlier test. Once, in a full run here, the count did not read exactly 4
-            # within 60 s; why is not known (the failure now lists what was read).
+            # an earlier test. A timeout lists the counts read.
             holds = await _stock_holds(client, stock_engine.url)
             if not holds_seen or holds_seen[-1][1] != holds:
                 holds_seen.append((round(time.monotonic() - started, 2), holds))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
@@ -92,11 +93,8 @@ def shape_prices_ms(segments: dict[tuple, list[dict]], sweeps: int = 20
     (the fit of ``priced_ms``), with how many steps had it: what a draft costs at a batch
     size, read off the engine rather than assumed linear."""
     _, price = _drift_and_price(segments, sweeps)
-    counts: dict[tuple[int, int, int], int] = {}
-    for rows in segments.values():
-        for step in rows:
-            if step["ms"] > 0:
-                counts[_shape_of(step)] = counts.get(_shape_of(step), 0) + 1
+    counts = Counter(_shape_of(step) for rows in segments.values() for step in rows
+                     if step["ms"] > 0)
     return {shape: (ms, counts[shape]) for shape, ms in price.items()}
 
 
